@@ -86,7 +86,9 @@ class QuantizedTiles:
 
     def nbytes(self) -> int:
         """Bytes of every stored tensor (codes and metadata, keys and values)."""
-        return sum(t.numel() * t.element_size() for p in (self.keys, self.values) for t in _tensors(p).values())
+        return sum(
+            t.numel() * t.element_size() for p in (self.keys, self.values) for t in _tensors(p).values()
+        )
 
     def map(self, fn) -> QuantizedTiles:
         """Apply ``fn`` to every tensor (e.g. ``lambda t: t[idx]`` or ``.to(device)``)."""
@@ -147,7 +149,7 @@ def encode_keys(k_tiles: torch.Tensor, config: KVarNConfig) -> QuantizedKeys:
     x = k_tiles.float().reshape(-1, g, d).transpose(-1, -2)  # [N, D, G]: rows are channels
     codes, a, z, r = _encode_rows_over_cols(x, config.key_bits, config)
     return QuantizedKeys(
-        codes=pack_codes(codes, config.key_bits).reshape(*lead, d, -1),
+        codes=pack_codes(codes, config.key_bits).reshape(*lead, d, packed_size(g, config.key_bits)),
         scale=a.reshape(*lead, d),
         zero=z.reshape(*lead, d),
         token_scale=r.reshape(*lead, g),
@@ -162,7 +164,7 @@ def encode_values(v_tiles: torch.Tensor, config: KVarNConfig) -> QuantizedValues
     x = v_tiles.float().reshape(-1, g, d)  # [N, G, D]: rows are tokens
     codes, a, z, c = _encode_rows_over_cols(x, config.value_bits, config)
     return QuantizedValues(
-        codes=pack_codes(codes, config.value_bits).reshape(*lead, g, -1),
+        codes=pack_codes(codes, config.value_bits).reshape(*lead, g, packed_size(d, config.value_bits)),
         scale=a.reshape(*lead, g),
         zero=z.reshape(*lead, g),
         channel_scale=c.reshape(*lead, d),
@@ -173,14 +175,18 @@ def encode_values(v_tiles: torch.Tensor, config: KVarNConfig) -> QuantizedValues
 def decode_keys(q: QuantizedKeys, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reconstruct key tiles token-major ``[..., G, D]`` in the cache frame."""
     codes = unpack_codes(q.codes, q.bits).float()  # [..., D, G]
-    k = (codes * q.scale.float().unsqueeze(-1) + q.zero.float().unsqueeze(-1)) * q.token_scale.float().unsqueeze(-2)
+    k = (
+        codes * q.scale.float().unsqueeze(-1) + q.zero.float().unsqueeze(-1)
+    ) * q.token_scale.float().unsqueeze(-2)
     return k.transpose(-1, -2).to(dtype)
 
 
 def decode_values(q: QuantizedValues, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reconstruct value tiles ``[..., G, D]`` in the cache frame."""
     codes = unpack_codes(q.codes, q.bits).float()  # [..., G, D]
-    v = (codes * q.scale.float().unsqueeze(-1) + q.zero.float().unsqueeze(-1)) * q.channel_scale.float().unsqueeze(-2)
+    v = (
+        codes * q.scale.float().unsqueeze(-1) + q.zero.float().unsqueeze(-1)
+    ) * q.channel_scale.float().unsqueeze(-2)
     return v.to(dtype)
 
 
@@ -192,7 +198,9 @@ def encode_tiles(k_tiles: torch.Tensor, v_tiles: torch.Tensor, config: KVarNConf
             "and varn_norot (use kvarn.fake_quantize for the others)"
         )
     if k_tiles.shape != v_tiles.shape:
-        raise ValueError(f"key tiles {tuple(k_tiles.shape)} and value tiles {tuple(v_tiles.shape)} differ in shape")
+        raise ValueError(
+            f"key tiles {tuple(k_tiles.shape)} and value tiles {tuple(v_tiles.shape)} differ in shape"
+        )
     return QuantizedTiles(encode_keys(k_tiles, config), encode_values(v_tiles, config))
 
 

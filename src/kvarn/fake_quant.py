@@ -42,7 +42,9 @@ def fake_quantize_tiles(
     b, h, t, d = keys.shape
     g = config.tile_size
     if t % g:
-        raise ValueError(f"fake_quantize_tiles needs whole tiles: {t} tokens is not a multiple of tile_size={g}")
+        raise ValueError(
+            f"fake_quantize_tiles needs whole tiles: {t} tokens is not a multiple of tile_size={g}"
+        )
     family = config.family
     if family == "none" or t == 0:
         return keys.clone(), values.clone()
@@ -58,8 +60,13 @@ def fake_quantize_tiles(
     # tokens in the model dtype, so the rotated values are rounded to it before quantizing too.
     k, v = keys, values
     if config.rotate:
-        k, v = hadamard_transform(keys.float()).to(keys.dtype), hadamard_transform(values.float()).to(values.dtype)
-    k_hat, v_hat = decode_tiles(encode_tiles(k.reshape(b, h, t // g, g, d), v.reshape(b, h, t // g, g, d), config))
+        k, v = (
+            hadamard_transform(keys.float()).to(keys.dtype),
+            hadamard_transform(values.float()).to(values.dtype),
+        )
+    k_hat, v_hat = decode_tiles(
+        encode_tiles(k.reshape(b, h, t // g, g, d), v.reshape(b, h, t // g, g, d), config)
+    )
     k_hat, v_hat = k_hat.reshape(b, h, t, d), v_hat.reshape(b, h, t, d)
     if config.rotate:
         k_hat, v_hat = hadamard_transform(k_hat), hadamard_transform(v_hat)

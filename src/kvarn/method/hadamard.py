@@ -18,7 +18,7 @@ import math
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hadamard_blocks(dim: int) -> tuple[int, ...]:
     """Power-of-two block sizes, largest first, whose sum is ``dim``."""
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:

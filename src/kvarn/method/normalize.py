@@ -32,7 +32,9 @@ def _apply(x: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x / torch.exp(u).unsqueeze(-2) / torch.exp(w).unsqueeze(-1)
 
 
-def variance_normalize(x: torch.Tensor, iterations: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def variance_normalize(
+    x: torch.Tensor, iterations: int = 8, *, return_best_iteration: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Find per-row and per-column scales that balance each tile's variances.
 
     Args:
@@ -42,7 +44,8 @@ def variance_normalize(x: torch.Tensor, iterations: int = 8) -> tuple[torch.Tens
     Returns:
         ``(s_row [N, R], s_col [N, C])`` float32, the scales of the best state seen, where the
         identity (all ones) competes too and ties go to the later iteration. The normalized tile
-        is ``x / s_col[:, None, :] / s_row[:, :, None]``.
+        is ``x / s_col[:, None, :] / s_row[:, :, None]``. With ``return_best_iteration`` a third
+        tensor ``[N]`` (int64) says which state won: 0 is the identity, k the state after round k.
     """
     if x.ndim != 3:
         raise ValueError(f"variance_normalize expects tiles [N, R, C], got shape {tuple(x.shape)}")
@@ -52,8 +55,9 @@ def variance_normalize(x: torch.Tensor, iterations: int = 8) -> tuple[torch.Tens
     w = x.new_zeros(n, r)  # log row scales
     best_u, best_w = u, w
     best = imbalance(x)
+    best_it = torch.zeros(n, dtype=torch.long, device=x.device)
     y = x
-    for _ in range(iterations):
+    for it in range(1, iterations + 1):
         s = y.std(dim=-2).clamp(STD_MIN, STD_MAX)  # column step: std of each column over rows
         u = (u + torch.log(s)).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
         y = _apply(x, u, w)
@@ -65,4 +69,7 @@ def variance_normalize(x: torch.Tensor, iterations: int = 8) -> tuple[torch.Tens
         best = torch.where(keep, score, best)
         best_u = torch.where(keep.unsqueeze(-1), u, best_u)
         best_w = torch.where(keep.unsqueeze(-1), w, best_w)
+        best_it = torch.where(keep, it, best_it)
+    if return_best_iteration:
+        return torch.exp(best_w), torch.exp(best_u), best_it
     return torch.exp(best_w), torch.exp(best_u)

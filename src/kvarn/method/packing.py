@@ -24,7 +24,9 @@ def packed_size(n: int, bits: int) -> int:
     """Bytes that ``n`` codes of ``bits`` bits take."""
     _check_bits(bits)
     if n % codes_per_group(bits):
-        raise ValueError(f"{n} codes cannot be packed at {bits} bits: need a multiple of {codes_per_group(bits)}")
+        raise ValueError(
+            f"{n} codes cannot be packed at {bits} bits: need a multiple of {codes_per_group(bits)}"
+        )
     return n * bits // 8
 
 
