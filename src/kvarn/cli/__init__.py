@@ -1,0 +1,1 @@
+"""The ``kvarn`` command line (typer + rich)."""
