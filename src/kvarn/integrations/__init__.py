@@ -1,0 +1,1 @@
+"""Glue between kvarn and Hugging Face transformers (model loading, attention registration)."""
