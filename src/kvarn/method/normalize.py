@@ -15,16 +15,16 @@ LOG_SCALE_MAX = 10.0  # ... but shrunk by up to e^10
 IMBALANCE_FLOOR = 1e-8
 
 
+def _ratio(std: torch.Tensor) -> torch.Tensor:
+    return std.amax(dim=-1) / std.amin(dim=-1).clamp_min(IMBALANCE_FLOOR)
+
+
 def imbalance(y: torch.Tensor) -> torch.Tensor:
     """max/min ratio of column stds plus that of row stds, per tile ([N, R, C] -> [N]).
 
     Unbiased (n-1) standard deviations; a perfectly balanced tile scores 2.
     """
-    col_std = y.std(dim=-2)  # one std per column, over the rows
-    row_std = y.std(dim=-1)  # one std per row, over the columns
-    col_ratio = col_std.amax(dim=-1) / col_std.amin(dim=-1).clamp_min(IMBALANCE_FLOOR)
-    row_ratio = row_std.amax(dim=-1) / row_std.amin(dim=-1).clamp_min(IMBALANCE_FLOOR)
-    return col_ratio + row_ratio
+    return _ratio(y.std(dim=-2)) + _ratio(y.std(dim=-1))
 
 
 def _apply(x: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -54,17 +54,16 @@ def variance_normalize(
     u = x.new_zeros(n, c)  # log column scales
     w = x.new_zeros(n, r)  # log row scales
     best_u, best_w = u, w
-    best = imbalance(x)
+    col_std = x.std(dim=-2)  # per column over rows: scored now, reused by the first column step
+    best = _ratio(col_std) + _ratio(x.std(dim=-1))
     best_it = torch.zeros(n, dtype=torch.long, device=x.device)
-    y = x
     for it in range(1, iterations + 1):
-        s = y.std(dim=-2).clamp(STD_MIN, STD_MAX)  # column step: std of each column over rows
-        u = (u + torch.log(s)).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+        u = (u + torch.log(col_std.clamp(STD_MIN, STD_MAX))).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
         y = _apply(x, u, w)
-        s = y.std(dim=-1).clamp(STD_MIN, STD_MAX)  # row step: std of each row over columns
-        w = (w + torch.log(s)).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+        w = (w + torch.log(y.std(dim=-1).clamp(STD_MIN, STD_MAX))).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
         y = _apply(x, u, w)
-        score = imbalance(y)
+        col_std = y.std(dim=-2)  # this state's column stds: its score, and the next column step
+        score = _ratio(col_std) + _ratio(y.std(dim=-1))
         keep = score <= best  # ties go to the later iteration
         best = torch.where(keep, score, best)
         best_u = torch.where(keep.unsqueeze(-1), u, best_u)
