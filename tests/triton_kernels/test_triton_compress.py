@@ -1,0 +1,169 @@
+"""Fused tile compression kernel vs the codec (kvarn.codec.encode_tiles), under Triton's interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
+
+from kvarn.codec import decode_tiles, encode_tiles  # noqa: E402
+from kvarn.config import KVarNConfig  # noqa: E402
+from kvarn.method.hadamard import hadamard_transform  # noqa: E402
+
+compress = pytest.importorskip("kvarn.attention.triton.compress")
+
+
+def _outlier_tiles(shape, dtype, gen):
+    x = torch.randn(*shape, generator=gen)
+    d = shape[-1]
+    ch = torch.randperm(d, generator=gen)[:2]
+    x[..., ch] = x[..., ch] * 30.0 + 5.0  # outlier channels with offsets, as keys have
+    tok = torch.randperm(shape[-2], generator=gen)[:1]
+    x[..., tok, :] *= 15.0  # a loud token
+    return x.to(dtype)
+
+
+def _pre_round_keys(x, ref):
+    """(x / r - z) / a per key element [.., D, G] in float64: the value the reference rounded."""
+    xt = x.double().transpose(-1, -2)
+    k = ref.keys
+    return (
+        xt / k.token_scale.double().unsqueeze(-2) - k.zero.double().unsqueeze(-1)
+    ) / k.scale.double().unsqueeze(-1)
+
+
+def _pre_round_values(x, ref):
+    v = ref.values
+    return (
+        x.double() / v.channel_scale.double().unsqueeze(-2) - v.zero.double().unsqueeze(-1)
+    ) / v.scale.double().unsqueeze(-1)
+
+
+def _assert_codes_match(got, want, bits, pre_round, label):
+    """Identical codes except at rounding ties: a mismatch must be off by one, at a value within
+    float32 noise of a .5 boundary, and rare."""
+    from kvarn.method.packing import unpack_codes
+
+    a, b = unpack_codes(got, bits).int(), unpack_codes(want, bits).int()
+    diff = a != b
+    if not diff.any():
+        return
+    assert (a - b).abs().max() == 1, f"{label}: codes differ by more than one step"
+    frac = pre_round[diff] - pre_round[diff].floor()
+    assert ((frac - 0.5).abs() < 1e-3).all(), f"{label}: codes differ away from a rounding tie: {frac}"
+    assert diff.float().mean() < 1e-3, f"{label}: too many tie flips ({int(diff.sum())})"
+
+
+def _assert_metadata_close(got, want, md, label):
+    for name in ("scale", "zero", "token_scale", "channel_scale"):
+        if not hasattr(got, name):
+            continue
+        x, y = getattr(got, name).double(), getattr(want, name).double()
+        assert getattr(got, name).dtype == md
+        # float32 noise of the iterated normalization, then at most one ulp of the metadata dtype
+        tol = 2e-5 if md == torch.float32 else 2.0**-7
+        err = ((x - y).abs() / y.abs().clamp_min(1e-6)).max().item()
+        assert err <= tol, f"{label}.{name}: relative difference {err}"
+
+
+CASES = [
+    # method, key_bits, value_bits, tile_size, head_dim, dtype, metadata dtype
+    ("kvarn", 4, 2, 32, 64, torch.float32, torch.float32),
+    ("kvarn", 2, 4, 32, 64, torch.bfloat16, torch.float32),
+    ("kvarn", 3, 8, 64, 32, torch.float16, torch.float32),
+    ("kvarn", 4, 2, 32, 64, torch.bfloat16, torch.bfloat16),
+    ("varn_norot", 2, 2, 32, 128, torch.float32, torch.float16),
+    ("kivi", 4, 4, 64, 64, torch.bfloat16, torch.bfloat16),
+    ("hadamard_rtn", 8, 3, 32, 64, torch.float32, torch.float32),
+]
+
+
+@pytest.mark.parametrize("method,kb,vb,g,d,dtype,md", CASES)
+def test_compress_matches_codec(method, kb, vb, g, d, dtype, md):
+    cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=g, method=method, metadata_dtype=md)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    k = _outlier_tiles((2, 3, g, d), dtype, gen)  # many (tile, head) pairs, leading dims kept
+    v = _outlier_tiles((2, 3, g, d), dtype, gen)
+    got = compress.compress_tiles(k, v, cfg)
+    want = encode_tiles(k, v, cfg)
+    assert got.keys.codes.shape == want.keys.codes.shape and got.values.codes.shape == want.values.codes.shape
+    assert got.keys.bits == kb and got.values.bits == vb
+    ref32 = encode_tiles(k, v, cfg.replace(metadata_dtype=torch.float32))
+    _assert_codes_match(got.keys.codes, want.keys.codes, kb, _pre_round_keys(k, ref32), "keys")
+    _assert_codes_match(got.values.codes, want.values.codes, vb, _pre_round_values(v, ref32), "values")
+    _assert_metadata_close(got.keys, want.keys, md, "keys")
+    _assert_metadata_close(got.values, want.values, md, "values")
+    # and the codec decodes it to what it decodes its own encoding to
+    kg, vg = decode_tiles(got)
+    kw, vw = decode_tiles(want)
+    tol = 1e-4 if md == torch.float32 else 5e-2  # one metadata ulp (z) moves a whole tile row
+    assert ((kg - kw).norm() / kw.norm()).item() < tol
+    assert ((vg - vw).norm() / vw.norm()).item() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compress_with_rotation_matches_rotate_then_codec(dtype):
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32, metadata_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    k = _outlier_tiles((3, 32, 64), dtype, gen)
+    v = _outlier_tiles((3, 32, 64), dtype, gen)
+    got = compress.compress_tiles(k, v, cfg, rotate=True)
+    kr, vr = hadamard_transform(k.float()).to(dtype), hadamard_transform(v.float()).to(dtype)
+    want = encode_tiles(kr, vr, cfg)
+    _assert_codes_match(got.keys.codes, want.keys.codes, 4, _pre_round_keys(kr, want), "keys")
+    _assert_codes_match(got.values.codes, want.values.codes, 2, _pre_round_values(vr, want), "values")
+    _assert_metadata_close(got.keys, want.keys, torch.float32, "keys")
+    _assert_metadata_close(got.values, want.values, torch.float32, "values")
+
+
+def test_compress_constant_and_zero_rows():
+    """Degenerate rows hit the std clamp and the step floor the same way as the reference.
+
+    A zero row makes every imbalance score about max_std / 1e-8 ~ 1e8, where consecutive
+    iterations differ only by float32 rounding; which state wins is then noise in both versions
+    (the reference's own choice flips with summation order). So for that tile we require an
+    equally good quantization rather than the same codes.
+    """
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32, metadata_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    k = torch.randn(2, 32, 64, generator=gen)
+    v = torch.randn(2, 32, 64, generator=gen)
+    k[0, :, 3] = 2.5  # a constant key channel
+    v[0, 5, :] = 0.0  # an all-zero value token
+    k[1] = 0.0  # an all-zero tile
+    v[1] = 0.0
+    got, want = compress.compress_tiles(k, v, cfg), encode_tiles(k, v, cfg)
+    kg, vg = decode_tiles(got)
+    kw, vw = decode_tiles(want)
+    assert torch.isfinite(kg).all() and torch.isfinite(vg).all()
+    assert torch.allclose(kg, kw, atol=1e-4)  # keys: a constant channel is not degenerate for the score
+    assert (kg[1] == 0).all() and (vg[1] == 0).all()  # zero tiles come back exactly
+    assert (vg[0, 5] == 0).all()  # the zero token too (its codes are 0 at the row's lo = 0)
+    err_got = (vg[0] - v[0]).norm() / v[0].norm()
+    err_want = (vw[0] - v[0]).norm() / v[0].norm()
+    assert err_got <= 1.25 * err_want + 1e-6, (err_got, err_want)
+
+
+def test_compress_empty_batch():
+    cfg = KVarNConfig(tile_size=32)
+    out = compress.compress_tiles(torch.zeros(0, 32, 64), torch.zeros(0, 32, 64), cfg)
+    assert out.keys.codes.shape == (0, 64, 16) and out.values.codes.shape == (0, 32, 16)
+
+
+def test_compress_rejects_bad_input():
+    cfg = KVarNConfig(tile_size=32)
+    x = torch.randn(2, 32, 64)
+    with pytest.raises(ValueError, match="differ in shape"):
+        compress.compress_tiles(x, x[:1], cfg)
+    with pytest.raises(ValueError, match="tile_size"):
+        compress.compress_tiles(x[:, :16], x[:, :16], cfg)
+    with pytest.raises(ValueError, match="not a tile method"):
+        compress.compress_tiles(x, x, KVarNConfig(tile_size=32, method="per_token_rtn"))
+    with pytest.raises(ValueError, match="power of two"):
+        compress.compress_tiles(torch.randn(1, 32, 80), torch.randn(1, 32, 80), cfg)
+    with pytest.raises(TypeError, match="share a dtype"):
+        compress.compress_tiles(x, x.half(), cfg)
