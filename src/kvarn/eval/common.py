@@ -130,6 +130,41 @@ def check_model_path(model: str | None) -> None:
         raise EvalInputError(f"--model {model!r} is a file but not a .gguf file")
 
 
+def peek_window(model: str | None) -> int:
+    """The model's window without loading its weights (so bad lengths fail before any long work).
+
+    A transformers directory: its config.json. A GGUF file (the default model too): the config of its
+    converted copy if ``load_model`` cached one, else the GGUF metadata ``<arch>.context_length``.
+    """
+    import json
+
+    from kvarn.integrations.models import converted_model_dir, default_model_path
+
+    check_model_path(model)
+    source = default_model_path() if model is None else Path(model).expanduser()
+    config_file = source / "config.json" if source.is_dir() else converted_model_dir(source) / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if isinstance(config.get("max_position_embeddings"), int):
+            return config["max_position_embeddings"]
+        if isinstance(config.get("text_config"), dict):  # multimodal configs nest the decoder's
+            return model_window(type("C", (), config["text_config"]))
+        raise EvalInputError(f"{config_file} has no max_position_embeddings")
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+
+    def field(name: str):
+        entry = reader.fields.get(name)
+        return None if entry is None else entry.parts[entry.data[0]]
+
+    arch = field("general.architecture")
+    length = None if arch is None else field(f"{bytes(arch).decode()}.context_length")
+    if length is None:
+        raise EvalInputError(f"{source} has no context_length in its GGUF metadata")
+    return int(length[0])
+
+
 def load_model_for_eval(model: str | None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``--model`` (None: the embedded SmolLM2-135M-Instruct) with ``kvarn.integrations.models.load_model``."""
     check_model_path(model)
@@ -266,6 +301,75 @@ def greedy_generate(
         step = torch.tensor([[token]], dtype=torch.long, device=prompt_ids.device)
         logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits
     return generated
+
+
+@torch.no_grad()
+def greedy_generate_methods(
+    model,
+    prompt_ids: torch.Tensor,
+    configs: list[KVarNConfig],
+    max_new_tokens: int,
+    eos_token_ids: set[int] | None = None,
+    should_stop: Callable[[list[int]], bool] | None = None,
+    rows_per_batch: int = 16,
+) -> list[list[int]]:
+    """Greedy decoding of one prompt under several cache configs side by side: one batch row per config.
+
+    The prompt is prefilled once in 16 bits (a prefill through a simulated cache quantizes nothing
+    yet, so it is the same for every config), its keys/values are copied into the rows of a
+    per-row :class:`SimulatedQuantizedCache`, and all rows decode together; finished rows keep being
+    fed (rows never interact) and their extra tokens are dropped. Row ``b`` gives what
+    :func:`greedy_generate` gives with ``SimulatedQuantizedCache(configs[b])``, up to the float
+    rounding differences between batch sizes. Configs are processed ``rows_per_batch`` at a time.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    from kvarn.eval.simulated_cache import SimulatedQuantizedCache, exact_layers
+
+    if rows_per_batch < 1:
+        raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+    eos_token_ids = eos_token_ids or set()
+    prefill = DynamicCache()
+    first = model(input_ids=prompt_ids, past_key_values=prefill, use_cache=True, logits_to_keep=1).logits[
+        0, -1
+    ]
+    prefilled = exact_layers(prefill)
+    del prefill
+    results: list[list[int]] = []
+    for lo in range(0, len(configs), rows_per_batch):
+        group = configs[lo : lo + rows_per_batch]
+        rows = len(group)
+        cache = SimulatedQuantizedCache.from_prefill(
+            [
+                (k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous())
+                for k, v in prefilled
+            ],
+            group,
+            quantize=False,
+        )
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        done = [max_new_tokens <= 0] * rows
+        tokens = first.argmax().repeat(rows)
+        while True:
+            for b in range(rows):
+                if done[b]:
+                    continue
+                token = int(tokens[b])
+                if token in eos_token_ids:
+                    done[b] = True
+                    continue
+                generated[b].append(token)
+                if len(generated[b]) >= max_new_tokens or (
+                    should_stop is not None and should_stop(generated[b])
+                ):
+                    done[b] = True
+            if all(done):
+                break
+            logits = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True).logits
+            tokens = logits[:, -1].argmax(-1)
+        results.extend(generated)
+        del cache
+    return results
 
 
 def eos_ids(tokenizer, model) -> set[int]:

@@ -195,7 +195,7 @@ def render_html(results: list[SuiteResult], title: str, image_prefixes: list[str
     """A dependency-free HTML page with the same content as the Markdown report."""
     esc = html.escape
     body = [f"<h1>{esc(title)}</h1>"]
-    for result, prefix in zip(results, image_prefixes):
+    for result, prefix in zip(results, image_prefixes, strict=True):
         body.append(f"<h2>{esc(result.suite)}</h2><ul>")
         body += [f"<li>{esc(line[2:])}</li>" for line in settings_lines(result.settings)]
         body.append("</ul>")

@@ -46,9 +46,9 @@ def line_panels(
 ) -> Path:
     """Side-by-side line plots, one legend (labels are config names)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), sharey=sharey, squeeze=False)
-    for ax, (title, series) in zip(axes[0], panels):
+    for ax, (title, series) in zip(axes[0], panels, strict=True):
         for label, (xs, ys) in series.items():
-            pairs = [(x, y) for x, y in zip(xs, ys) if y is not None and (not logy or y > 0)]
+            pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None and (not logy or y > 0)]
             if not pairs:
                 continue
             ax.plot(
@@ -62,7 +62,7 @@ def line_panels(
     axes[0][0].set_ylabel(ylabel)
     handles, labels = [], []
     for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
