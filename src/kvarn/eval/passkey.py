@@ -40,31 +40,54 @@ INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n"
 )
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+FILLER_SENTENCES = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 ANSWER_TOKENS = 8
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
+def filler(sentences: int, offset: int = 0) -> str:
+    """``sentences`` filler sentences, cycling through ``FILLER_SENTENCES`` from ``offset``."""
+    n = len(FILLER_SENTENCES)
+    return "".join(FILLER_SENTENCES[(offset + i) % n] + " " for i in range(sentences))
+
+
 def build_prompt(tokenizer, length: int, depth: float, key: int) -> torch.Tensor:
-    """Token ids ``[1, n]`` with n <= length - ANSWER_TOKENS, as close to it as whole filler sentences allow."""
+    """Token ids ``[1, n]`` with n <= length - ANSWER_TOKENS, short of it by less than one filler sentence."""
     budget = length - ANSWER_TOKENS
 
-    def encode(repeats: int) -> list[int]:
-        before = round(repeats * depth)
-        text = INSTRUCTION + FILLER * before + NEEDLE.format(key=key) + FILLER * (repeats - before) + QUESTION
+    def encode(sentences: int) -> list[int]:
+        before = round(sentences * depth)
+        text = (
+            INSTRUCTION
+            + filler(before)
+            + NEEDLE.format(key=key)
+            + filler(sentences - before, offset=before)
+            + QUESTION
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    unit = max(1, len(tokenizer(FILLER * 8, add_special_tokens=False)["input_ids"]) / 8)
+    per_sentence = max(1.0, len(tokenizer(filler(50), add_special_tokens=False)["input_ids"]) / 50)
     fixed = len(encode(0))
     if fixed > budget:
         raise EvalInputError(f"passkey length {length} is too short for the prompt itself ({fixed} tokens)")
-    repeats = int((budget - fixed) / unit)
-    ids = encode(repeats)
-    while len(ids) > budget and repeats > 0:  # token counts of repeated text are not exactly additive
-        repeats -= 1
-        ids = encode(repeats)
+    sentences = int((budget - fixed) / per_sentence)
+    ids = encode(sentences)
+    while len(ids) > budget and sentences > 0:  # token counts of joined text are not exactly additive
+        sentences -= 1
+        ids = encode(sentences)
+    while True:  # and fill up to the budget
+        longer = encode(sentences + 1)
+        if len(longer) > budget:
+            break
+        sentences, ids = sentences + 1, longer
     return torch.tensor([ids], dtype=torch.long)
 
 
