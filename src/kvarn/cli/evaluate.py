@@ -42,6 +42,9 @@ TileOpt = Annotated[
 ]
 CorpusOpt = Annotated[str, typer.Option("--corpus", help="stdlib-code or stdlib-docs (see docs/eval.md)")]
 RowsOpt = Annotated[int, typer.Option("--batch-rows", help="methods decoded side by side per batch")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="torch device for the model (cpu, cuda, cuda:1, ...)")
+]
 
 
 MethodsOpt = Annotated[
@@ -121,6 +124,7 @@ def register(app: typer.Typer) -> None:
         methods: MethodsOpt = ACCUMULATION_METHODS,
         max_tokens: MaxTokensOpt = None,
         seed: SeedOpt = 0,
+        device: DeviceOpt = "cpu",
         out: OutOpt = None,
         quick: QuickOpt = False,
         no_sink: NoSinkOpt = False,
@@ -137,7 +141,9 @@ def register(app: typer.Typer) -> None:
             configs = _prepare(model, methods, no_sink, tile_size, n)
             check_positive(n, "--max-tokens", 2)
             seed_everything(seed)
-            return run_accumulation(load_model_for_eval(model), configs, n, out_dir, corpus=corpus, seed=seed)
+            return run_accumulation(
+                load_model_for_eval(model, device=device), configs, n, out_dir, corpus=corpus, seed=seed
+            )
 
         _run("accumulation", out, work)
 
@@ -147,6 +153,7 @@ def register(app: typer.Typer) -> None:
         methods: MethodsOpt = DEFAULT_METHODS,
         max_tokens: MaxTokensOpt = None,
         seed: SeedOpt = 0,
+        device: DeviceOpt = "cpu",
         out: OutOpt = None,
         quick: QuickOpt = False,
         no_sink: NoSinkOpt = False,
@@ -176,7 +183,7 @@ def register(app: typer.Typer) -> None:
             check_positive(n, "--max-tokens", 4)
             seed_everything(seed)
             return run_perplexity(
-                load_model_for_eval(model), configs, n, out_dir, modes=modes, context=context,
+                load_model_for_eval(model, device=device), configs, n, out_dir, modes=modes, context=context,
                 bucket_tokens=bucket, corpus=corpus, seed=seed,
             )  # fmt: skip
 
@@ -188,6 +195,7 @@ def register(app: typer.Typer) -> None:
         methods: MethodsOpt = DEFAULT_METHODS,
         max_tokens: MaxTokensOpt = None,
         seed: SeedOpt = 0,
+        device: DeviceOpt = "cpu",
         out: OutOpt = None,
         quick: QuickOpt = False,
         no_sink: NoSinkOpt = False,
@@ -215,7 +223,7 @@ def register(app: typer.Typer) -> None:
                 check_positive(value, name)
             seed_everything(seed)
             return run_divergence(
-                load_model_for_eval(model), configs, n, out_dir, num_prompts=n_prompts, prompt_tokens=p_tokens,
+                load_model_for_eval(model, device=device), configs, n, out_dir, num_prompts=n_prompts, prompt_tokens=p_tokens,
                 seed=seed, rows_per_batch=batch_rows,
             )  # fmt: skip
 
@@ -227,6 +235,7 @@ def register(app: typer.Typer) -> None:
         methods: MethodsOpt = DEFAULT_METHODS,
         max_tokens: MaxTokensOpt = None,
         seed: SeedOpt = 0,
+        device: DeviceOpt = "cpu",
         out: OutOpt = None,
         quick: QuickOpt = False,
         no_sink: NoSinkOpt = False,
@@ -251,7 +260,7 @@ def register(app: typer.Typer) -> None:
             sandbox = Sandbox(timeout=timeout, memory_mb=memory_mb)
             seed_everything(seed)
             return run_humaneval(
-                load_model_for_eval(model), configs, n, out_dir, limit=n_problems, sandbox=sandbox, seed=seed,
+                load_model_for_eval(model, device=device), configs, n, out_dir, limit=n_problems, sandbox=sandbox, seed=seed,
                 rows_per_batch=batch_rows,
             )  # fmt: skip
 
@@ -263,6 +272,7 @@ def register(app: typer.Typer) -> None:
         methods: MethodsOpt = DEFAULT_METHODS,
         max_tokens: MaxTokensOpt = None,
         seed: SeedOpt = 0,
+        device: DeviceOpt = "cpu",
         out: OutOpt = None,
         quick: QuickOpt = False,
         no_sink: NoSinkOpt = False,
@@ -307,7 +317,7 @@ def register(app: typer.Typer) -> None:
             spread = tuple((i + 0.5) / n_depths for i in range(n_depths))
             seed_everything(seed)
             return run_passkey(
-                load_model_for_eval(model), configs, chosen, out_dir, depths=spread, trials=trials, seed=seed,
+                load_model_for_eval(model, device=device), configs, chosen, out_dir, depths=spread, trials=trials, seed=seed,
                 rows_per_batch=batch_rows,
             )  # fmt: skip
 

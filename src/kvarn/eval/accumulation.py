@@ -150,6 +150,7 @@ def measure(
     """Error sums ``{regime: {method: ErrorSums}}`` and the chunk end positions."""
     model = loaded.model
     n_tokens = input_ids.shape[1]
+    input_ids = input_ids.to(loaded.device)
     chunk = chunk_size(methods)
     bounds = list(chunk_bounds(0, n_tokens, chunk))
     layers = model.config.num_hidden_layers

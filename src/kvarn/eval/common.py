@@ -86,6 +86,10 @@ class LoadedModel:
     source: str
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def window(self) -> int:
         return model_window(self.model.config)
 
@@ -165,13 +169,21 @@ def peek_window(model: str | None) -> int:
     return int(length[0])
 
 
-def load_model_for_eval(model: str | None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model_for_eval(
+    model: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LoadedModel:
     """Load ``--model`` (None: the embedded SmolLM2-135M-Instruct) with ``kvarn.integrations.models.load_model``."""
     check_model_path(model)
+    try:
+        target = torch.device(device)
+    except RuntimeError as exc:
+        raise EvalInputError(f"--device {device!r} is not a torch device: {exc}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise EvalInputError(f"--device {device!r}: CUDA is not available on this machine")
     from kvarn.integrations.models import load_model
 
     try:
-        loaded, tokenizer = load_model(model, dtype=dtype)
+        loaded, tokenizer = load_model(model, dtype=dtype, device=device)
     except (FileNotFoundError, ValueError) as exc:
         raise EvalInputError(f"cannot load model {model or '(default)'}: {exc}") from exc
     loaded.eval()
@@ -268,7 +280,7 @@ def chunk_bounds(start: int, end: int, chunk: int) -> Iterator[tuple[int, int]]:
 @torch.no_grad()
 def forward_chunk(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
     """Feed ``input_ids`` [1, n] through the model on top of ``cache``; returns float32 logits [n, vocab]."""
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True)
     return out.logits[0].float()
 
 
@@ -287,6 +299,7 @@ def greedy_generate(
     ``should_stop(generated_ids)`` returns True (the ids so far are returned, stop text included).
     """
     eos_token_ids = eos_token_ids or set()
+    prompt_ids = prompt_ids.to(model.device)
     generated: list[int] = []
     logits = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     for _ in range(max_new_tokens):
@@ -329,6 +342,7 @@ def greedy_generate_methods(
     if rows_per_batch < 1:
         raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
     eos_token_ids = eos_token_ids or set()
+    prompt_ids = prompt_ids.to(model.device)
     prefill = DynamicCache()
     first = model(input_ids=prompt_ids, past_key_values=prefill, use_cache=True, logits_to_keep=1).logits[
         0, -1
@@ -351,10 +365,11 @@ def greedy_generate_methods(
         done = [max_new_tokens <= 0] * rows
         tokens = first.argmax().repeat(rows)
         while True:
+            step_tokens = tokens.tolist()  # one device sync per step
             for b in range(rows):
                 if done[b]:
                     continue
-                token = int(tokens[b])
+                token = step_tokens[b]
                 if token in eos_token_ids:
                     done[b] = True
                     continue

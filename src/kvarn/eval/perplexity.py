@@ -65,7 +65,7 @@ def score(
     nll = -lp.gather(-1, targets[:, None])[:, 0]
     kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1)
     agree = (ref_logits.argmax(-1) == logits.argmax(-1)).double()
-    return nll.double().numpy(), kl.double().numpy(), agree.numpy()
+    return nll.double().cpu().numpy(), kl.double().cpu().numpy(), agree.cpu().numpy()
 
 
 @torch.no_grad()
@@ -76,6 +76,7 @@ def run_mode(
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is unknown; allowed: {list(MODES)}")
     n_tokens = input_ids.shape[1]
+    input_ids = input_ids.to(model.device)
     chunk = chunk_size(methods)
     reference, per_method = Scores(n_tokens), {c.name: Scores(n_tokens) for c in methods}
     ref_cache = DynamicCache()
