@@ -93,6 +93,7 @@ class KVarNLayer(CacheLayerMixin):
         self.n_tiles = self.sink_len = self.tail_len = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._owner: weakref.ref | None = None
+        self.record_past = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -136,6 +137,7 @@ class KVarNLayer(CacheLayerMixin):
         self._check_new_states(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._settle_tail()
         self.pending = (key_states, value_states)
         handoff.publish(key_states, self)
         return key_states, value_states
@@ -198,11 +200,23 @@ class KVarNLayer(CacheLayerMixin):
 
     # ---- attention + commit --------------------------------------------------------------------
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """Hadamard rotation (self-inverse) in float32/64, returned in ``x``'s dtype."""
+        """Hadamard rotation (self-inverse) of queries/outputs in float32 (float64 stays)."""
         if not self.quant.rotate:
             return x
         cdt = _compute_dtype(x.dtype)
         return (x.to(cdt) @ _rotation(self.head_dim, cdt, x.device)).to(x.dtype)
+
+    def _rotate_for_storage(self, x: torch.Tensor) -> torch.Tensor:
+        """Hadamard rotation of tokens entering the cache, computed in float64.
+
+        A float32 matmul rounds differently depending on the shape of the call (BLAS blocking),
+        so a token rotated in a 1-token decode step and in a 100-token prefill (or in a padded
+        batch and alone) could differ in the last bit and quantize differently. Rounding the
+        float64 product to the model dtype makes the stored token independent of the call shape.
+        """
+        if not self.quant.rotate:
+            return x
+        return (x.double() @ _rotation(self.head_dim, torch.float64, x.device)).to(x.dtype)
 
     def _check_owner(self, module) -> None:
         if self._owner is not None and self.columns > 0:
@@ -257,9 +271,10 @@ class KVarNLayer(CacheLayerMixin):
                 scale=scaling,
                 enable_gqa=hq != self.num_kv_heads,
             )
-            k_rot, v_rot = self._rotate(keys), self._rotate(values)
+            k_rot, v_rot = self._rotate_for_storage(keys), self._rotate_for_storage(values)
         else:
-            q_rot, k_rot, v_rot = self._rotate(query), self._rotate(keys), self._rotate(values)
+            q_rot = self._rotate(query)
+            k_rot, v_rot = self._rotate_for_storage(keys), self._rotate_for_storage(values)
             store = self.store.tensors()
             args = (
                 q_rot,
@@ -294,7 +309,12 @@ class KVarNLayer(CacheLayerMixin):
         return out.transpose(1, 2)
 
     def commit(self, k: torch.Tensor, v: torch.Tensor, new_valid: torch.Tensor | None) -> None:
-        """Append the real tokens of ``k, v [B, Hkv, L, D]`` (cache frame) to each row."""
+        """Append the real tokens of ``k, v [B, Hkv, L, D]`` (cache frame) to each row.
+
+        Tokens go to the sink while it has room, then to the tail; tiles the tail completes are
+        quantized right away (all rows and heads in one ``encode_tiles`` call), or, while
+        ``record_past`` is on, at the start of the next update (see :meth:`activate_past_recording`).
+        """
         b, h, length, d = k.shape
         g = self.tile_size
         dev = k.device
@@ -309,7 +329,6 @@ class KVarNLayer(CacheLayerMixin):
         room = [g - s if self.quant.keep_sink_tile else 0 for s in self._sink_len]
         to_sink = [min(r, c) for r, c in zip(room, counts, strict=True)]
         fill = [t + c - s for t, c, s in zip(self._tail_len, counts, to_sink, strict=True)]
-        done = [f // g for f in fill]
 
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, L, H, D]: token-major for scattering
         take = torch.tensor(to_sink, device=dev)[:, None]
@@ -319,23 +338,21 @@ class KVarNLayer(CacheLayerMixin):
             self.sink_k[rows, :, dest] = kt[rows, cols]
             self.sink_v[rows, :, dest] = vt[rows, cols]
 
-        stream = valid & (rank >= take)
-        dest_all = self.tail_len.to(torch.long)[:, None] + rank - take  # position in tail + new
-        if max(done) == 0:
-            if new_valid is None and not any(to_sink) and len(set(self._tail_len)) == 1:
-                t0 = self._tail_len[0]
-                self.tail_k[:, :, t0 : t0 + length] = k
-                self.tail_v[:, :, t0 : t0 + length] = v
-            elif bool(stream.any()):
-                rows, cols = stream.nonzero(as_tuple=True)
-                self.tail_k[rows, :, dest_all[rows, cols]] = kt[rows, cols]
-                self.tail_v[rows, :, dest_all[rows, cols]] = vt[rows, cols]
+        self._reserve_tail((max(fill) // g + 1) * g)
+        if new_valid is None and not any(to_sink) and len(set(self._tail_len)) == 1:
+            t0 = self._tail_len[0]  # common decode case: every row appends at the same offset
+            self.tail_k[:, :, t0 : t0 + length] = k
+            self.tail_v[:, :, t0 : t0 + length] = v
         else:
-            self._complete_tiles(kt, vt, stream, dest_all, fill, done)
+            stream = valid & (rank >= take)
+            if bool(stream.any()):
+                dest = self.tail_len.to(torch.long)[:, None] + rank - take
+                rows, cols = stream.nonzero(as_tuple=True)
+                self.tail_k[rows, :, dest[rows, cols]] = kt[rows, cols]
+                self.tail_v[rows, :, dest[rows, cols]] = vt[rows, cols]
 
         self._sink_len = [s + t for s, t in zip(self._sink_len, to_sink, strict=True)]
-        self._n_tiles = [n + c for n, c in zip(self._n_tiles, done, strict=True)]
-        self._tail_len = [f % g for f in fill]
+        self._tail_len = fill
         if new_valid is None:
             self._trailing_real = [t + length for t in self._trailing_real]
         else:
@@ -345,37 +362,72 @@ class KVarNLayer(CacheLayerMixin):
                 for t, lp in zip(self._trailing_real, last_pad, strict=True)
             ]
         self.columns += length
+        if not self.record_past:
+            self._complete_tiles()
         self._sync_counters()
 
-    def _complete_tiles(self, kt, vt, stream, dest_all, fill, done) -> None:
-        """Old tail + new tokens -> completed tiles (encoded in one call) + new tail, for every row."""
-        b = kt.shape[0]
-        g, h, d = self.tile_size, self.num_kv_heads, self.head_dim
-        dev = kt.device
-        width = (max(fill) // g + 1) * g
-        work_k = torch.zeros((b, width, h, d), dtype=kt.dtype, device=dev)
-        work_v = torch.zeros_like(work_k)
-        work_k[:, :g] = self.tail_k.transpose(1, 2)
-        work_v[:, :g] = self.tail_v.transpose(1, 2)
-        rows, cols = stream.nonzero(as_tuple=True)
-        work_k[rows, dest_all[rows, cols]] = kt[rows, cols]
-        work_v[rows, dest_all[rows, cols]] = vt[rows, cols]
+    def _reserve_tail(self, tokens: int) -> None:
+        """Grow the tail buffers (zero-filled, a multiple of G) to hold ``tokens`` per row."""
+        capacity = self.tail_k.shape[2]
+        if tokens <= capacity:
+            return
+        g = self.tile_size
+        new_capacity = -(-max(tokens, 2 * capacity) // g) * g
+        for name in ("tail_k", "tail_v"):
+            old = getattr(self, name)
+            grown = old.new_zeros((old.shape[0], old.shape[1], new_capacity, old.shape[3]))
+            grown[:, :, :capacity] = old
+            setattr(self, name, grown)
 
+    def _complete_tiles(self) -> None:
+        """Quantize every complete tile held in the tails (one ``encode_tiles`` call for all rows,
+        heads and tiles) and keep the remainder (< G tokens) as the new, G-sized tail."""
+        g = self.tile_size
+        done = [t // g for t in self._tail_len]
+        if max(done) == 0:
+            return
+        b = self.batch
+        dev = self.tail_k.device
+        self._reserve_tail((max(self._tail_len) // g + 1) * g)  # room for each row's next G slots
+        capacity = self.tail_k.shape[2]
         done_t = torch.tensor(done, device=dev)
         tile_rows = torch.repeat_interleave(torch.arange(b, device=dev), done_t)
         tile_idx = torch.cat([torch.arange(n, device=dev) for n in done])
-        k_tiles = work_k.view(b, width // g, g, h, d)[tile_rows, tile_idx].transpose(1, 2)  # [T, H, G, D]
-        v_tiles = work_v.view(b, width // g, g, h, d)[tile_rows, tile_idx].transpose(1, 2)
+        shape = (b, self.num_kv_heads, capacity // g, g, self.head_dim)
+        k_tiles = self.tail_k.view(shape)[tile_rows, :, tile_idx]  # [T, H, G, D]
+        v_tiles = self.tail_v.view(shape)[tile_rows, :, tile_idx]
         encoded = encode_tiles(k_tiles, v_tiles, self.quant)
         slots = torch.tensor(self._n_tiles, device=dev)[tile_rows] + tile_idx
         self.store.write(tile_rows, slots, encoded)
 
-        # New tail: the G positions after each row's completed tiles (garbage past the fill is
-        # finite and masked by tail_len).
+        # New G-sized tail: the G slots after each row's completed tiles (slots past the row's
+        # remainder hold finite leftovers, masked by tail_len). A grown buffer shrinks back here.
         idx = (done_t * g)[:, None] + torch.arange(g, device=dev)[None, :]
         row_ix = torch.arange(b, device=dev)[:, None]
-        self.tail_k.copy_(work_k[row_ix, idx].transpose(1, 2))
-        self.tail_v.copy_(work_v[row_ix, idx].transpose(1, 2))
+        self.tail_k = self.tail_k[row_ix, :, idx].transpose(1, 2).contiguous()
+        self.tail_v = self.tail_v[row_ix, :, idx].transpose(1, 2).contiguous()
+        self._n_tiles = [n + c for n, c in zip(self._n_tiles, done, strict=True)]
+        self._tail_len = [t % g for t in self._tail_len]
+
+    def _settle_tail(self) -> None:
+        """Before attention: quantize tiles deferred by ``record_past`` and bring the tail back to
+        the ``[B, Hkv, G, D]`` layout of the storage contract."""
+        g = self.tile_size
+        if max(self._tail_len) >= g:
+            self._complete_tiles()
+            self._sync_counters()
+        if self.tail_k.shape[2] > g:
+            self.tail_k = self.tail_k[:, :, :g].contiguous()
+            self.tail_v = self.tail_v[:, :, :g].contiguous()
+
+    def activate_past_recording(self) -> None:
+        """Called by transformers before generation that may roll back (assisted decoding).
+
+        While on, tiles completed by a call are quantized at the start of the next update instead
+        of at its end: a draft token that is then rejected and cropped has never been quantized,
+        so every kept token is still quantized exactly once.
+        """
+        self.record_past = True
 
     # ---- generate support: beams, batch edits, crop ----------------------------------------------
     def _select_rows(self, index: torch.Tensor) -> None:
@@ -415,10 +467,13 @@ class KVarNLayer(CacheLayerMixin):
         """Remove the last ``tokens_to_remove`` positions (a positive value is the legacy "keep this
         many" form of transformers).
 
-        Tokens that return from a completed tile to the tail come back as their *quantized* values
-        (no 16-bit copy of the history is kept anywhere); when their tile completes again they are
-        quantized a second time. Only assisted decoding crops, by a few rejected draft tokens.
+        Tokens that return from a quantized tile to the tail come back as their *quantized* values
+        (no 16-bit copy of the history is kept anywhere) and are quantized a second time when their
+        tile completes again. transformers' assisted decoding avoids this: it turns on
+        :meth:`activate_past_recording`, so the tiles a draft completes are not yet quantized when
+        rejected drafts are cropped.
         """
+        tokens_to_remove = int(tokens_to_remove)  # generate may pass a 0-d tensor
         if tokens_to_remove > 0:
             if tokens_to_remove >= self.columns:
                 return
@@ -433,19 +488,21 @@ class KVarNLayer(CacheLayerMixin):
                 f"cannot crop {n} positions: some row has padding among its last {n} positions"
             )
         g = self.tile_size
-        sink_cap = g if self.quant.keep_sink_tile else 0
         cdt = _compute_dtype(self.dtype)
         for row, total in enumerate(self.stored_lengths()):
             keep = total - n
-            if keep < self._sink_len[row]:  # into the (16-bit) sink: nothing stored after it
+            sink, tiles = self._sink_len[row], self._n_tiles[row]
+            if keep < sink:  # into the (16-bit) sink: nothing is stored after it
                 self._sink_len[row], self._n_tiles[row], self._tail_len[row] = keep, 0, 0
-                continue
-            tiles, tail = divmod(keep - sink_cap, g)
-            if tiles < self._n_tiles[row] and tail:
-                k_tile, v_tile = decode_tiles(self.store.tile(row, tiles), dtype=cdt)  # [H, G, D]
-                self.tail_k[row, :, :tail] = k_tile[:, :tail].to(self.dtype)
-                self.tail_v[row, :, :tail] = v_tile[:, :tail].to(self.dtype)
-            self._n_tiles[row], self._tail_len[row] = tiles, tail
+            elif keep >= sink + tiles * g:  # only 16-bit tail tokens go
+                self._tail_len[row] = keep - sink - tiles * g
+            else:  # into a quantized tile: its first `rest` tokens return to the tail
+                kept_tiles, rest = divmod(keep - sink, g)
+                if rest:
+                    k_tile, v_tile = decode_tiles(self.store.tile(row, kept_tiles), dtype=cdt)  # [H, G, D]
+                    self.tail_k[row, :, :rest] = k_tile[:, :rest].to(self.dtype)
+                    self.tail_v[row, :, :rest] = v_tile[:, :rest].to(self.dtype)
+                self._n_tiles[row], self._tail_len[row] = kept_tiles, rest
         self._trailing_real = [t - n for t in self._trailing_real]
         self.columns -= n
         self._sync_counters()
