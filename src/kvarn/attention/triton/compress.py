@@ -322,6 +322,7 @@ def compress_tiles(
     config: KVarNConfig,
     *,
     rotate: bool = False,
+    out: QuantizedTiles | None = None,
     num_warps: int | None = None,
 ) -> QuantizedTiles:
     """Quantize matching key and value tiles ``[..., G, D]`` with one fused launch.
@@ -331,6 +332,8 @@ def compress_tiles(
             ``rotate=True`` (the kernel then applies the Hadamard rotation and rounds the rotated
             tokens to the input dtype first, exactly what the cache stores).
         config: a tile-family configuration (kvarn, kivi, hadamard_rtn, varn_norot).
+        out: optional destination with exactly the returned layout (contiguous tensors), e.g.
+            pre-poisoned buffers in checks; written in place and returned.
 
     Returns:
         :class:`QuantizedTiles` with the codec's layout and ``config.metadata_dtype`` metadata.
@@ -361,14 +364,29 @@ def compress_tiles(
     n = k.shape[0]
     dev, md = k.device, config.metadata_dtype
     kb, vb = config.key_bits, config.value_bits
-    kc = torch.empty(n, d, g * kb // 8, dtype=torch.uint8, device=dev)
-    ka = torch.empty(n, d, dtype=md, device=dev)
-    kz = torch.empty(n, d, dtype=md, device=dev)
-    kr = torch.empty(n, g, dtype=md, device=dev)
-    vc = torch.empty(n, g, d * vb // 8, dtype=torch.uint8, device=dev)
-    va = torch.empty(n, g, dtype=md, device=dev)
-    vz = torch.empty(n, g, dtype=md, device=dev)
-    vs = torch.empty(n, d, dtype=md, device=dev)
+    shapes = {
+        "keys.codes": ((n, d, g * kb // 8), torch.uint8),
+        "keys.scale": ((n, d), md),
+        "keys.zero": ((n, d), md),
+        "keys.token_scale": ((n, g), md),
+        "values.codes": ((n, g, d * vb // 8), torch.uint8),
+        "values.scale": ((n, g), md),
+        "values.zero": ((n, g), md),
+        "values.channel_scale": ((n, d), md),
+    }
+    if out is None:
+        bufs = [torch.empty(shape, dtype=dt, device=dev) for shape, dt in shapes.values()]
+    else:
+        bufs = []
+        for name, (shape, dt) in shapes.items():
+            part, field = name.split(".")
+            t = getattr(getattr(out, part), field)
+            if t.dtype != dt or t.numel() != math.prod(shape) or not t.is_contiguous() or t.device != dev:
+                raise ValueError(
+                    f"out.{name} must be a contiguous {dt} tensor of {math.prod(shape)} elements on {dev}"
+                )
+            bufs.append(t.view(shape))
+    kc, ka, kz, kr, vc, va, vz, vs = bufs
     if n:
         if rotate:
             hm, hscale = _rotation_operands(d, k.dtype, dev)

@@ -35,6 +35,8 @@ from kvarn.attention.triton import interpreting
 LOG2E = 1.4426950408889634
 MAX_QUERIES = 16  # largest L the kernel is built and tested for (multi-query verification)
 KERNEL_BITS = (2, 4, 8)
+# Set by scripts/gpu_check.py: fill the split-K workspace with NaN before each launch.
+POISON_WORKSPACE = False
 
 
 @triton.jit
@@ -339,13 +341,16 @@ def _check(name: str, x: torch.Tensor, shape: tuple, dtype=None) -> None:
 def quantized_decode_attention(
     query, k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
     n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
-    key_bits, value_bits, scaling, *, num_splits: int | None = None, m_block: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None,
+    key_bits, value_bits, scaling, *, max_tiles: int | None = None, out: torch.Tensor | None = None,
+    num_splits: int | None = None, m_block: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
     All tensors in the cache (rotated) frame; returns ``[B, Hq, L, D]`` in the query dtype.
-    ``num_splits`` / ``m_block`` / ``num_warps`` / ``num_stages`` override the launch tuning
+    ``max_tiles`` (a host-side bound on ``n_tiles``) is accepted for the backend seam and ignored:
+    the launch never depends on lengths. ``out`` (optional, ``[B, Hq, L, D]`` in the query dtype)
+    receives the result, e.g. a static buffer for CUDA-graph capture. ``num_splits`` / ``m_block`` / ``num_warps`` / ``num_stages`` override the launch tuning
     (benchmarks); the defaults depend only on shapes, never on lengths.
     """
     if query.ndim != 4:
@@ -407,7 +412,16 @@ def quantized_decode_attention(
     part_o = torch.empty(bsz * hkv, s1, mrows, hd, dtype=torch.float32, device=dev)
     part_m = torch.empty(bsz * hkv, s1, mrows, dtype=torch.float32, device=dev)
     part_l = torch.empty(bsz * hkv, s1, mrows, dtype=torch.float32, device=dev)
-    out = torch.empty(bsz, hq, nq, hd, dtype=query.dtype, device=dev)
+    if POISON_WORKSPACE:  # checks: unwritten partials show up as NaN
+        part_o.fill_(float("nan"))
+        part_m.fill_(float("nan"))
+        part_l.fill_(float("nan"))
+    if out is None:
+        out = torch.empty(bsz, hq, nq, hd, dtype=query.dtype, device=dev)
+    else:
+        _check("out", out, (bsz, hq, nq, hd), query.dtype)
+        if out.stride(-1) != 1:
+            raise ValueError("out must have a contiguous last dim")
 
     def st(x, n):
         return [x.stride(i) for i in range(n)]
