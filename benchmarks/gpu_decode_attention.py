@@ -36,12 +36,14 @@ def bench(fn, reps_ms: int = 60) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=reps_ms, return_mode="median")
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (GB/s)."""
-    src = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+def copy_bandwidth() -> tuple[float, float]:
+    """(device-to-device copy, bytes read + written per second; read-only reduction) in GB/s."""
+    src = torch.empty(1024**3 // 4, dtype=torch.float32, device="cuda").normal_()
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * 2 / ms / 1e6
+    nbytes = src.numel() * 4
+    ms_copy = bench(lambda: dst.copy_(src))
+    ms_read = bench(lambda: src.sum())
+    return 2 * nbytes / ms_copy / 1e6, nbytes / ms_read / 1e6
 
 
 def make_storage(batch: int, n_tiles: int, dev) -> dict:
@@ -115,17 +117,17 @@ def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool) -> list[dict]:
     t_ours = bench(ours())
     best = (t_ours, "default")
     if sweep:
-        for sp in sorted({max(1, splits // 2), splits * 2, splits * 4}):
-            for nw in (4, 8):
-                for ns in (2, 3):
-                    try:
-                        t = bench(ours(num_splits=sp, num_warps=nw, num_stages=ns))
-                    except Exception as exc:  # a config that does not compile is just skipped
-                        print(f"  sweep splits={sp} warps={nw} stages={ns}: {type(exc).__name__}")
-                        continue
-                    print(f"  sweep ctx={ctx} B={batch} splits={sp} warps={nw} stages={ns}: {t * 1e3:.1f} us")
-                    if t < best[0]:
-                        best = (t, f"splits={sp} warps={nw} stages={ns}")
+        for sp in sorted({splits, splits * 2, splits * 4}):
+            for nw, tc, ns in ((4, 32, 2), (4, 32, 3), (8, 32, 3), (4, 64, 3), (8, 64, 3)):
+                cfg = dict(num_splits=sp, num_warps=nw, token_chunk=tc, num_stages=ns)
+                try:
+                    t = bench(ours(**cfg))
+                except Exception as exc:  # a config that does not compile is just skipped
+                    print(f"  sweep {cfg}: {type(exc).__name__}")
+                    continue
+                print(f"  sweep ctx={ctx} B={batch} {cfg}: {t * 1e3:.1f} us", flush=True)
+                if t < best[0]:
+                    best = (t, " ".join(f"{k}={v}" for k, v in cfg.items()))
 
     # 16-bit SDPA on a bf16 cache of the same tokens.
     t_sdpa = time_sdpa(q, batch, tokens, dev)

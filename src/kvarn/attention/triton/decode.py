@@ -52,14 +52,6 @@ def _unpack(packed, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _split_bf16(x):
-    """x (float32) = hi + lo with both bf16: ~16 significant bits through a bf16 matrix product."""
-    hi = x.to(tl.bfloat16)
-    lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
-    return hi, lo
-
-
-@triton.jit
 def _codes_operand(codes, INTERPRET: tl.constexpr):
     """Integer codes as a matrix operand: bf16 holds 0..255 exactly."""
     if INTERPRET:
@@ -89,24 +81,48 @@ def _online_update(m_i, l_i, s):
 
 
 @triton.jit
+def _split(x, DT: tl.constexpr):
+    """x (float32) = hi + lo, both in the 16-bit dtype DT: ~2x its significand through a matrix product."""
+    hi = x.to(DT)
+    lo = (x - hi.to(tl.float32)).to(DT)
+    return hi, lo
+
+
+@triton.jit
 def _attend_dense(
-    q, m_i, l_i, acc, k_base, v_base, stride_t, n_valid, q_pos, qk_scale,
-    T: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+    q, q16, m_i, l_i, acc, k_base, v_base, stride_t, n_valid, q_pos, qk_scale,
+    T: tl.constexpr, TC: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Attend to up to T 16-bit tokens (rows [0, n_valid)) at k_base / v_base."""
-    t = tl.arange(0, T)
+    """Attend to up to T 16-bit tokens (rows [0, n_valid)) at k_base / v_base, TC at a time.
+
+    For 16-bit models the products q.k are exact in the model dtype (q16, k) and p is split
+    hi + lo for p @ v; float32 models use tf32x3 (about float32 accuracy).
+    """
     d = tl.arange(0, D)
-    valid = t < n_valid
-    offs = t[:, None].to(tl.int64) * stride_t + d[None, :]
-    k = tl.load(k_base + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
-    keep = valid[None, :]
-    if CAUSAL:
-        keep = keep & (t[None, :] <= q_pos[:, None])
-    s = tl.where(keep, s, float("-inf"))
-    m_i, p, alpha, l_i = _online_update(m_i, l_i, s)
-    v = tl.load(v_base + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
+    for c in tl.static_range(T // TC):
+        if c * TC < n_valid:  # skip empty chunks (short tails, no sink)
+            t = c * TC + tl.arange(0, TC)
+            valid = t < n_valid
+            offs = t[:, None].to(tl.int64) * stride_t + d[None, :]
+            k = tl.load(k_base + offs, mask=valid[:, None], other=0.0)
+            v = tl.load(v_base + offs, mask=valid[:, None], other=0.0)
+            if k.dtype == tl.float32:
+                s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
+            else:
+                s = _mma(q16, tl.trans(k), tl.zeros([q.shape[0], TC], tl.float32), INTERPRET)
+            s = s * qk_scale
+            keep = valid[None, :]
+            if CAUSAL:
+                keep = keep & (t[None, :] <= q_pos[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_i, p, alpha, l_i = _online_update(m_i, l_i, s)
+            if v.dtype == tl.float32:
+                pv = tl.dot(p, v, input_precision="tf32x3")
+            else:
+                p_hi, p_lo = _split(p, v.dtype)
+                pv = _mma(p_hi, v, tl.zeros([q.shape[0], D], tl.float32), INTERPRET)
+                pv = _mma(p_lo, v, pv, INTERPRET)
+            acc = acc * alpha[:, None] + pv
     return m_i, l_i, acc
 
 
@@ -114,37 +130,46 @@ def _attend_dense(
 def _attend_tile(
     q, m_i, l_i, acc, j, kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
     vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, qk_scale,
-    D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, INTERPRET: tl.constexpr,
+    D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, TC: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Online-softmax update with quantized tile j (codes straight into bf16 matrix products)."""
+    """Online-softmax update with quantized tile j, TC tokens at a time.
+
+    Per tile: q * a_k (split hi + lo into bf16) and q . z_k once. Per chunk of TC tokens: the key
+    codes [D, TC] (a contiguous byte range of every channel row) and the value codes [TC, D] go
+    into bf16 matrix products unscaled; r scales the chunk's scores, a_v (split hi + lo) folds
+    into p, and c scales the chunk's output before it joins the accumulator.
+    """
     KROW: tl.constexpr = G * KB // 8
+    KCB: tl.constexpr = TC * KB // 8  # key bytes per channel row per chunk
     VROW: tl.constexpr = D * VB // 8
     d = tl.arange(0, D)
-    t = tl.arange(0, G)
     j64 = j.to(tl.int64)
-    # Scores: the key tile's codes [D, G] go into the matrix product unscaled.
-    kpk = tl.load(kc_base + j64 * skc_n + d[:, None] * KROW + tl.arange(0, KROW)[None, :])
-    kcode = _codes_operand(_unpack(kpk, KB, D, G), INTERPRET)
     ka = tl.load(ka_base + j64 * ska_n + d).to(tl.float32)
     kz = tl.load(kz_base + j64 * skz_n + d).to(tl.float32)
-    kr = tl.load(kr_base + j64 * skr_n + t).to(tl.float32)
-    qa_hi, qa_lo = _split_bf16(q * ka[None, :])
-    s = _mma(qa_hi, kcode, tl.zeros([q.shape[0], G], tl.float32), INTERPRET)
-    s = _mma(qa_lo, kcode, s, INTERPRET)
-    qz = tl.sum(q * kz[None, :], axis=1)
-    s = (s + qz[:, None]) * (kr * qk_scale)[None, :]
-    m_i, p, alpha, l_i = _online_update(m_i, l_i, s)
-    # Output: the value tile's codes [G, D]; per-token a folded into p, c[d] applied after.
-    vpk = tl.load(vc_base + j64 * svc_n + t[:, None] * VROW + tl.arange(0, VROW)[None, :])
-    vcode = _codes_operand(_unpack(vpk, VB, G, D), INTERPRET)
-    va = tl.load(va_base + j64 * sva_n + t).to(tl.float32)
-    vz = tl.load(vz_base + j64 * svz_n + t).to(tl.float32)
     vs = tl.load(vs_base + j64 * svs_n + d).to(tl.float32)
-    pa_hi, pa_lo = _split_bf16(p * va[None, :])
-    pv = _mma(pa_hi, vcode, tl.zeros([q.shape[0], D], tl.float32), INTERPRET)
-    pv = _mma(pa_lo, vcode, pv, INTERPRET)
-    pz = tl.sum(p * vz[None, :], axis=1)
-    acc = acc * alpha[:, None] + (pv + pz[:, None]) * vs[None, :]
+    qa_hi, qa_lo = _split(q * ka[None, :], tl.bfloat16)
+    qz = tl.sum(q * kz[None, :], axis=1)
+    kc_tile = kc_base + j64 * skc_n
+    vc_tile = vc_base + j64 * svc_n
+    for c in tl.static_range(G // TC):
+        t = c * TC + tl.arange(0, TC)
+        kpk = tl.load(kc_tile + d[:, None] * KROW + (c * KCB + tl.arange(0, KCB))[None, :])
+        kcode = _codes_operand(_unpack(kpk, KB, D, TC), INTERPRET)
+        s = _mma(qa_hi, kcode, tl.zeros([q.shape[0], TC], tl.float32), INTERPRET)
+        s = _mma(qa_lo, kcode, s, INTERPRET)
+        kr = tl.load(kr_base + j64 * skr_n + t).to(tl.float32)
+        s = (s + qz[:, None]) * (kr * qk_scale)[None, :]
+        m_i, p, alpha, l_i = _online_update(m_i, l_i, s)
+        vpk = tl.load(vc_tile + t[:, None] * VROW + tl.arange(0, VROW)[None, :])
+        vcode = _codes_operand(_unpack(vpk, VB, TC, D), INTERPRET)
+        va = tl.load(va_base + j64 * sva_n + t).to(tl.float32)
+        vz = tl.load(vz_base + j64 * svz_n + t).to(tl.float32)
+        pa_hi, pa_lo = _split(p * va[None, :], tl.bfloat16)
+        pv = _mma(pa_hi, vcode, tl.zeros([q.shape[0], D], tl.float32), INTERPRET)
+        pv = _mma(pa_lo, vcode, pv, INTERPRET)
+        pz = tl.sum(p * vz[None, :], axis=1)
+        acc = acc * alpha[:, None] + (pv + pz[:, None]) * vs[None, :]
     return m_i, l_i, acc
 
 
@@ -172,7 +197,8 @@ def _decode_kernel(
     qk_scale,
     HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr,
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, M_BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, M_BLOCK: tl.constexpr, TC: tl.constexpr, DC: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -190,7 +216,8 @@ def _decode_kernel(
     q_pos = rows % L
     d = tl.arange(0, D)
     q_off = b64 * sq_b + q_head.to(tl.int64) * sq_h + q_pos.to(tl.int64) * sq_l
-    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q16 = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    q = q16.to(tl.float32)
 
     m_i = tl.full([M_BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([M_BLOCK], tl.float32)
@@ -200,18 +227,18 @@ def _decode_kernel(
         # 16-bit segments. New tokens first: every query sees at least new token 0, so the
         # running max is finite before fully masked segments (empty sink or tail) arrive.
         m_i, l_i, acc = _attend_dense(
-            q, m_i, l_i, acc, nk_ptr + b64 * snk_b + h64 * snk_h, nv_ptr + b64 * snv_b + h64 * snv_h,
-            snk_t, L, q_pos, qk_scale, L_PAD, D, True,
+            q, q16, m_i, l_i, acc, nk_ptr + b64 * snk_b + h64 * snk_h, nv_ptr + b64 * snv_b + h64 * snv_h,
+            snk_t, L, q_pos, qk_scale, L_PAD, L_PAD, D, True, INTERPRET,
         )  # fmt: skip
         sink_len = tl.load(sink_len_ptr + b)
         m_i, l_i, acc = _attend_dense(
-            q, m_i, l_i, acc, sk_ptr + b64 * ssk_b + h64 * ssk_h, sv_ptr + b64 * ssv_b + h64 * ssv_h,
-            ssk_t, sink_len, q_pos, qk_scale, G, D, False,
+            q, q16, m_i, l_i, acc, sk_ptr + b64 * ssk_b + h64 * ssk_h, sv_ptr + b64 * ssv_b + h64 * ssv_h,
+            ssk_t, sink_len, q_pos, qk_scale, G, DC, D, False, INTERPRET,
         )  # fmt: skip
         tail_len = tl.load(tail_len_ptr + b)
         m_i, l_i, acc = _attend_dense(
-            q, m_i, l_i, acc, tk_ptr + b64 * stk_b + h64 * stk_h, tv_ptr + b64 * stv_b + h64 * stv_h,
-            stk_t, tail_len, q_pos, qk_scale, G, D, False,
+            q, q16, m_i, l_i, acc, tk_ptr + b64 * stk_b + h64 * stk_h, tv_ptr + b64 * stv_b + h64 * stv_h,
+            stk_t, tail_len, q_pos, qk_scale, G, DC, D, False, INTERPRET,
         )  # fmt: skip
     else:
         n_tiles = tl.load(ntiles_ptr + b)
@@ -232,14 +259,14 @@ def _decode_kernel(
             while j < end:
                 m_i, l_i, acc = _attend_tile(
                     q, m_i, l_i, acc, j, kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
-                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, qk_scale, D, G, KB, VB, INTERPRET,
+                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, qk_scale, D, G, KB, VB, TC, INTERPRET,
                 )  # fmt: skip
                 j += 1
         else:
             for j in range(start, end):
                 m_i, l_i, acc = _attend_tile(
                     q, m_i, l_i, acc, j, kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
-                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, qk_scale, D, G, KB, VB, INTERPRET,
+                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, qk_scale, D, G, KB, VB, TC, INTERPRET,
                 )  # fmt: skip
 
     # Partials: [B*Hkv, 1 + NUM_SPLITS, MROWS, (D)].
@@ -342,15 +369,15 @@ def quantized_decode_attention(
     query, k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
     n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
     key_bits, value_bits, scaling, *, max_tiles: int | None = None, out: torch.Tensor | None = None,
-    num_splits: int | None = None, m_block: int | None = None, num_warps: int | None = None,
-    num_stages: int | None = None,
+    num_splits: int | None = None, m_block: int | None = None, token_chunk: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
     All tensors in the cache (rotated) frame; returns ``[B, Hq, L, D]`` in the query dtype.
     ``max_tiles`` (a host-side bound on ``n_tiles``) is accepted for the backend seam and ignored:
     the launch never depends on lengths. ``out`` (optional, ``[B, Hq, L, D]`` in the query dtype)
-    receives the result, e.g. a static buffer for CUDA-graph capture. ``num_splits`` / ``m_block`` / ``num_warps`` / ``num_stages`` override the launch tuning
+    receives the result, e.g. a static buffer for CUDA-graph capture. ``num_splits`` / ``m_block`` / ``token_chunk`` / ``num_warps`` / ``num_stages`` override the launch tuning
     (benchmarks); the defaults depend only on shapes, never on lengths.
     """
     if query.ndim != 4:
@@ -387,13 +414,19 @@ def quantized_decode_attention(
     group = hq // hkv
     mrows = group * nq
     if m_block is None:
-        m_block = 64 if hd <= 128 else 32
+        # Query rows per program. Beyond 32 rows Triton's Hopper path switched to warpgroup MMAs
+        # and the first GPU run faulted (docs/gpu.md); 32 keeps mma.sync. Larger groups x
+        # queries take several row blocks (codes re-read per block: the multi-query path only).
+        m_block = 32
     m_block = max(16, min(triton.next_power_of_2(mrows), m_block))
+    if token_chunk is None:
+        token_chunk = 32
+    token_chunk = min(token_chunk, g)
     n_mb = triton.cdiv(mrows, m_block)
     if num_splits is None:
         num_splits = default_num_splits(bsz, hkv, query.device)
     if num_warps is None:
-        num_warps = 4 if m_block * hd <= 64 * 64 else 8
+        num_warps = 4
     if num_stages is None:
         num_stages = 2
 
@@ -439,7 +472,7 @@ def quantized_decode_attention(
         part_o, part_m, part_l,
         float(scaling) * LOG2E,
         HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, triton.next_power_of_2(nq)),
-        D=hd, G=g, KB=key_bits, VB=value_bits, NUM_SPLITS=num_splits, M_BLOCK=m_block, INTERPRET=interpreting(),
+        D=hd, G=g, KB=key_bits, VB=value_bits, NUM_SPLITS=num_splits, M_BLOCK=m_block, TC=token_chunk, DC=min(g, 32), INTERPRET=interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     _merge_kernel[(bsz * hkv * mrows,)](
