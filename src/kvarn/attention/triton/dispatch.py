@@ -1,0 +1,59 @@
+"""Use the Triton kernels when they apply, otherwise say so (None) and let the caller run PyTorch.
+
+The cache and the attention backend call these two functions unconditionally; they return None
+for CPU tensors, when Triton or CUDA is missing, for shapes the kernels do not cover, or when the
+environment variable ``KVARN_DISABLE_TRITON=1`` is set (to compare against the PyTorch path).
+Nothing here imports Triton unless a CUDA tensor arrives and Triton is usable.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kvarn.attention.triton import available
+from kvarn.codec import QuantizedTiles
+from kvarn.config import KVarNConfig
+
+
+def enabled_for(x: torch.Tensor) -> bool:
+    """A CUDA tensor, Triton usable, and not switched off by KVARN_DISABLE_TRITON."""
+    if not x.is_cuda or os.environ.get("KVARN_DISABLE_TRITON", "0") not in ("", "0"):
+        return False
+    return available()
+
+
+def maybe_triton_decode(
+    query, k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
+    n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
+    key_bits, value_bits, scaling, *, max_tiles: int | None = None,
+) -> torch.Tensor | None:  # fmt: skip
+    """``quantized_decode_attention`` on the fused kernel, or None when it does not apply."""
+    if not enabled_for(query):
+        return None
+    from kvarn.attention.triton import decode
+
+    reason = decode.supports(
+        query.shape[-1], k_token_scale.shape[-1], key_bits, value_bits, query.shape[2], query.dtype
+    )
+    if reason is not None:
+        return None
+    return decode.quantized_decode_attention(
+        query, k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
+        n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
+        key_bits, value_bits, scaling,
+    )  # fmt: skip
+
+
+def maybe_triton_compress(
+    k_tiles: torch.Tensor, v_tiles: torch.Tensor, config: KVarNConfig
+) -> QuantizedTiles | None:
+    """``kvarn.codec.encode_tiles`` on the fused kernel, or None when it does not apply."""
+    if not enabled_for(k_tiles):
+        return None
+    from kvarn.attention.triton import compress
+
+    if compress.supports(config, k_tiles.shape[-1], k_tiles.dtype) is not None:
+        return None
+    return compress.compress_tiles(k_tiles, v_tiles, config)
