@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.testing
 
+from kvarn.attention.triton import compress as tcompress
 from kvarn.attention.triton.compress import compress_tiles
 from kvarn.attention.triton.testing import random_kv
 from kvarn.codec import encode_tiles
@@ -42,6 +43,8 @@ def main() -> None:
     k, v = random_kv((n, G, D), torch.bfloat16, dev, gen)
     in_bytes = 2 * k.numel() * 2
     out = compress_tiles(k[:per_layer], v[:per_layer], cfg)
+    launch = tcompress.LAST_LAUNCH[0]
+    print(f"kernel: regs={launch.n_regs} spills={launch.n_spills} warps={launch.metadata.num_warps}")
     out_bytes = out.nbytes() * args.layers
 
     t_all = triton.testing.do_bench(

@@ -24,11 +24,20 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
+from kvarn.attention.triton import decode as tdecode
 from kvarn.attention.triton.decode import default_num_splits, quantized_decode_attention
 from kvarn.codec import QuantizedKeys, QuantizedTiles, QuantizedValues, decode_tiles
 
 HQ, HKV, D, G = 32, 8, 128, 128
 KB, VB = 4, 2
+
+
+def describe(compiled) -> str:
+    """Registers per thread and spilled bytes of a compiled Triton launch (no device time)."""
+    try:
+        return f"regs={compiled.n_regs} spills={compiled.n_spills} warps={compiled.metadata.num_warps}"
+    except Exception:
+        return "n/a"
 
 
 def bench(fn, reps_ms: int = 60) -> float:
@@ -115,6 +124,7 @@ def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool) -> list[dict]:
         return lambda: quantized_decode_attention(q, **st, **launch)
 
     t_ours = bench(ours())
+    kernel_info = describe(tdecode.LAST_LAUNCH[0])
     best = (t_ours, "default")
     if sweep:
         for sp in sorted({splits, splits * 2, splits * 4}):
@@ -168,6 +178,7 @@ def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool) -> list[dict]:
             ours_mb=b_ours / 1e6,
             sdpa_mb=b_sdpa / 1e6,
             splits=splits,
+            kernel=kernel_info,
         )
     )
     return rows
@@ -196,7 +207,7 @@ def main() -> None:
             print(
                 f"ctx {ctx:>6} B {batch:>2}: ours {r['ours_us']:8.1f} us ({r['ours_gbs']:6.0f} GB/s, "
                 f"{100 * r['ours_frac_copy']:3.0f}% copy)  sdpa {r['sdpa_us']:8.1f} us ({r['sdpa_gbs']:6.0f} GB/s)  "
-                f"deq+sdpa {r['deq_sdpa_us']:9.1f} us  speedup {r['speedup']:4.2f}x  best {r['best_us']:.1f} us [{r['best_cfg']}]",
+                f"deq+sdpa {r['deq_sdpa_us']:9.1f} us  speedup {r['speedup']:4.2f}x  best {r['best_us']:.1f} us [{r['best_cfg']}] {r['kernel']}",
                 flush=True,
             )
     print()

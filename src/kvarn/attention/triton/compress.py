@@ -45,6 +45,9 @@ _LOG_MAX = tl.constexpr(LOG_SCALE_MAX)
 _FLOOR = tl.constexpr(IMBALANCE_FLOOR)
 _STEP_FLOOR = tl.constexpr(STEP_FLOOR)
 
+# The last compiled launch (registers, spills) for benchmark diagnostics.
+LAST_LAUNCH: list = [None]
+
 
 @triton.jit
 def _std_axis0(x, n: tl.constexpr):
@@ -395,7 +398,7 @@ def compress_tiles(
         prec = "tf32x3" if k.dtype == torch.float32 else "tf32"  # 16-bit dots are exact here
         if num_warps is None:
             num_warps = max(1, min(8, g * d // 4096))  # 4 for 128x128 (measured best on H100)
-        _compress_kernel[(n, 2)](
+        LAST_LAUNCH[0] = _compress_kernel[(n, 2)](
             k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), hm, hscale,
             kc, ka, kz, kr, vc, va, vz, vs,
             KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,

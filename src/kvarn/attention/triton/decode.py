@@ -38,6 +38,9 @@ KERNEL_BITS = (2, 4, 8)
 # Set by scripts/gpu_check.py: fill the split-K workspace with NaN before each launch.
 POISON_WORKSPACE = False
 
+# The last compiled launch (registers, spills) for benchmark diagnostics.
+LAST_LAUNCH: list = [None]
+
 
 @triton.jit
 def _unpack(packed, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
@@ -459,7 +462,7 @@ def quantized_decode_attention(
     def st(x, n):
         return [x.stride(i) for i in range(n)]
 
-    _decode_kernel[(s1, bsz * hkv, n_mb)](
+    LAST_LAUNCH[0] = _decode_kernel[(s1, bsz * hkv, n_mb)](
         query, *st(query, 3),
         k_codes, *st(k_codes, 3), k_scale, *st(k_scale, 3), k_zero, *st(k_zero, 3),
         k_token_scale, *st(k_token_scale, 3),
