@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvarn.attention import quantized_attention_reference, quantized_decode_attention, unpack_codes_float
+from kvarn.attention.unpack import code_planes, plane_count
 from kvarn.codec import decode_tiles, encode_tiles
 from kvarn.config import KVarNConfig
 from kvarn.method.packing import pack_codes, unpack_codes
@@ -215,3 +216,19 @@ def test_reference_rejects_head_mismatch():
             2,
             1.0,
         )
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("packed_len", [8, 20, 18])
+def test_code_planes_are_a_permutation_of_the_codes(bits, packed_len):
+    if bits == 3 and packed_len % 3:
+        pytest.skip("3-bit rows are whole 3-byte groups")
+    g = torch.Generator().manual_seed(bits * packed_len)
+    packed = torch.randint(0, 256, (2, 3, 5, packed_len), dtype=torch.uint8, generator=g)
+    natural = unpack_codes(packed, bits).double()  # [2, 3, 5, n]
+    planes = code_planes(packed[:, 1:], bits, torch.float64)  # a non-contiguous slice too
+    k = plane_count(bits, packed_len)
+    assert planes.shape == (2, 2, k, 5, natural.shape[-1] // k)
+    # natural index i * k + j sits at plane j, position i
+    again = planes.permute(0, 1, 3, 4, 2).reshape(2, 2, 5, -1)
+    torch.testing.assert_close(again, natural[:, 1:], rtol=0, atol=0)

@@ -52,6 +52,7 @@ def quantized_decode_attention(
     scaling: float,
     *,
     max_tiles: int | None = None,
+    min_tiles: int | None = None,
 ) -> torch.Tensor:
     """Attention of the rotated ``query [B, Hq, L, D]`` over one layer's storage plus new tokens.
 
@@ -64,8 +65,8 @@ def quantized_decode_attention(
             their ``[B]`` int32 valid lengths.
         new_k, new_v: ``[B, Hkv, L, D]`` this call's tokens, all real, causal among themselves.
         key_bits, value_bits: code widths; scaling: softmax scale.
-        max_tiles: optional host-side bound on ``n_tiles`` (saves a device sync); a kernel may
-            ignore it.
+        max_tiles, min_tiles: optional host-side bounds of ``n_tiles`` (save a device sync and
+            masking work); a kernel may ignore them.
 
     Returns ``[B, Hq, L, D]`` in the rotated frame, dtype of ``query``.
     """
@@ -94,6 +95,7 @@ def quantized_decode_attention(
             value_bits,
             scaling,
             max_tiles=max_tiles,
+            min_tiles=min_tiles,
         )
     return backend(
         query,

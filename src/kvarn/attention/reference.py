@@ -24,48 +24,69 @@ A padding query (``new_valid[b, i]`` False) always sees itself, so its (unused) 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from kvarn.attention.unpack import unpack_codes_float
+from kvarn.attention.unpack import code_planes
 
 # The running max starts at a finite floor, so a segment whose scores are all -inf (masked)
 # contributes exp(-inf - floor) = 0 instead of NaN.
 _NEG_FLOOR = -1.0e30
 
-DEFAULT_CHUNK_TOKENS = 2048  # tokens of packed history converted at once (bounds extra memory)
+DEFAULT_CHUNK_TOKENS = 4096  # tokens of packed history converted at once (bounds extra memory)
 DEFAULT_QUERY_CHUNK = 256  # new tokens per query block in long calls
 DEFAULT_KEY_CHUNK = 1024  # new tokens per key block in long calls
 
 
 class _OnlineSoftmax:
-    """Running (max, sum, weighted sum) of softmax over key segments, per query row."""
+    """Running (max, sum, weighted sum) of softmax over key segments, per query row.
 
-    def __init__(self, q: torch.Tensor) -> None:
-        shape = q.shape[:-1]  # [B, Hkv, M]
-        self.m = torch.full(shape, _NEG_FLOOR, dtype=q.dtype, device=q.device)
-        self.l = torch.zeros(shape, dtype=q.dtype, device=q.device)
-        self.acc = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    The first segment initializes the state directly (no rescaling of an empty state).
+    """
+
+    def __init__(self) -> None:
+        self.m = self.l = self.acc = None
+
+    def _merge(self, seg_max: torch.Tensor, p: torch.Tensor, p_sum: torch.Tensor, weighted) -> None:
+        if self.m is None:
+            self.m, self.l, self.acc = seg_max, p_sum, weighted
+            return
+        m_new = torch.maximum(self.m, seg_max)
+        alpha = torch.exp(self.m - m_new)
+        beta = torch.exp(seg_max - m_new)  # p was computed against seg_max
+        self.l = self.l * alpha + p_sum * beta
+        self.acc = self.acc * alpha.unsqueeze(-1) + weighted * beta.unsqueeze(-1)
+        self.m = m_new
 
     def add(self, scores: torch.Tensor, values: torch.Tensor) -> None:
         """Dense segment: scores ``[B, H, M, N]`` (-inf where masked), values ``[B, H, N, D]``."""
-        m_new = torch.maximum(self.m, scores.amax(dim=-1))
-        p = torch.exp(scores - m_new.unsqueeze(-1))
-        alpha = torch.exp(self.m - m_new)
-        self.l = self.l * alpha + p.sum(dim=-1)
-        self.acc = self.acc * alpha.unsqueeze(-1) + p @ values
-        self.m = m_new
+        seg_max = scores.amax(dim=-1).clamp_min(_NEG_FLOOR)
+        p = torch.exp(scores - seg_max.unsqueeze(-1))
+        self._merge(seg_max, p, p.sum(dim=-1), p @ values)
 
     def add_tiles(self, scores: torch.Tensor, weighted_values) -> None:
         """Tile segment: scores ``[B, H, C, M, G]``; ``weighted_values(p)`` -> ``[B, H, M, D]``."""
-        m_new = torch.maximum(self.m, scores.amax(dim=(2, 4)))
-        p = torch.exp(scores - m_new[:, :, None, :, None])
-        alpha = torch.exp(self.m - m_new)
-        self.l = self.l * alpha + p.sum(dim=(2, 4))
-        self.acc = self.acc * alpha.unsqueeze(-1) + weighted_values(p)
-        self.m = m_new
+        seg_max = scores.amax(dim=(2, 4)).clamp_min(_NEG_FLOOR)
+        p = torch.exp(scores - seg_max[:, :, None, :, None])
+        self._merge(seg_max, p, p.sum(dim=(2, 4)), weighted_values(p))
 
     def result(self) -> torch.Tensor:
         return self.acc / self.l.unsqueeze(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device)
+
+
+def _stored_dense_mask(sink_len: torch.Tensor, tail_len: torch.Tensor, tile: int, extra: int) -> torch.Tensor:
+    """``[B, 1, 1, 2G + extra]`` validity of [sink | tail | ``extra`` always-visible slots]."""
+    pos = _positions(2 * tile + extra, sink_len.device)[None, :]
+    sink = sink_len.to(torch.long)[:, None]
+    tail = tail_len.to(torch.long)[:, None] + tile
+    valid = (pos < sink) | ((pos >= tile) & (pos < tail)) | (pos >= 2 * tile)
+    return valid[:, None, None, :]
 
 
 def _new_token_mask(
@@ -88,6 +109,12 @@ def _prefix_mask(length: torch.Tensor, size: int, m: int) -> torch.Tensor:
     return valid[:, None, None, :].expand(-1, 1, m, -1)
 
 
+def _to_natural(planes_out: torch.Tensor) -> torch.Tensor:
+    """``[B, H, C, k, M, m]`` plane-major results -> ``[B, H, C, M, k * m]`` (index ``i * k + j``)."""
+    b, h, c, k, m_rows, m = planes_out.shape
+    return planes_out.permute(0, 1, 2, 4, 5, 3).reshape(b, h, c, m_rows, m * k)
+
+
 def _attend_tiles(
     state: _OnlineSoftmax,
     q: torch.Tensor,
@@ -104,26 +131,33 @@ def _attend_tiles(
     c1: int,
     key_bits: int,
     value_bits: int,
+    all_valid: bool,
 ) -> None:
-    """Merge tiles ``c0 .. c1-1`` of every row into ``state`` (scales folded into q and p)."""
+    """Merge tiles ``c0 .. c1-1`` of every row into ``state`` (scales folded into q and p).
+
+    The codes are contracted one bit-plane at a time (``code_planes``); only the small results
+    (scores ``[M, G]`` and outputs ``[M, D]`` per tile) are interleaved back to natural order.
+    """
     cdt = q.dtype
     qe = q.unsqueeze(2)  # [B, H, 1, M, D]
-    codes = unpack_codes_float(k_codes[:, :, c0:c1], key_bits, cdt)  # [B, H, C, D, G]
-    a = k_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, 1, D]
+    planes = code_planes(k_codes[:, :, c0:c1], key_bits, cdt)  # [B, H, C, k, D, G/k]
+    qa = qe * k_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, M, D]
+    scores = _to_natural(qa.unsqueeze(3) @ planes)  # [B, H, C, M, G]
     z = k_zero[:, :, c0:c1].to(cdt).unsqueeze(-1)  # [B, H, C, D, 1]
     r = k_token_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, 1, G]
-    scores = ((qe * a) @ codes + qe @ z) * r  # [B, H, C, M, G]
-    tile_ids = torch.arange(c0, c1, device=q.device)
-    valid = tile_ids[None, :] < n_tiles[:, None].to(torch.long)  # [B, C]
-    scores = scores.masked_fill(~valid[:, None, :, None, None], float("-inf"))
+    scores = (scores + qe @ z) * r
+    if not all_valid:  # some row has fewer than c1 tiles: mask its empty slots
+        tile_ids = torch.arange(c0, c1, device=q.device)
+        valid = tile_ids[None, :] < n_tiles[:, None].to(torch.long)  # [B, C]
+        scores = scores.masked_fill(~valid[:, None, :, None, None], float("-inf"))
 
     def weighted_values(p: torch.Tensor) -> torch.Tensor:
-        vcodes = unpack_codes_float(v_codes[:, :, c0:c1], value_bits, cdt)  # [B, H, C, G, D]
-        va = v_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, 1, G]
+        vplanes = code_planes(v_codes[:, :, c0:c1], value_bits, cdt)  # [B, H, C, k, G, D/k]
+        pa = p * v_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, M, G]
+        out = _to_natural(pa.unsqueeze(3) @ vplanes)  # [B, H, C, M, D]
         vz = v_zero[:, :, c0:c1].to(cdt).unsqueeze(-1)  # [B, H, C, G, 1]
         vc = v_channel_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, 1, D]
-        out = ((p * va) @ vcodes + p @ vz) * vc  # [B, H, C, M, D]
-        return out.sum(dim=2)
+        return ((out + p @ vz) * vc).sum(dim=2)
 
     state.add_tiles(scores, weighted_values)
 
@@ -153,6 +187,7 @@ def quantized_attention_reference(
     *,
     new_valid: torch.Tensor | None = None,
     max_tiles: int | None = None,
+    min_tiles: int | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     query_chunk: int = DEFAULT_QUERY_CHUNK,
     key_chunk: int = DEFAULT_KEY_CHUNK,
@@ -161,7 +196,8 @@ def quantized_attention_reference(
 
     Shapes and meanings are those of ``kvarn.attention.decode.quantized_decode_attention``. Extras:
     ``new_valid [B, L]`` (bool, False = padding token, neither stored nor attended; None = all real),
-    ``max_tiles`` (host-side upper bound of ``n_tiles``, avoids a device sync), chunk sizes.
+    ``max_tiles`` / ``min_tiles`` (host-side bounds of ``n_tiles``: avoid a device sync, and skip
+    the tile mask where every row is full), chunk sizes.
     """
     batch, hq, length, dim = query.shape
     hkv = new_k.shape[1]
@@ -172,6 +208,8 @@ def quantized_attention_reference(
     cdt = torch.float64 if query.dtype == torch.float64 else torch.float32
     if max_tiles is None:
         max_tiles = int(n_tiles.max()) if n_tiles.numel() else 0
+    if min_tiles is None:
+        min_tiles = 0
     tiles_per_chunk = max(1, chunk_tokens // tile)
     out = torch.empty_like(query)
 
@@ -180,20 +218,23 @@ def quantized_attention_reference(
         lq = q1 - q0
         m = group * lq
         q = (query[:, :, q0:q1].to(cdt) * scaling).reshape(batch, hkv, m, dim)
-        state = _OnlineSoftmax(q)
+        state = _OnlineSoftmax()
 
         # Dense segment: sink and tail buffers plus the first block of new keys, in one product.
         k1 = min(q1, key_chunk)
         keys = torch.cat((sink_k, tail_k, new_k[:, :, :k1]), dim=2).to(cdt)
         values = torch.cat((sink_v, tail_v, new_v[:, :, :k1]), dim=2).to(cdt)
-        mask = torch.cat(
-            (
-                _prefix_mask(sink_len, tile, m),
-                _prefix_mask(tail_len, tile, m),
-                _new_token_mask(new_valid, batch, q0, q1, 0, k1, group, query.device),
-            ),
-            dim=-1,
-        )
+        if length == 1 and new_valid is None:  # decode: the one new token is always visible
+            mask = _stored_dense_mask(sink_len, tail_len, tile, 1)
+        else:
+            mask = torch.cat(
+                (
+                    _prefix_mask(sink_len, tile, m),
+                    _prefix_mask(tail_len, tile, m),
+                    _new_token_mask(new_valid, batch, q0, q1, 0, k1, group, query.device),
+                ),
+                dim=-1,
+            )
         state.add((q @ keys.transpose(-1, -2)).masked_fill(~mask, float("-inf")), values)
         for k0 in range(k1, q1, key_chunk):
             k_end = min(q1, k0 + key_chunk)
@@ -202,6 +243,7 @@ def quantized_attention_reference(
             state.add(scores.masked_fill(~mask, float("-inf")), new_v[:, :, k0:k_end].to(cdt))
 
         for c0 in range(0, max_tiles, tiles_per_chunk):
+            c1 = min(max_tiles, c0 + tiles_per_chunk)
             _attend_tiles(
                 state,
                 q,
@@ -215,9 +257,10 @@ def quantized_attention_reference(
                 v_channel_scale,
                 n_tiles,
                 c0,
-                min(max_tiles, c0 + tiles_per_chunk),
+                c1,
                 key_bits,
                 value_bits,
+                all_valid=c1 <= min_tiles,
             )
         res = state.result().reshape(batch, hkv, group, lq, dim).reshape(batch, hq, lq, dim)
         out[:, :, q0:q1] = res.to(query.dtype)

@@ -91,6 +91,7 @@ class KVarNLayer(CacheLayerMixin):
         self._trailing_real: list[int] = []  # real tokens at the end of each row (for crop)
         self.columns = 0  # positions consumed, padding included (what transformers counts)
         self.n_tiles = self.sink_len = self.tail_len = None
+        self._synced: dict[str, list[int]] = {}
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._owner: weakref.ref | None = None
         self.record_past = False
@@ -109,12 +110,12 @@ class KVarNLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def _sync_counters(self) -> None:
-        def counter(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32, device=self.device)
-
-        self.n_tiles = counter(self._n_tiles)
-        self.sink_len = counter(self._sink_len)
-        self.tail_len = counter(self._tail_len)
+        """Refresh the ``[B]`` int32 device counters from the host lists (only those that changed)."""
+        for name in ("n_tiles", "sink_len", "tail_len"):
+            host = getattr(self, "_" + name)
+            if self._synced.get(name) != host:
+                setattr(self, name, torch.tensor(host, dtype=torch.int32, device=self.device))
+                self._synced[name] = list(host)
 
     def stored_lengths(self) -> list[int]:
         """Real tokens stored per row (sink + tiles + tail)."""
@@ -299,11 +300,11 @@ class KVarNLayer(CacheLayerMixin):
                 self.quant.value_bits,
                 scaling,
             )
-            max_tiles = max(self._n_tiles)
+            bounds = {"max_tiles": max(self._n_tiles), "min_tiles": min(self._n_tiles)}
             if new_valid is None and length <= DECODE_MAX_QUERIES:
-                out_rot = quantized_decode_attention(*args, max_tiles=max_tiles)
+                out_rot = quantized_decode_attention(*args, **bounds)
             else:
-                out_rot = quantized_attention_reference(*args, new_valid=new_valid, max_tiles=max_tiles)
+                out_rot = quantized_attention_reference(*args, new_valid=new_valid, **bounds)
             out = self._rotate(out_rot)
         self.commit(k_rot, v_rot, new_valid)
         return out.transpose(1, 2)
@@ -318,6 +319,8 @@ class KVarNLayer(CacheLayerMixin):
         b, h, length, d = k.shape
         g = self.tile_size
         dev = k.device
+        if new_valid is None and self._append_fast(k, v):
+            return
         if new_valid is None:
             counts = [length] * b
             rank = torch.arange(length, device=dev).expand(b, length)
@@ -365,6 +368,23 @@ class KVarNLayer(CacheLayerMixin):
         if not self.record_past:
             self._complete_tiles()
         self._sync_counters()
+
+    def _append_fast(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Decode-step path: no padding, sinks full (or off), every row's tail at the same offset
+        and not completing a tile. Returns False (nothing done) when it does not apply."""
+        length, g = k.shape[2], self.tile_size
+        t0 = self._tail_len[0]
+        if t0 + length >= g or self._tail_len.count(t0) != self.batch or self.tail_k.shape[2] != g:
+            return False
+        if self.quant.keep_sink_tile and min(self._sink_len) < g:
+            return False
+        self.tail_k[:, :, t0 : t0 + length] = k
+        self.tail_v[:, :, t0 : t0 + length] = v
+        self._tail_len = [t0 + length] * self.batch
+        self._trailing_real = [t + length for t in self._trailing_real]
+        self.columns += length
+        self._sync_counters()
+        return True
 
     def _reserve_tail(self, tokens: int) -> None:
         """Grow the tail buffers (zero-filled, a multiple of G) to hold ``tokens`` per row."""
