@@ -58,7 +58,7 @@ def test_sink_kept_reuse_equals_fake_quantize(method, t):
     cap = random_capture(t=t, seed=3)
     errors = QuantizerErrors(cap)
     config = KVarNConfig.from_preset("k2v2", method=method, tile_size=32)
-    errors.measure(config.replace(keep_sink_tile=False), "k2v2")  # fills the reuse cache
+    errors.measure(config.replace(keep_sink_tile=False), "k2v2")  # the sink-kept row reuses this one
     k_fast, v_fast = errors.reconstruct(config)
     k_ref, v_ref = fake_quantize(cap.keys, cap.values, config)
     assert torch.equal(k_fast, k_ref) and torch.equal(v_fast, v_ref)

@@ -127,27 +127,37 @@ class QuantizerErrors:
             )
         ]
         self._reference_sq = [_squared_norm(o) for o in self._reference]
-        self._nosink_cache: dict[KVarNConfig, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last_sink_quantized: tuple[KVarNConfig, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _sink_quantized(self, config: KVarNConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction with every complete tile quantized; the last one is kept for reuse."""
+        from kvarn.fake_quant import fake_quantize
+
+        if self._last_sink_quantized is None or self._last_sink_quantized[0] != config:
+            # One entry only: report_configs puts the two sink settings of a config side by side,
+            # and each entry is as large as the captured K and V.
+            self._last_sink_quantized = (
+                config,
+                fake_quantize(self.captured.keys, self.captured.values, config),
+            )
+        return self._last_sink_quantized[1]
 
     def reconstruct(self, config: KVarNConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cache with ``config`` holds for the captured keys and values."""
         from kvarn.fake_quant import fake_quantize
 
         keys, values = self.captured.keys, self.captured.values
-        if not config.keep_sink_tile or config.family == "none":
+        if config.family == "none":
             return fake_quantize(keys, values, config)
-        nosink = config.replace(keep_sink_tile=False)
-        if nosink not in self._nosink_cache:
-            self._nosink_cache[nosink] = fake_quantize(keys, values, nosink)
-        k_hat, v_hat = self._nosink_cache[nosink]
+        k_hat, v_hat = self._sink_quantized(config.replace(keep_sink_tile=False))
+        if not config.keep_sink_tile:
+            return k_hat, v_hat
         g = config.tile_size
         return _keep_first_tile(k_hat, keys, g), _keep_first_tile(v_hat, values, g)
 
     def measure(self, config: KVarNConfig, preset: str) -> ReportRow:
         cap = self.captured
         k_hat, v_hat = self.reconstruct(config)
-        if not config.keep_sink_tile:
-            self._nosink_cache[config] = (k_hat, v_hat)
         per_layer_err, total_err = [], 0.0
         for i, (q, k, v, s) in enumerate(zip(cap.queries, k_hat, v_hat, cap.scalings, strict=True)):
             if torch.equal(k, cap.keys[i]) and torch.equal(v, cap.values[i]):
