@@ -1,5 +1,8 @@
 """kvarn: KVarN variance-normalized KV-cache quantization for PyTorch and transformers."""
 
+# Importing kvarn registers the "kvarn" attention and mask functions with transformers, so the
+# switch is transformers' own: from_pretrained(..., attn_implementation="kvarn").
+from kvarn.cache import CacheUsageError, KVarNCache, UnsupportedModelError  # noqa: E402
 from kvarn.codec import (
     QuantizedKeys,
     QuantizedTiles,
@@ -10,11 +13,20 @@ from kvarn.codec import (
 )
 from kvarn.config import METHODS, PRESETS, ConfigError, KVarNConfig
 from kvarn.fake_quant import fake_quantize, fake_quantize_tiles
+from kvarn.integrations.transformers import cache_for, enable, register  # noqa: E402
 from kvarn.method.hadamard import hadamard_transform
+
+register()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheUsageError",
+    "KVarNCache",
+    "UnsupportedModelError",
+    "cache_for",
+    "enable",
+    "register",
     "METHODS",
     "PRESETS",
     "ConfigError",
