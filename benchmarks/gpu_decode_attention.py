@@ -192,11 +192,13 @@ def main() -> None:
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
     p = torch.cuda.get_device_properties(0)
-    copy_gbs = copy_bandwidth()
+    copy_gbs, read_gbs = copy_bandwidth()
     print(
         f"device {p.name}, {p.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}"
     )
-    print(f"measured copy bandwidth (read+write): {copy_gbs:.0f} GB/s")
+    print(
+        f"measured copy bandwidth (read+write bytes): {copy_gbs:.0f} GB/s; read-only (sum): {read_gbs:.0f} GB/s"
+    )
     rows = []
     for ctx in args.contexts:
         for batch in args.batches:

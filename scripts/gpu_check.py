@@ -28,7 +28,7 @@ from kvarn.attention.triton import decode as tdecode
 from kvarn.attention.triton.compress import compress_tiles
 from kvarn.attention.triton.reference import quantized_decode_attention_reference
 from kvarn.attention.triton.testing import random_kv, random_layer_storage, relative_error
-from kvarn.codec import QuantizedKeys, QuantizedTiles, QuantizedValues, encode_tiles
+from kvarn.codec import QuantizedKeys, QuantizedTiles, QuantizedValues, decode_tiles, encode_tiles
 from kvarn.config import KVarNConfig
 from kvarn.method.hadamard import hadamard_transform
 from kvarn.method.packing import unpack_codes
@@ -113,13 +113,18 @@ def check_compress(method, kb, vb, g, d, dtype, md, rotate, n=None) -> None:
                     ref_mag = y.abs() + (part_w.scale.double() * ((1 << bits) - 1) if name == "zero" else 0)
                     meta_err = max(meta_err, ((x - y).abs() / ref_mag.clamp_min(1e-30)).max().item())
         total = got.keys.codes.numel() * 8 // kb + got.values.codes.numel() * 8 // vb
-        meta_tol = 2e-5 if md == torch.float32 else 2.0**-7
-        # Degenerate-free random data: mismatches must be rare ties; allow 1e-4 of codes off-tie
-        # for a best-iteration flip on a near-tied score (rounding noise, see compress.py).
-        ok = nan_meta == 0 and kbig + vbig == 0 and (koff + voff) <= 1e-4 * total and meta_err <= meta_tol
+        # What must agree is the reconstruction: near-tied imbalance scores (float32 noise) can
+        # pick a neighbouring state whose row scales differ slightly, which RTN's per-row range
+        # absorbs (same codes) and a, z compensate (metadata differs, K~ and V~ do not).
+        kg, vg = decode_tiles(got)
+        kw, vw = decode_tiles(want)
+        rec = max(((kg - kw).norm() / kw.norm()).item(), ((vg - vw).norm() / vw.norm()).item())
+        rec_tol = 1e-5 if md == torch.float32 else 5e-2  # one 16-bit ulp of z moves a whole row
+        ok = nan_meta == 0 and kbig + vbig == 0 and (koff + voff) <= 1e-4 * total and rec <= rec_tol
         log(
             f"{'PASS' if ok else 'FAIL'} {label}: code mismatches K {kn} V {vn} of {total} "
-            f"(>1 step: {kbig + vbig}, off-tie: {koff + voff}), metadata rel err {meta_err:.2e}, NaN {nan_meta}"
+            f"(>1 step: {kbig + vbig}, off-tie: {koff + voff}), reconstruction rel diff {rec:.2e}, "
+            f"metadata max rel diff {meta_err:.2e}, NaN {nan_meta}"
         )
         if not ok:
             FAILURES.append(label)
@@ -251,7 +256,7 @@ def check_cuda_graph() -> None:
         FAILURES.append(label)
 
 
-def run_isolated(n_cases: int, args) -> None:
+def run_isolated(cases: list[int], args) -> None:
     import concurrent.futures
     import subprocess
 
@@ -264,7 +269,7 @@ def run_isolated(n_cases: int, args) -> None:
         return "\n".join(lines)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        for text in pool.map(one, range(n_cases)):
+        for text in pool.map(one, cases):
             for line in text.splitlines():
                 log(line)
                 if line.startswith("FAIL"):
@@ -278,6 +283,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="cuda, or cpu under TRITON_INTERPRET=1 (smoke test)")
     ap.add_argument("--only-decode", type=int, default=None, help="run one decode case (used internally)")
     ap.add_argument("--skip-compress", action="store_true")
+    ap.add_argument("--decode-cases", default=None, help="comma-separated decode case indices (default: all)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -335,7 +341,12 @@ def main() -> int:
     if DEVICE == "cuda":
         # One process per decode case (four at a time): an illegal access poisons a CUDA
         # context, so isolation keeps one bad case from failing every case after it.
-        run_isolated(len(decode_cases), args)
+        chosen = (
+            range(len(decode_cases))
+            if args.decode_cases is None
+            else [int(i) for i in args.decode_cases.split(",")]
+        )
+        run_isolated(list(chosen), args)
     else:
         for dtype, d, g, group, batch, nq, kb, vb, ncap, extra in decode_cases:
             check_decode(dtype, d, g, group, batch, nq, kb, vb, ncap, **extra)
