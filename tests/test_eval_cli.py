@@ -181,6 +181,7 @@ def no_model_loading(monkeypatch):
         (["perplexity", "--mode", "sideways"], "--mode 'sideways'"),
         (["passkey", "--lengths", "12,x"], "comma-separated integers"),
         (["accumulation", "--tile-size", "48"], "tile_size=48"),
+        (["humaneval", "--prompt-style", "poem"], "--prompt-style 'poem'"),
     ],
 )
 def test_bad_input_fails_fast_with_a_clear_message(app, tiny_model_dir, no_model_loading, args, message):  # noqa: F811

@@ -8,8 +8,17 @@ import sys
 
 import pytest
 
-from kvarn.eval.humaneval import build_program, load_problems, truncate_at_stop
+from kvarn.eval.common import EvalInputError
+from kvarn.eval.humaneval import (
+    CHAT_STOP_SEQUENCES,
+    build_program,
+    load_problems,
+    model_input,
+    resolve_style,
+    truncate_at_stop,
+)
 from kvarn.eval.sandbox import Sandbox
+from tests.test_eval_support import tiny_model_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs POSIX resource limits")
 
@@ -132,6 +141,52 @@ def test_canonical_humaneval_solutions_pass_and_truncated_ones_fail(sandbox):
     assert all(r.passed for r in good), [r.stderr for r in good if not r.passed]
     bad = sandbox.run_many([build_program(p, "    pass\n") for p in problems])
     assert not any(r.passed for r in bad)
+
+
+def test_chat_style_programs_use_the_generated_function(sandbox):
+    problems = load_problems(limit=3)
+    # A chat answer is a whole function; the prompt before it only provides imports and helpers.
+    whole = [p["prompt"] + p["canonical_solution"] for p in problems]
+    good = sandbox.run_many([build_program(p, w, "chat") for p, w in zip(problems, whole, strict=True)])
+    assert all(r.passed for r in good), [r.stderr for r in good if not r.passed]
+    stub_only = sandbox.run_many([build_program(p, "", "chat") for p in problems])
+    assert not any(r.passed for r in stub_only)
+
+
+def test_chat_prompts_use_the_template_and_prime_a_code_fence(tiny_tokenizer_with_template):
+    problem = load_problems(limit=1)[0]
+    text = model_input(
+        problem, resolve_style("auto", tiny_tokenizer_with_template), tiny_tokenizer_with_template
+    )
+    assert text.startswith("<user>Write a Python function") and text.endswith("<assistant>```python\n")
+    assert problem["prompt"] in text
+    assert (
+        truncate_at_stop("def f():\n    return 1\n```\nprose", CHAT_STOP_SEQUENCES)
+        == "def f():\n    return 1\n"
+    )
+
+
+@pytest.fixture
+def tiny_tokenizer_with_template(tiny_model_dir):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    return tokenizer
+
+
+def test_prompt_style_resolution(tiny_model_dir):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    assert resolve_style("auto", plain) == "completion"
+    with pytest.raises(EvalInputError, match="chat template"):
+        resolve_style("chat", plain)
+    with pytest.raises(EvalInputError, match="unknown"):
+        resolve_style("fancy", plain)
 
 
 def test_stop_sequences_cut_the_completion():

