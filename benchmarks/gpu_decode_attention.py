@@ -127,8 +127,8 @@ def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool) -> list[dict]:
     kernel_info = describe(tdecode.LAST_LAUNCH[0])
     best = (t_ours, "default")
     if sweep:
-        for sp in sorted({splits, splits * 2, splits * 4}):
-            for nw, tc, ns in ((4, 32, 2), (4, 32, 3), (8, 32, 3), (4, 64, 3), (8, 64, 3)):
+        for sp in sorted({splits, splits * 2}):
+            for nw, tc, ns in ((4, 32, 2), (8, 32, 2), (4, 64, 3), (8, 64, 2)):
                 cfg = dict(num_splits=sp, num_warps=nw, token_chunk=tc, num_stages=ns)
                 try:
                     t = bench(ours(**cfg))
