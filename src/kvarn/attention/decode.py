@@ -2,10 +2,9 @@
 
 The cache calls this for calls whose new tokens are all real (decode steps, short multi-token
 steps such as assisted-decoding verification). It picks a backend in ONE place,
-``_select_backend``: today every device runs the PyTorch twin
-(``kvarn.attention.reference.quantized_attention_reference``); a fused CUDA/Triton kernel
-(``kvarn.attention.triton``) is meant to be chosen there for CUDA tensors, with the reference
-kept as its test oracle.
+``_select_backend``: CUDA tensors go to the fused Triton kernel (``kvarn.attention.triton``) when
+it covers the shape, everything else to the PyTorch twin
+(``kvarn.attention.reference.quantized_attention_reference``), which is also the kernel's oracle.
 """
 
 from __future__ import annotations
@@ -15,17 +14,25 @@ from collections.abc import Callable
 import torch
 
 from kvarn.attention.reference import quantized_attention_reference
+from kvarn.attention.triton.dispatch import enabled_for, maybe_triton_decode
 
 Backend = Callable[..., torch.Tensor]
 
 
 def _select_backend(query: torch.Tensor) -> Backend:
-    """The one place where an accelerated kernel would be chosen.
-
-    A CUDA/Triton kernel with the exact signature of :func:`quantized_decode_attention` plugs in
-    here, e.g. ``if query.is_cuda and kvarn.attention.triton.available(): return triton_kernel``.
-    """
+    """The one place where the backend is chosen: the fused Triton kernel for CUDA tensors (when
+    Triton is usable and the shape is covered; ``kvarn.attention.triton.dispatch``), otherwise the
+    PyTorch twin, which stays the kernel's test oracle."""
+    if enabled_for(query):
+        return _triton_or_reference
     return quantized_attention_reference
+
+
+def _triton_or_reference(*args, max_tiles=None, min_tiles=None) -> torch.Tensor:
+    out = maybe_triton_decode(*args)
+    if out is None:  # a shape or dtype the kernel does not cover
+        return quantized_attention_reference(*args, max_tiles=max_tiles, min_tiles=min_tiles)
+    return out
 
 
 def quantized_decode_attention(
@@ -70,34 +77,7 @@ def quantized_decode_attention(
 
     Returns ``[B, Hq, L, D]`` in the rotated frame, dtype of ``query``.
     """
-    backend = _select_backend(query)
-    if backend is quantized_attention_reference:
-        return backend(
-            query,
-            k_codes,
-            k_scale,
-            k_zero,
-            k_token_scale,
-            v_codes,
-            v_scale,
-            v_zero,
-            v_channel_scale,
-            n_tiles,
-            sink_k,
-            sink_v,
-            sink_len,
-            tail_k,
-            tail_v,
-            tail_len,
-            new_k,
-            new_v,
-            key_bits,
-            value_bits,
-            scaling,
-            max_tiles=max_tiles,
-            min_tiles=min_tiles,
-        )
-    return backend(
+    return _select_backend(query)(
         query,
         k_codes,
         k_scale,
@@ -119,4 +99,6 @@ def quantized_decode_attention(
         key_bits,
         value_bits,
         scaling,
+        max_tiles=max_tiles,
+        min_tiles=min_tiles,
     )

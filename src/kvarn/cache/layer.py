@@ -29,6 +29,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvarn.attention.decode import quantized_decode_attention
 from kvarn.attention.reference import quantized_attention_reference
+from kvarn.attention.triton.dispatch import maybe_triton_compress
 from kvarn.cache import handoff
 from kvarn.cache.errors import NOT_KVARN_ATTENTION, CacheUsageError, UnsupportedModelError
 from kvarn.cache.storage import TileStore
@@ -416,7 +417,10 @@ class KVarNLayer(CacheLayerMixin):
         shape = (b, self.num_kv_heads, capacity // g, g, self.head_dim)
         k_tiles = self.tail_k.view(shape)[tile_rows, :, tile_idx]  # [T, H, G, D]
         v_tiles = self.tail_v.view(shape)[tile_rows, :, tile_idx]
-        encoded = encode_tiles(k_tiles, v_tiles, self.quant)
+        # CUDA: the fused compression kernel (same codes as encode_tiles except at exact rounding ties)
+        encoded = maybe_triton_compress(k_tiles, v_tiles, self.quant)
+        if encoded is None:
+            encoded = encode_tiles(k_tiles, v_tiles, self.quant)
         slots = torch.tensor(self._n_tiles, device=dev)[tile_rows] + tile_idx
         self.store.write(tile_rows, slots, encoded)
 
