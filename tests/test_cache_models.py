@@ -309,3 +309,18 @@ def test_errors_are_clear():
 def test_layer_module_exports_the_seam():
     # the cache reaches the kernel seam (where a Triton kernel plugs in) for decode steps
     assert layer_module.quantized_decode_attention.__module__ == "kvarn.attention.decode"
+
+
+@torch.no_grad()
+def test_from_pretrained_with_kvarn_attention(tmp_path):
+    """`import kvarn` makes "kvarn" a valid attn_implementation for from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    import kvarn  # noqa: F401  (registers)
+
+    tiny_model("qwen3").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="kvarn").eval()
+    assert model.config._attn_implementation == "kvarn"
+    cache = KVarNCache(config=model.config, quant="k4v2", tile_size=TILE)
+    out = model.generate(prompt(40, seed=15), max_new_tokens=30, do_sample=False, past_key_values=cache)
+    assert out.shape == (1, 70) and cache.layers[0]._n_tiles == [1]
