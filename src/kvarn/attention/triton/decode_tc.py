@@ -1,0 +1,535 @@
+"""Decode attention over the KVarN layer storage on tensor cores, codes kept in bit planes.
+
+Same contract and result as ``kvarn.attention.triton.decode.quantized_decode_attention``
+(docs/layerstore: sink + packed tiles + tail + this call's new tokens), built so that no packed
+code is ever interleaved back into token or channel order:
+
+* Key codes are packed along tokens: byte ``i`` of channel row ``d`` holds tokens
+  ``NPK*i .. NPK*i + NPK-1`` (``NPK = 8 / key_bits``). ``(byte >> kb*j) & mask`` is therefore a
+  ``[D, G/NPK]`` matrix of the codes of tokens ``t = NPK*i + j`` ("key plane j"), which goes
+  straight into a tensor-core product ``(q * a_k) @ plane``. Softmax does not care about token
+  order, so each key plane is handled as its own chunk of the online softmax.
+* Value codes are packed along channels: ``(byte >> vb*c) & mask`` of the value rows of a key
+  plane's tokens is the ``[G/NPK, D/NPV]`` matrix of channels ``d = NPV*i + c`` ("value plane
+  c"); ``(p * a_v) @ plane`` accumulates into accumulator ``c``, and the output is written back
+  to channels ``NPV*i + c`` with strided stores.
+
+Scales fold around the products (SPEC "attention over quantized tiles"); the softmax scale and
+log2(e) are folded into the query once:
+  scores  s[m, t] = r[t] * ((q[m] * a_k) @ codes_k[:, t] + q[m] . z_k)       (log2 domain)
+  output  o[m, d] = c[d] * ((p[m] * a_v) @ codes_v[:, d] + p[m] . z_v)
+Operands are float16 for every model dtype: codes 0..255 are exact in it, and ``q * a_k`` /
+``p * a_v`` keep 11 significant bits (bf16 would keep 8, visibly worse than the output rounding);
+accumulation is float32. float16 range is ample for these factors (the query is pre-scaled by
+``scaling * log2(e)``; p <= 1).
+
+Grid of the main kernel: ``(B * Hkv, 1 + num_splits, row blocks)``. Program ``s = 0`` of a
+(row, KV head) attends to the 16-bit segments (new tokens, causal, then sink and tail masked by
+their lengths); programs ``s >= 1`` take a contiguous run of the row's ``n_tiles[b]`` tiles, one
+tile per loop iteration, sized at run time: the launch depends only on shapes (CUDA graphs
+capture it). All query heads of the GQA group and all L queries are the rows of one program
+(padded to 16 / 32), so each tile's codes are read once per KV head. A merge kernel combines the
+``1 + num_splits`` partials per query row by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kvarn.attention.triton import interpreting
+
+LOG2E = 1.4426950408889634
+MAX_QUERIES = 16
+KERNEL_BITS = (2, 4, 8)
+# Set by scripts/gpu_check.py: fill the split-K workspace with NaN before each launch.
+POISON_WORKSPACE = False
+# The last compiled launch (registers, spills) for benchmark diagnostics.
+LAST_LAUNCH: list = [None]
+
+
+@triton.jit
+def _dot(a, b, INTERPRET: tl.constexpr):
+    """a @ b with float32 accumulation. The interpreter multiplies 16-bit operands in 16 bits,
+    so there the (exactly representable) operands go through float32 instead."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _plane(packed, j: tl.constexpr, BITS: tl.constexpr):
+    """Code j of every byte of ``packed`` (uint8) as float16, exactly.
+
+    No int -> float conversion (quarter rate on Hopper): the code is OR-ed into the mantissa of
+    float16 1024.0 (unit mantissa step at that exponent), then 1024 is subtracted exactly.
+    """
+    if BITS == 8:
+        code = packed.to(tl.int16)
+    else:
+        code = ((packed >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.int16)
+    return (code | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _online(m_i, l_i, s):
+    """Online-softmax step for scores s (log2 domain): new max, p, rescale factor, new sum."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return m_new, p, alpha, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _attend_dense(
+    q16, m_i, l_i, acc, k_base, sk_t, v_base, sv_t, n_valid, q_pos, qk_scale,
+    T: tl.constexpr, TC: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Attend to up to T 16-bit tokens (rows [0, n_valid)), TC at a time.
+
+    q16 is the query in the model dtype: its products with the 16-bit keys are exact in float32
+    and the softmax scale (log2 domain) is applied to the scores. p is split hi + lo in the value
+    dtype for p @ v, so the 16-bit segments lose nothing to operand rounding.
+    """
+    d = tl.arange(0, D)
+    for c in tl.static_range(T // TC):
+        if c * TC < n_valid:  # skip empty chunks (short tails, no sink)
+            t = c * TC + tl.arange(0, TC)
+            valid = t < n_valid
+            t64 = t[:, None].to(tl.int64)
+            k = tl.load(k_base + t64 * sk_t + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_base + t64 * sv_t + d[None, :], mask=valid[:, None], other=0.0)
+            s = _dot(q16, tl.trans(k), INTERPRET) * qk_scale
+            keep = valid[None, :]
+            if CAUSAL:
+                keep = keep & (t[None, :] <= q_pos[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_i, p, alpha, l_i = _online(m_i, l_i, s)
+            p_hi = p.to(v.dtype)
+            p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+            acc = acc * alpha[:, None] + _dot(p_hi, v, INTERPRET) + _dot(p_lo, v, INTERPRET)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _dense_program(
+    q_ptr, q_off, row_ok, q_pos, qk_scale, b, b64, h64,
+    sk_ptr, ssk_b, ssk_h, ssk_t, sv_ptr, ssv_b, ssv_h, ssv_t, sink_len_ptr,
+    tk_ptr, stk_b, stk_h, stk_t, tv_ptr, stv_b, stv_h, stv_t, tail_len_ptr,
+    nk_ptr, snk_b, snk_h, snk_t, nv_ptr, snv_b, snv_h, snv_t,
+    po_ptr, pm_ptr, pl_ptr, slot,
+    M_BLOCK: tl.constexpr, D: tl.constexpr, G: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr,
+    DC: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Split 0: new tokens (causal among themselves) first, so every query row has a finite max
+    before fully masked segments (empty sink or tail) arrive; then sink and tail."""
+    d = tl.arange(0, D)
+    q16 = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([M_BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([M_BLOCK], tl.float32)
+    acc = tl.zeros([M_BLOCK, D], tl.float32)
+    m_i, l_i, acc = _attend_dense(
+        q16, m_i, l_i, acc, nk_ptr + b64 * snk_b + h64 * snk_h, snk_t, nv_ptr + b64 * snv_b + h64 * snv_h,
+        snv_t, L, q_pos, qk_scale, L_PAD, L_PAD, D, True, INTERPRET,
+    )  # fmt: skip
+    sink_len = tl.load(sink_len_ptr + b)
+    m_i, l_i, acc = _attend_dense(
+        q16, m_i, l_i, acc, sk_ptr + b64 * ssk_b + h64 * ssk_h, ssk_t, sv_ptr + b64 * ssv_b + h64 * ssv_h,
+        ssv_t, sink_len, q_pos, qk_scale, G, DC, D, False, INTERPRET,
+    )  # fmt: skip
+    tail_len = tl.load(tail_len_ptr + b)
+    m_i, l_i, acc = _attend_dense(
+        q16, m_i, l_i, acc, tk_ptr + b64 * stk_b + h64 * stk_h, stk_t, tv_ptr + b64 * stv_b + h64 * stv_h,
+        stv_t, tail_len, q_pos, qk_scale, G, DC, D, False, INTERPRET,
+    )  # fmt: skip
+    tl.store(pm_ptr + slot, m_i, mask=row_ok)
+    tl.store(pl_ptr + slot, l_i, mask=row_ok)
+    tl.store(po_ptr + slot[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _value_planes(acc0, acc1, acc2, acc3, alpha, p, pa, vz, vrows, cs_ptr, dv,
+                  NPV: tl.constexpr, VB: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """acc_c = acc_c * alpha + ((p*a_v) @ value plane c + p . z_v) * c_v[NPV*i + c] for c < NPV."""
+    pz = tl.sum(p * vz[None, :], axis=1)[:, None]
+    al = alpha[:, None]
+    c0 = tl.load(cs_ptr + dv * NPV).to(tl.float32)[None, :]
+    acc0 = acc0 * al + (_dot(pa, _plane(vrows, 0, VB), INTERPRET) + pz) * c0
+    if NPV >= 2:
+        c1 = tl.load(cs_ptr + dv * NPV + 1).to(tl.float32)[None, :]
+        acc1 = acc1 * al + (_dot(pa, _plane(vrows, 1, VB), INTERPRET) + pz) * c1
+    if NPV >= 4:
+        c2 = tl.load(cs_ptr + dv * NPV + 2).to(tl.float32)[None, :]
+        acc2 = acc2 * al + (_dot(pa, _plane(vrows, 2, VB), INTERPRET) + pz) * c2
+        c3 = tl.load(cs_ptr + dv * NPV + 3).to(tl.float32)[None, :]
+        acc3 = acc3 * al + (_dot(pa, _plane(vrows, 3, VB), INTERPRET) + pz) * c3
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _attend_tile(
+    qs, m_i, l_i, acc0, acc1, acc2, acc3, j,
+    kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+    D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update with quantized tile j, one key plane (G / NPK tokens) at a time."""
+    NPK: tl.constexpr = 8 // KB
+    NPV: tl.constexpr = 8 // VB
+    GP: tl.constexpr = G // NPK  # tokens per key plane
+    KROW: tl.constexpr = G * KB // 8  # key code bytes per channel row
+    VROW: tl.constexpr = D * VB // 8  # value code bytes per token row
+    DV: tl.constexpr = D // NPV
+    d = tl.arange(0, D)
+    i = tl.arange(0, GP)
+    dv = tl.arange(0, DV)
+    j64 = j.to(tl.int64)
+    ka = tl.load(ka_base + j64 * ska_n + d).to(tl.float32)
+    kz = tl.load(kz_base + j64 * skz_n + d).to(tl.float32)
+    qa32 = qs * ka[None, :]
+    qa = qa32.to(tl.float16)
+    if QA_SPLIT:  # the rounding remainder as a second operand: ~22 significant bits in q * a_k
+        qa_lo = (qa32 - qa.to(tl.float32)).to(tl.float16)
+    qz = tl.sum(qs * kz[None, :], axis=1)
+    kbytes = tl.load(kc_base + j64 * skc_n + d[:, None] * KROW + i[None, :])  # [D, GP] uint8
+    kr_t = kr_base + j64 * skr_n
+    va_t = va_base + j64 * sva_n
+    vz_t = vz_base + j64 * svz_n
+    vc_t = vc_base + j64 * svc_n
+    cs_t = vs_base + j64 * svs_n
+    for jp in tl.static_range(NPK):
+        t = i * NPK + jp  # tokens of key plane jp
+        r = tl.load(kr_t + t).to(tl.float32)
+        kp = _plane(kbytes, jp, KB)
+        s = _dot(qa, kp, INTERPRET)
+        if QA_SPLIT:
+            s += _dot(qa_lo, kp, INTERPRET)
+        s = (s + qz[:, None]) * r[None, :]
+        m_i, p, alpha, l_i = _online(m_i, l_i, s)
+        va = tl.load(va_t + t).to(tl.float32)
+        vz = tl.load(vz_t + t).to(tl.float32)
+        pa = (p * va[None, :]).to(tl.float16)
+        vrows = tl.load(vc_t + t[:, None] * VROW + tl.arange(0, VROW)[None, :])  # [GP, VROW] uint8
+        acc0, acc1, acc2, acc3 = _value_planes(
+            acc0, acc1, acc2, acc3, alpha, p, pa, vz, vrows, cs_t, dv, NPV, VB, INTERPRET
+        )
+    return m_i, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _decode_tc_kernel(
+    q_ptr, sq_b, sq_h, sq_l,
+    kc_ptr, skc_b, skc_h, skc_n,
+    ka_ptr, ska_b, ska_h, ska_n,
+    kz_ptr, skz_b, skz_h, skz_n,
+    kr_ptr, skr_b, skr_h, skr_n,
+    vc_ptr, svc_b, svc_h, svc_n,
+    va_ptr, sva_b, sva_h, sva_n,
+    vz_ptr, svz_b, svz_h, svz_n,
+    vs_ptr, svs_b, svs_h, svs_n,
+    ntiles_ptr,
+    sk_ptr, ssk_b, ssk_h, ssk_t,
+    sv_ptr, ssv_b, ssv_h, ssv_t,
+    sink_len_ptr,
+    tk_ptr, stk_b, stk_h, stk_t,
+    tv_ptr, stv_b, stv_h, stv_t,
+    tail_len_ptr,
+    nk_ptr, snk_b, snk_h, snk_t,
+    nv_ptr, snv_b, snv_h, snv_t,
+    po_ptr, pm_ptr, pl_ptr,
+    qk_scale,
+    HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr,
+    D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, M_BLOCK: tl.constexpr, DC: tl.constexpr, QA_SPLIT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    mb = tl.program_id(2)
+    b = bh // HKV
+    h = bh % HKV
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    MROWS: tl.constexpr = GROUP * L
+
+    # Query rows of this program: row = (query head within the group) * L + query index.
+    rows = mb * M_BLOCK + tl.arange(0, M_BLOCK)
+    row_ok = rows < MROWS
+    q_head = h * GROUP + rows // L
+    q_pos = rows % L
+    q_off = b64 * sq_b + q_head.to(tl.int64) * sq_h + q_pos.to(tl.int64) * sq_l
+    # Partials: [B*Hkv, 1 + NUM_SPLITS, MROWS, D].
+    slot = (bh * (NUM_SPLITS + 1) + split).to(tl.int64) * MROWS + rows
+
+    if split == 0:
+        _dense_program(
+            q_ptr, q_off, row_ok, q_pos, qk_scale, b, b64, h64,
+            sk_ptr, ssk_b, ssk_h, ssk_t, sv_ptr, ssv_b, ssv_h, ssv_t, sink_len_ptr,
+            tk_ptr, stk_b, stk_h, stk_t, tv_ptr, stv_b, stv_h, stv_t, tail_len_ptr,
+            nk_ptr, snk_b, snk_h, snk_t, nv_ptr, snv_b, snv_h, snv_t,
+            po_ptr, pm_ptr, pl_ptr, slot, M_BLOCK, D, G, L, L_PAD, DC, INTERPRET,
+        )  # fmt: skip
+    else:
+        NPV: tl.constexpr = 8 // VB
+        DV: tl.constexpr = D // NPV
+        d = tl.arange(0, D)
+        # The query, loaded once, pre-scaled into the log2 domain.
+        qs = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        qs = qs * qk_scale
+        m_i = tl.full([M_BLOCK], float("-inf"), tl.float32)
+        l_i = tl.zeros([M_BLOCK], tl.float32)
+        acc0 = tl.zeros([M_BLOCK, DV], tl.float32)
+        acc1 = tl.zeros([M_BLOCK, DV], tl.float32)
+        acc2 = tl.zeros([M_BLOCK, DV], tl.float32)
+        acc3 = tl.zeros([M_BLOCK, DV], tl.float32)
+        n_tiles = tl.load(ntiles_ptr + b)
+        per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+        start = (split - 1) * per_split
+        end = tl.minimum(start + per_split, n_tiles)
+        kc_base = kc_ptr + b64 * skc_b + h64 * skc_h
+        ka_base = ka_ptr + b64 * ska_b + h64 * ska_h
+        kz_base = kz_ptr + b64 * skz_b + h64 * skz_h
+        kr_base = kr_ptr + b64 * skr_b + h64 * skr_h
+        vc_base = vc_ptr + b64 * svc_b + h64 * svc_h
+        va_base = va_ptr + b64 * sva_b + h64 * sva_h
+        vz_base = vz_ptr + b64 * svz_b + h64 * svz_h
+        vs_base = vs_ptr + b64 * svs_b + h64 * svs_h
+        if INTERPRET:
+            # The interpreter cannot take a loaded scalar as a range() bound under numpy 2.
+            j = start
+            while j < end:
+                m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile(
+                    qs, m_i, l_i, acc0, acc1, acc2, acc3, j,
+                    kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, INTERPRET,
+                )  # fmt: skip
+                j += 1
+        else:
+            for j in range(start, end):
+                m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile(
+                    qs, m_i, l_i, acc0, acc1, acc2, acc3, j,
+                    kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, INTERPRET,
+                )  # fmt: skip
+        tl.store(pm_ptr + slot, m_i, mask=row_ok)
+        tl.store(pl_ptr + slot, l_i, mask=row_ok)
+        # Accumulator c holds channels NPV*i + c.
+        dv = tl.arange(0, DV)
+        o_rows = po_ptr + slot[:, None] * D
+        tl.store(o_rows + (dv * NPV)[None, :], acc0, mask=row_ok[:, None])
+        if NPV >= 2:
+            tl.store(o_rows + (dv * NPV + 1)[None, :], acc1, mask=row_ok[:, None])
+        if NPV >= 4:
+            tl.store(o_rows + (dv * NPV + 2)[None, :], acc2, mask=row_ok[:, None])
+            tl.store(o_rows + (dv * NPV + 3)[None, :], acc3, mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_kernel(
+    po_ptr, pm_ptr, pl_ptr, out_ptr, so_b, so_h, so_l,
+    HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
+    S1: tl.constexpr, S1_PAD: tl.constexpr,
+):  # fmt: skip
+    """One program per query row: log-sum-exp combination of the 1 + num_splits partials."""
+    pid = tl.program_id(0)
+    MROWS: tl.constexpr = GROUP * L
+    bh = pid // MROWS
+    row = pid % MROWS
+    s = tl.arange(0, S1_PAD)
+    d = tl.arange(0, D)
+    ok = s < S1
+    slot = (bh * S1 + s).to(tl.int64) * MROWS + row
+    m = tl.load(pm_ptr + slot, mask=ok, other=float("-inf"))
+    lsum = tl.load(pl_ptr + slot, mask=ok, other=0.0)
+    m_max = tl.max(m, axis=0)  # finite: the 16-bit partial always holds new token 0
+    w = tl.exp2(m - m_max)  # empty splits (m = -inf) weigh 0
+    o = tl.load(po_ptr + slot[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
+    b = bh // HKV
+    h = bh % HKV
+    q_head = h * GROUP + row // L
+    q_pos = row % L
+    off = b.to(tl.int64) * so_b + q_head.to(tl.int64) * so_h + q_pos.to(tl.int64) * so_l
+    tl.store(out_ptr + off + d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Tile splits per (row, KV head): enough programs to fill every SM about twice.
+
+    Depends only on the batch shape and the device (never on the context length), so a decode
+    step's launch configuration is fixed and CUDA graphs can capture it.
+    """
+    sms = (
+        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type == "cuda"
+        else 4
+    )
+    return max(1, min(64, -(-2 * sms // max(1, batch * kv_heads))))
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def supports(
+    head_dim: int, tile_size: int, key_bits: int, value_bits: int, num_queries: int, dtype
+) -> str | None:
+    """None when this kernel handles these shapes, else the reason it does not."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} is not float16/bfloat16"
+    if key_bits not in KERNEL_BITS or value_bits not in KERNEL_BITS:
+        return f"key_bits={key_bits}, value_bits={value_bits}: the kernel decodes {list(KERNEL_BITS)} bits"
+    if not _is_pow2(head_dim) or not 16 <= head_dim <= 256:
+        return f"head_dim={head_dim} is not a power of two in [16, 256]"
+    if not _is_pow2(tile_size) or tile_size > 256:
+        return f"tile_size={tile_size} is not a power of two <= 256"
+    # Tensor-core products need every dimension >= 16: key planes of G*kb/8 tokens, value
+    # planes of D*vb/8 channels.
+    if tile_size * key_bits // 8 < 16:
+        return f"tile_size={tile_size} at {key_bits}-bit keys gives key planes under 16 tokens"
+    if head_dim * value_bits // 8 < 16:
+        return f"head_dim={head_dim} at {value_bits}-bit values gives value planes under 16 channels"
+    if not 1 <= num_queries <= MAX_QUERIES:
+        return f"{num_queries} new queries per row; the kernel takes 1..{MAX_QUERIES}"
+    return None
+
+
+def _inner_contiguous(x: torch.Tensor, inner: int) -> torch.Tensor:
+    """Keep the layout when the last ``inner`` dims are dense (slices of a capacity buffer are)."""
+    shape, stride = x.shape[-inner:], x.stride()[-inner:]
+    expected = 1
+    for size, st in zip(reversed(shape), reversed(stride), strict=True):
+        if size > 1 and st != expected:
+            return x.contiguous()
+        expected *= size
+    return x
+
+
+def _check(name: str, x: torch.Tensor, shape: tuple, dtype=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype}, expected {dtype}")
+
+
+def quantized_decode_attention(
+    query, k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
+    n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
+    key_bits, value_bits, scaling, *, max_tiles: int | None = None, out: torch.Tensor | None = None,
+    num_splits: int | None = None, m_block: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, qa_split: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
+
+    All tensors in the cache (rotated) frame; returns ``[B, Hq, L, D]`` in the query dtype
+    (float16 or bfloat16). ``max_tiles`` is accepted for the backend seam and ignored (the launch
+    never depends on lengths). ``out`` (optional, ``[B, Hq, L, D]``) receives the result, e.g. a
+    static buffer for CUDA-graph capture. ``num_splits`` / ``m_block`` / ``num_warps`` /
+    ``num_stages`` override the launch tuning (benchmarks); defaults depend only on shapes.
+    ``qa_split=False`` drops the second key operand (faster, ~2.5e-4 more relative error).
+    """
+    if query.ndim != 4:
+        raise ValueError(f"query must be [B, Hq, L, D], got shape {tuple(query.shape)}")
+    bsz, hq, nq, hd = query.shape
+    if k_codes.ndim != 5:
+        raise ValueError(f"k_codes must be [B, Hkv, Ncap, D, G*kb/8], got shape {tuple(k_codes.shape)}")
+    hkv, ncap = k_codes.shape[1], k_codes.shape[2]
+    g = k_token_scale.shape[-1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    reason = supports(hd, g, key_bits, value_bits, nq, query.dtype)
+    if reason:
+        raise ValueError(f"the tensor-core decode kernel does not handle this input: {reason}")
+    md = k_scale.dtype
+    _check("k_codes", k_codes, (bsz, hkv, ncap, hd, g * key_bits // 8), torch.uint8)
+    _check("k_scale", k_scale, (bsz, hkv, ncap, hd))
+    _check("k_zero", k_zero, (bsz, hkv, ncap, hd), md)
+    _check("k_token_scale", k_token_scale, (bsz, hkv, ncap, g), md)
+    _check("v_codes", v_codes, (bsz, hkv, ncap, g, hd * value_bits // 8), torch.uint8)
+    _check("v_scale", v_scale, (bsz, hkv, ncap, g), md)
+    _check("v_zero", v_zero, (bsz, hkv, ncap, g), md)
+    _check("v_channel_scale", v_channel_scale, (bsz, hkv, ncap, hd), md)
+    for name, x in (("n_tiles", n_tiles), ("sink_len", sink_len), ("tail_len", tail_len)):
+        _check(name, x, (bsz,), torch.int32)
+    for name, x in (("sink_k", sink_k), ("sink_v", sink_v), ("tail_k", tail_k), ("tail_v", tail_v)):
+        _check(name, x, (bsz, hkv, g, hd), query.dtype)
+    _check("new_k", new_k, (bsz, hkv, nq, hd), query.dtype)
+    _check("new_v", new_v, (bsz, hkv, nq, hd), query.dtype)
+    devs = {t.device for t in (query, k_codes, n_tiles, sink_k, tail_k, new_k)}
+    if len(devs) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(str(x) for x in devs)}")
+
+    group = hq // hkv
+    mrows = group * nq
+    # Query rows per program (tl.dot needs >= 16). Beyond 32 Triton's Hopper path switches to
+    # warpgroup MMAs, which faulted in kernel v1 (docs/gpu.md); larger groups x queries take
+    # several row blocks (codes re-read per block: the multi-query path only).
+    m_block = max(16, min(triton.next_power_of_2(mrows), m_block or 32))
+    n_mb = triton.cdiv(mrows, m_block)
+    if num_splits is None:
+        num_splits = default_num_splits(bsz, hkv, query.device)
+    num_warps = num_warps or 4
+    num_stages = num_stages or 2
+
+    # The kernel indexes the leading dims by stride (capacity slices stay views) and assumes the
+    # innermost dims dense.
+    k_codes, v_codes = _inner_contiguous(k_codes, 2), _inner_contiguous(v_codes, 2)
+    k_scale, k_zero, k_token_scale, v_scale, v_zero, v_channel_scale = (
+        _inner_contiguous(x, 1) for x in (k_scale, k_zero, k_token_scale, v_scale, v_zero, v_channel_scale)
+    )
+    sink_k, sink_v, tail_k, tail_v, new_k, new_v, query = (
+        _inner_contiguous(x, 1) for x in (sink_k, sink_v, tail_k, tail_v, new_k, new_v, query)
+    )
+    s1 = num_splits + 1
+    dev = query.device
+    part_o = torch.empty(bsz * hkv, s1, mrows, hd, dtype=torch.float32, device=dev)
+    part_m = torch.empty(bsz * hkv, s1, mrows, dtype=torch.float32, device=dev)
+    part_l = torch.empty(bsz * hkv, s1, mrows, dtype=torch.float32, device=dev)
+    if POISON_WORKSPACE:  # checks: unwritten partials show up as NaN
+        part_o.fill_(float("nan"))
+        part_m.fill_(float("nan"))
+        part_l.fill_(float("nan"))
+    if out is None:
+        out = torch.empty(bsz, hq, nq, hd, dtype=query.dtype, device=dev)
+    else:
+        _check("out", out, (bsz, hq, nq, hd), query.dtype)
+        if out.stride(-1) != 1:
+            raise ValueError("out must have a contiguous last dim")
+
+    def st(x, n):
+        return [x.stride(i) for i in range(n)]
+
+    LAST_LAUNCH[0] = _decode_tc_kernel[(bsz * hkv, s1, n_mb)](
+        query, *st(query, 3),
+        k_codes, *st(k_codes, 3), k_scale, *st(k_scale, 3), k_zero, *st(k_zero, 3),
+        k_token_scale, *st(k_token_scale, 3),
+        v_codes, *st(v_codes, 3), v_scale, *st(v_scale, 3), v_zero, *st(v_zero, 3),
+        v_channel_scale, *st(v_channel_scale, 3),
+        n_tiles,
+        sink_k, *st(sink_k, 3), sink_v, *st(sink_v, 3), sink_len,
+        tail_k, *st(tail_k, 3), tail_v, *st(tail_v, 3), tail_len,
+        new_k, *st(new_k, 3), new_v, *st(new_v, 3),
+        part_o, part_m, part_l,
+        float(scaling) * LOG2E,
+        HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, triton.next_power_of_2(nq)),
+        D=hd, G=g, KB=key_bits, VB=value_bits, NUM_SPLITS=num_splits, M_BLOCK=m_block,
+        DC=min(g, 32), QA_SPLIT=qa_split, INTERPRET=interpreting(), num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    _merge_kernel[(bsz * hkv * mrows,)](
+        part_o, part_m, part_l, out, *st(out, 3),
+        HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=triton.next_power_of_2(s1),
+        num_warps=4 if hd * triton.next_power_of_2(s1) <= 8192 else 8,
+    )  # fmt: skip
+    return out
