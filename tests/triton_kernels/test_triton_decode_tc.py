@@ -1,0 +1,137 @@
+"""Tensor-core (bit-plane) decode attention kernel vs its plain PyTorch twin, under Triton's interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
+
+from kvarn.attention.triton.reference import quantized_decode_attention_reference  # noqa: E402
+from kvarn.attention.triton.testing import random_layer_storage, relative_error  # noqa: E402
+from kvarn.config import KVarNConfig  # noqa: E402
+
+decode_tc = pytest.importorskip("kvarn.attention.triton.decode_tc")
+
+
+def _reference(kw):
+    return quantized_decode_attention_reference(
+        **{**kw, "query": kw["query"].double()}, compute_dtype=torch.float64
+    )
+
+
+def _check(kw, **launch):
+    """Error within 2.5x the output dtype's own rounding of the float64 result (+ a small floor).
+
+    The interpreter truncates float32 -> bfloat16 casts (it does not round), which alone doubles
+    the bf16 rounding error, hence the factor; float16 rounds correctly and lands at ~1.05x.
+    """
+    out = decode_tc.quantized_decode_attention(**kw, **launch)
+    ref = _reference(kw)
+    assert out.shape == kw["query"].shape and out.dtype == kw["query"].dtype
+    err = relative_error(out, ref)
+    floor = relative_error(ref.to(out.dtype), ref)
+    assert err < 2.5 * floor + 1e-4, f"relative error {err} (output rounding alone {floor})"
+    return out
+
+
+CASES = [
+    # group, L, head_dim, tile, kb, vb, dtype, n_tiles, sink_len, tail_len
+    (1, 1, 64, 32, 4, 2, torch.bfloat16, [3, 0], [32, 7], [5, 31]),
+    (4, 1, 64, 32, 4, 2, torch.float16, [2, 5], [32, 32], [0, 17]),
+    (8, 1, 64, 64, 2, 4, torch.bfloat16, [4, 1], [64, 0], [63, 0]),
+    (4, 3, 64, 32, 4, 4, torch.float16, [1, 3], [11, 32], [1, 9]),
+    (2, 5, 128, 64, 2, 2, torch.bfloat16, [2, 0], [64, 3], [63, 0]),
+    (1, 2, 128, 32, 8, 8, torch.float16, [2, 1], [32, 32], [0, 4]),
+]
+
+
+@pytest.mark.parametrize("group,nq,d,g,kb,vb,dtype,nt,sl,tl", CASES)
+def test_decode_tc_matches_reference(group, nq, d, g, kb, vb, dtype, nt, sl, tl):
+    """GQA 1/4/8, multi-query, odd per-row lengths (incl. no tiles, empty sink), NaN in invalid slots."""
+    cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=g)
+    kw = random_layer_storage(
+        batch=len(nt), kv_heads=2, group=group, num_queries=nq, head_dim=d, config=cfg,
+        n_tiles=nt, sink_len=sl, tail_len=tl, capacity=max(nt) + 1, dtype=dtype,
+    )  # fmt: skip
+    _check(kw, num_splits=2)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_tc_split_count_does_not_change_result(num_splits):
+    """More splits than tiles leaves empty splits; they must merge away cleanly."""
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32, metadata_dtype=torch.float32)
+    kw = random_layer_storage(
+        batch=2, kv_heads=1, group=4, num_queries=1, head_dim=64, config=cfg,
+        n_tiles=[5, 2], sink_len=[32, 32], tail_len=[3, 30], capacity=6, dtype=torch.float16,
+    )  # fmt: skip
+    _check(kw, num_splits=num_splits)
+
+
+def test_decode_tc_multi_query_many_rows():
+    """group 8 x 16 queries = 128 rows: four row blocks, causal among the 16 new tokens."""
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32)
+    kw = random_layer_storage(
+        batch=1, kv_heads=1, group=8, num_queries=16, head_dim=64, config=cfg,
+        n_tiles=[2], sink_len=[32], tail_len=[13], capacity=3, dtype=torch.float16,
+    )  # fmt: skip
+    _check(kw, num_splits=2)
+
+
+def test_decode_tc_without_query_split_is_close():
+    """qa_split=False (one float16 key operand): still close, within a looser bound."""
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32)
+    kw = random_layer_storage(
+        batch=1, kv_heads=2, group=4, num_queries=1, head_dim=64, config=cfg,
+        n_tiles=[3], sink_len=[32], tail_len=[6], capacity=3, dtype=torch.float16,
+    )  # fmt: skip
+    out = decode_tc.quantized_decode_attention(**kw, num_splits=2, qa_split=False)
+    assert relative_error(out, _reference(kw)) < 3e-3
+
+
+def test_decode_tc_head_dim_256_fp16_metadata_and_capacity_views():
+    """Head dim 256, float16 metadata, storage as non-contiguous views of a capacity buffer."""
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32, metadata_dtype=torch.float16)
+    kw = random_layer_storage(
+        batch=2, kv_heads=1, group=2, num_queries=1, head_dim=256, config=cfg,
+        n_tiles=[2, 1], sink_len=[32, 32], tail_len=[6, 0], capacity=4, dtype=torch.bfloat16,
+    )  # fmt: skip
+    for name in (
+        "k_codes",
+        "k_scale",
+        "k_zero",
+        "k_token_scale",
+        "v_codes",
+        "v_scale",
+        "v_zero",
+        "v_channel_scale",
+    ):
+        kw[name] = kw[name][:, :, :3]
+        assert not kw[name].is_contiguous()
+    _check(kw, num_splits=2)
+
+
+def test_decode_tc_supports_and_rejects_bad_input():
+    assert decode_tc.supports(128, 128, 4, 2, 1, torch.bfloat16) is None
+    assert "float16/bfloat16" in decode_tc.supports(128, 128, 4, 2, 1, torch.float32)
+    assert "key planes" in decode_tc.supports(128, 32, 2, 2, 1, torch.bfloat16)
+    assert "value planes" in decode_tc.supports(32, 128, 4, 2, 1, torch.bfloat16)
+    assert "queries" in decode_tc.supports(128, 128, 4, 2, 17, torch.bfloat16)
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32)
+    kw = random_layer_storage(
+        batch=1, kv_heads=2, group=2, num_queries=1, head_dim=64, config=cfg,
+        n_tiles=[1], sink_len=[32], tail_len=[0], dtype=torch.float16,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        decode_tc.quantized_decode_attention(**{**kw, "query": kw["query"][:, :3]})
+    with pytest.raises(ValueError, match="decodes"):
+        decode_tc.quantized_decode_attention(**{**kw, "key_bits": 3})
+    with pytest.raises(ValueError, match="k_codes has shape"):
+        decode_tc.quantized_decode_attention(**{**kw, "k_codes": kw["k_codes"][..., :8]})
+    with pytest.raises(TypeError, match="n_tiles has dtype"):
+        decode_tc.quantized_decode_attention(**{**kw, "n_tiles": kw["n_tiles"].long()})
+    with pytest.raises(TypeError, match="sink_k has dtype"):
+        decode_tc.quantized_decode_attention(**{**kw, "sink_k": kw["sink_k"].float()})
