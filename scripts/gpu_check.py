@@ -25,6 +25,7 @@ import traceback
 import torch
 
 from kvarn.attention.triton import decode as tdecode
+from kvarn.attention.triton import decode_tc as tdecode_tc
 from kvarn.attention.triton.compress import compress_tiles
 from kvarn.attention.triton.reference import quantized_decode_attention_reference
 from kvarn.attention.triton.testing import random_kv, random_layer_storage, relative_error
@@ -35,6 +36,8 @@ from kvarn.method.packing import unpack_codes
 
 DEVICE = "cuda"  # --device cpu (with TRITON_INTERPRET=1) smoke-tests this script without a GPU
 LINES: list[str] = []
+# Decode kernels by name: v3 (decode.py, hi/lo bf16 chunks) and tc (decode_tc.py, bit planes).
+KERNELS = {"v3": tdecode, "tc": tdecode_tc}
 FAILURES: list[str] = []
 
 
@@ -165,12 +168,17 @@ def other_backend():
 
 
 def check_decode(
-    dtype, d, g, group, batch, nq, kb, vb, ncap, kv_heads=2, md=torch.bfloat16, splits=None
+    dtype, d, g, group, batch, nq, kb, vb, ncap, kv_heads=2, md=torch.bfloat16, splits=None, kernel="v3"
 ) -> None:
+    mod = KERNELS[kernel]
     label = (
-        f"decode {str(dtype)[6:]} D{d} G{g} group{group} B{batch} L{nq} k{kb}v{vb} Ncap{ncap} "
+        f"decode[{kernel}] {str(dtype)[6:]} D{d} G{g} group{group} B{batch} L{nq} k{kb}v{vb} Ncap{ncap} "
         f"md={str(md)[6:]} splits={splits or 'auto'}"
     )
+    reason = mod.supports(d, g, kb, vb, nq, dtype)
+    if reason is not None:  # dispatch sends these to another kernel / PyTorch
+        log(f"SKIP {label}: {reason}")
+        return
     try:
         dev = torch.device(DEVICE)
         cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=g, metadata_dtype=md)
@@ -182,7 +190,7 @@ def check_decode(
             seed=rng.randrange(2**31), encoder=compress_tiles,
         )  # fmt: skip
         out = torch.full_like(kw["query"], float("nan"))
-        tdecode.quantized_decode_attention(**kw, out=out, num_splits=splits)
+        mod.quantized_decode_attention(**kw, out=out, num_splits=splits)
         sync()
         ref = quantized_decode_attention_reference(
             **{**kw, "query": kw["query"].double()}, compute_dtype=torch.float64
@@ -213,9 +221,10 @@ def check_decode(
         FAILURES.append(label)
 
 
-def check_cuda_graph() -> None:
+def check_cuda_graph(kernel: str = "v3") -> None:
     """Capture one decode call, then change lengths and tokens in place and replay."""
-    label = "decode CUDA graph capture + replay with changed lengths"
+    mod = KERNELS[kernel]
+    label = f"decode[{kernel}] CUDA graph capture + replay with changed lengths"
     try:
         dev = torch.device(DEVICE)
         cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=128)
@@ -231,11 +240,11 @@ def check_cuda_graph() -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            tdecode.quantized_decode_attention(**kw, out=out)  # warm-up compiles outside capture
+            mod.quantized_decode_attention(**kw, out=out)  # warm-up compiles outside capture
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            tdecode.quantized_decode_attention(**kw, out=out)
+            mod.quantized_decode_attention(**kw, out=out)
         errs = []
         for n_tiles, tail in (([10, 3, 0, 7], [5, 0, 0, 127]), ([12, 4, 1, 7], [0, 9, 3, 1])):
             kw["n_tiles"].copy_(torch.tensor(n_tiles, dtype=torch.int32))
@@ -263,16 +272,20 @@ def run_isolated(cases: list[int], args) -> None:
     import concurrent.futures
     import subprocess
 
-    def one(i: int) -> str:
-        cmd = [sys.executable, __file__, "--only-decode", str(i)]
+    def one(job) -> str:
+        kernel, i = job
+        cmd = [sys.executable, __file__, "--only-decode", str(i), "--decode-kernels", kernel]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        lines = [x for x in r.stdout.splitlines() if x.startswith(("PASS", "FAIL"))]
+        lines = [x for x in r.stdout.splitlines() if x.startswith(("PASS", "FAIL", "SKIP"))]
         if not lines:
-            lines = [f"FAIL decode case {i}: no result (rc {r.returncode}): {r.stderr.strip()[-300:]}"]
+            lines = [
+                f"FAIL decode[{kernel}] case {i}: no result (rc {r.returncode}): {r.stderr.strip()[-300:]}"
+            ]
         return "\n".join(lines)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        for text in pool.map(one, cases):
+    jobs = [(kernel, i) for kernel in args.decode_kernels.split(",") for i in cases]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for text in pool.map(one, jobs):
             for line in text.splitlines():
                 log(line)
                 if line.startswith("FAIL"):
@@ -287,6 +300,8 @@ def main() -> int:
     ap.add_argument("--only-decode", type=int, default=None, help="run one decode case (used internally)")
     ap.add_argument("--skip-compress", action="store_true")
     ap.add_argument("--decode-cases", default=None, help="comma-separated decode case indices (default: all)")
+    ap.add_argument("--decode-kernels", default="v3,tc", help="comma-separated decode kernels: v3, tc")
+    ap.add_argument("--workers", type=int, default=4, help="decode cases checked in parallel processes")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -298,6 +313,7 @@ def main() -> int:
     name = torch.cuda.get_device_properties(0).name if DEVICE == "cuda" else "cpu (interpreter)"
     log(f"device {name}, torch {torch.__version__}, triton {triton.__version__}")
     tdecode.POISON_WORKSPACE = True
+    tdecode_tc.POISON_WORKSPACE = True
     t0 = time.time()
     bf, f16, f32 = torch.bfloat16, torch.float16, torch.float32
     compress_cases = [
@@ -331,6 +347,9 @@ def main() -> int:
         (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"splits": 1}),
         (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"splits": 7}),
         (f16, 64, 128, 8, 6, 2, 4, 2, 9, {"kv_heads": 3}),
+        # 2-bit keys on 64-token tiles (the tc kernel needs >= 16 tokens per key plane), multi-query
+        (f16, 128, 64, 4, 4, 7, 2, 2, 13, {}),
+        (bf, 128, 128, 8, 4, 8, 4, 2, 9, {}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]
@@ -339,7 +358,7 @@ def main() -> int:
             check_compress(*case)
     if args.only_decode is not None:
         dtype, d, g, group, batch, nq, kb, vb, ncap, extra = decode_cases[args.only_decode]
-        check_decode(dtype, d, g, group, batch, nq, kb, vb, ncap, **extra)
+        check_decode(dtype, d, g, group, batch, nq, kb, vb, ncap, **extra, kernel=args.decode_kernels)
         return 1 if FAILURES else 0
     if DEVICE == "cuda":
         # One process per decode case (four at a time): an illegal access poisons a CUDA
@@ -351,10 +370,16 @@ def main() -> int:
         )
         run_isolated(list(chosen), args)
     else:
-        for dtype, d, g, group, batch, nq, kb, vb, ncap, extra in decode_cases:
-            check_decode(dtype, d, g, group, batch, nq, kb, vb, ncap, **extra)
+        for kernel in args.decode_kernels.split(","):
+            for dtype, d, g, group, batch, nq, kb, vb, ncap, extra in decode_cases:
+                check_decode(dtype, d, g, group, batch, nq, kb, vb, ncap, **extra, kernel=kernel)
     if DEVICE == "cuda":
-        check_cuda_graph()
+        for kernel in args.decode_kernels.split(","):
+            check_cuda_graph(kernel)
+    # One verdict line per decode kernel (scripts and dispatch decisions read these).
+    for kernel in args.decode_kernels.split(","):
+        bad = [f for f in FAILURES if f"[{kernel}]" in f]
+        log(f"KERNEL {kernel}: {len(bad)} decode failure(s)")
     log(f"{len(FAILURES)} failure(s) in {time.time() - t0:.0f} s")
     for f in FAILURES:
         log(f"  failed: {f}")
