@@ -1,9 +1,10 @@
-"""Decode attention on the GPU: KVarN K4V2 Triton kernel vs 16-bit SDPA vs dequantize-then-SDPA.
+"""Decode attention on the GPU: KVarN K4V2 Triton kernels vs 16-bit SDPA vs dequantize-then-SDPA.
 
     PYTHONPATH=src python3 benchmarks/gpu_decode_attention.py [--contexts 4096 16384 32768 131072]
         [--batches 1 8 32] [--sweep] [--csv results.csv]
 
-Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, one new token per
+Kernels: ``tc`` (decode_tc.py, bit planes on tensor cores; also timed without the second key
+operand, ``tc1``) and ``v3`` (decode.py, chunked). Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, one new token per
 row. Each context is sink tile (128 tokens, 16-bit) + quantized tiles + no tail + the new token;
 SDPA gets the same number of tokens as a bf16 cache (``enable_gqa=True``). Times are
 ``triton.testing.do_bench`` medians (L2 flushed before every run). Bandwidth counts the bytes each
@@ -25,7 +26,9 @@ import triton
 import triton.testing
 
 from kvarn.attention.triton import decode as tdecode
+from kvarn.attention.triton import decode_tc as tdecode_tc
 from kvarn.attention.triton.decode import default_num_splits, quantized_decode_attention
+from kvarn.attention.triton.testing import relative_error
 from kvarn.codec import QuantizedKeys, QuantizedTiles, QuantizedValues, decode_tiles
 
 HQ, HKV, D, G = 32, 8, 128, 128
@@ -111,7 +114,7 @@ def time_sdpa(q: torch.Tensor, batch: int, tokens: int, dev) -> float:
     return bench(lambda: F.scaled_dot_product_attention(q, k16, v16, enable_gqa=True))
 
 
-def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool) -> list[dict]:
+def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool, sweep_v3: bool = False) -> list[dict]:
     dev = torch.device("cuda")
     n_tiles = ctx // G - 1  # ctx = sink tile + n_tiles tiles; plus the new token
     tokens = ctx + 1
@@ -123,13 +126,36 @@ def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool) -> list[dict]:
     def ours(**launch):
         return lambda: quantized_decode_attention(q, **st, **launch)
 
+    def tc(**launch):
+        return lambda: tdecode_tc.quantized_decode_attention(q, **st, **launch)
+
+    t_tc = bench(tc())
+    tc_info = describe(tdecode_tc.LAST_LAUNCH[0])
+    t_tc1 = bench(tc(qa_split=False))
+    tc_splits = tdecode_tc.default_num_splits(batch, HKV, dev)
+    best_tc = (t_tc, "default")
+    if sweep:
+        for sp in sorted({max(1, tc_splits // 2), tc_splits, tc_splits * 2}):
+            for nw, ns in ((4, 2), (4, 3), (8, 2)):
+                cfg = dict(num_splits=sp, num_warps=nw, num_stages=ns)
+                try:
+                    t = bench(tc(**cfg))
+                except Exception as exc:
+                    print(f"  tc sweep {cfg}: {type(exc).__name__}")
+                    continue
+                print(f"  tc sweep ctx={ctx} B={batch} {cfg}: {t * 1e3:.1f} us", flush=True)
+                if t < best_tc[0]:
+                    best_tc = (t, " ".join(f"{k}={v}" for k, v in cfg.items()))
     t_ours = bench(ours())
     kernel_info = describe(tdecode.LAST_LAUNCH[0])
+    # Sanity at full size: the two kernels agree (both are checked against the float64 twin by
+    # scripts/gpu_check.py on small shapes).
+    tc_vs_v3 = relative_error(tc()(), ours()())
     best = (t_ours, "default")
-    if sweep:
+    if sweep_v3:  # v3 was swept in earlier runs (docs/gpu.md)
         for sp in sorted({splits, splits * 2}):
-            for nw, tc, ns in ((4, 32, 2), (8, 32, 2), (4, 64, 3), (8, 64, 2)):
-                cfg = dict(num_splits=sp, num_warps=nw, token_chunk=tc, num_stages=ns)
+            for nw, tcx, ns in ((4, 32, 2), (8, 32, 2), (4, 64, 3), (8, 64, 2)):
+                cfg = dict(num_splits=sp, num_warps=nw, token_chunk=tcx, num_stages=ns)
                 try:
                     t = bench(ours(**cfg))
                 except Exception as exc:  # a config that does not compile is just skipped
@@ -160,11 +186,23 @@ def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool) -> list[dict]:
     except torch.OutOfMemoryError:
         t_deq = float("nan")
     b_ours = ours_bytes(batch, n_tiles, splits)
+    b_tc = ours_bytes(batch, n_tiles, tc_splits)
     b_sdpa = sdpa_bytes(batch, tokens)
     rows.append(
         dict(
             context=ctx,
             batch=batch,
+            tc_us=t_tc * 1e3,
+            tc1_us=t_tc1 * 1e3,
+            tc_best_us=best_tc[0] * 1e3,
+            tc_best_cfg=best_tc[1],
+            tc_speedup=t_sdpa / t_tc,
+            tc_gbs=b_tc / t_tc / 1e6,
+            tc_frac_copy=b_tc / t_tc / 1e6 / copy_gbs,
+            tc1_frac_copy=b_tc / t_tc1 / 1e6 / copy_gbs,
+            tc_splits=tc_splits,
+            tc_kernel=tc_info,
+            tc_vs_v3=tc_vs_v3,
             ours_us=t_ours * 1e3,
             best_us=best[0] * 1e3,
             best_cfg=best[1],
@@ -189,6 +227,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--sweep", action="store_true", help="tune splits/warps/stages at the two target points")
+    ap.add_argument("--sweep-v3", action="store_true", help="also tune the v3 kernel at the target points")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
     p = torch.cuda.get_device_properties(0)
@@ -203,15 +242,35 @@ def main() -> None:
     for ctx in args.contexts:
         for batch in args.batches:
             target = (ctx, batch) in ((32768, 8), (131072, 1))
-            rows += run_case(ctx, batch, copy_gbs, args.sweep and target)
+            rows += run_case(ctx, batch, copy_gbs, args.sweep and target, args.sweep_v3 and target)
             torch.cuda.empty_cache()
             r = rows[-1]
             print(
-                f"ctx {ctx:>6} B {batch:>2}: ours {r['ours_us']:8.1f} us ({r['ours_gbs']:6.0f} GB/s, "
+                f"ctx {ctx:>6} B {batch:>2}: tc {r['tc_us']:8.1f} us ({r['tc_gbs']:6.0f} GB/s, "
+                f"{100 * r['tc_frac_copy']:3.0f}% copy, {r['tc_speedup']:4.2f}x sdpa)  tc1 {r['tc1_us']:8.1f} us  "
+                f"best {r['tc_best_us']:.1f} us [{r['tc_best_cfg']}] {r['tc_kernel']} splits {r['tc_splits']} "
+                f"rel diff vs v3 {r['tc_vs_v3']:.1e}",
+                flush=True,
+            )
+            print(
+                f"ctx {ctx:>6} B {batch:>2}: v3 {r['ours_us']:8.1f} us ({r['ours_gbs']:6.0f} GB/s, "
                 f"{100 * r['ours_frac_copy']:3.0f}% copy)  sdpa {r['sdpa_us']:8.1f} us ({r['sdpa_gbs']:6.0f} GB/s)  "
                 f"deq+sdpa {r['deq_sdpa_us']:9.1f} us  speedup {r['speedup']:4.2f}x  best {r['best_us']:.1f} us [{r['best_cfg']}] {r['kernel']}",
                 flush=True,
             )
+    print()
+    print(
+        "| context | batch | tc (us) | tc, one key operand (us) | v3 (us) | SDPA bf16 (us) | dequant+SDPA (us) "
+        "| tc speedup vs SDPA | tc GB/s (% copy) | tc1 % copy | SDPA GB/s (% copy) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['context']} | {r['batch']} | {r['tc_us']:.1f} | {r['tc1_us']:.1f} | {r['ours_us']:.1f} | "
+            f"{r['sdpa_us']:.1f} | {r['deq_sdpa_us']:.1f} | {r['tc_speedup']:.2f}x | "
+            f"{r['tc_gbs']:.0f} ({100 * r['tc_frac_copy']:.0f}%) | {100 * r['tc1_frac_copy']:.0f}% | "
+            f"{r['sdpa_gbs']:.0f} ({100 * r['sdpa_frac_copy']:.0f}%) |"
+        )
     print()
     print(
         "| context | batch | K4V2 Triton (us) | SDPA bf16 (us) | dequant+SDPA (us) | speedup vs SDPA | ours GB/s (% copy) | SDPA GB/s (% copy) |"
