@@ -135,3 +135,17 @@ def test_decode_tc_supports_and_rejects_bad_input():
         decode_tc.quantized_decode_attention(**{**kw, "n_tiles": kw["n_tiles"].long()})
     with pytest.raises(TypeError, match="sink_k has dtype"):
         decode_tc.quantized_decode_attention(**{**kw, "sink_k": kw["sink_k"].float()})
+
+
+def test_dispatch_kernel_order(monkeypatch):
+    """tc runs by default only once GPU-checked; the environment can force either kernel."""
+    from kvarn.attention.triton import dispatch
+
+    monkeypatch.delenv("KVARN_DECODE_KERNEL", raising=False)
+    expected = ("tc", "v3") if dispatch.TC_GPU_CHECKED else ("v3",)
+    assert dispatch.decode_kernel_order() == expected
+    monkeypatch.setenv("KVARN_DECODE_KERNEL", "tc")
+    assert dispatch.decode_kernel_order() == ("tc",)
+    monkeypatch.setenv("KVARN_DECODE_KERNEL", "v2")
+    with pytest.raises(ValueError, match="KVARN_DECODE_KERNEL"):
+        dispatch.decode_kernel_order()

@@ -24,6 +24,22 @@ def enabled_for(x: torch.Tensor) -> bool:
     return available()
 
 
+# Decode kernels: "tc" (decode_tc.py: bit planes on tensor cores) and "v3" (decode.py: chunked).
+# A kernel is chosen by default only once scripts/gpu_check.py has passed it on a GPU; set
+# KVARN_DECODE_KERNEL=tc or =v3 to force one (benchmarks, checks).
+TC_GPU_CHECKED = False
+
+
+def decode_kernel_order() -> tuple[str, ...]:
+    """Decode kernels to try, in order (the first whose ``supports`` accepts the shapes runs)."""
+    forced = os.environ.get("KVARN_DECODE_KERNEL", "").strip().lower()
+    if forced in ("tc", "v3"):
+        return (forced,)
+    if forced:
+        raise ValueError(f"KVARN_DECODE_KERNEL={forced!r}: expected 'tc' or 'v3'")
+    return ("tc", "v3") if TC_GPU_CHECKED else ("v3",)
+
+
 def maybe_triton_decode(
     query, k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
     n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
@@ -32,14 +48,20 @@ def maybe_triton_decode(
     """``quantized_decode_attention`` on the fused kernel, or None when it does not apply."""
     if not enabled_for(query):
         return None
-    from kvarn.attention.triton import decode
+    import importlib
 
-    reason = decode.supports(
-        query.shape[-1], k_token_scale.shape[-1], key_bits, value_bits, query.shape[2], query.dtype
-    )
-    if reason is not None:
+    for name in decode_kernel_order():
+        kernel = importlib.import_module(
+            {"tc": "kvarn.attention.triton.decode_tc", "v3": "kvarn.attention.triton.decode"}[name]
+        )
+        reason = kernel.supports(
+            query.shape[-1], k_token_scale.shape[-1], key_bits, value_bits, query.shape[2], query.dtype
+        )
+        if reason is None:
+            break
+    else:
         return None
-    return decode.quantized_decode_attention(
+    return kernel.quantized_decode_attention(
         query, k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
         n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
         key_bits, value_bits, scaling,
