@@ -136,8 +136,8 @@ def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool, sweep_v3: bool 
     best_tc = (t_tc, "default")
     if sweep:
         for sp in sorted({max(1, tc_splits // 2), tc_splits, tc_splits * 2}):
-            for nw, ns in ((4, 2), (4, 3), (8, 2)):
-                cfg = dict(num_splits=sp, num_warps=nw, num_stages=ns)
+            for nw, qs in ((4, True), (8, True), (4, False), (8, False)):
+                cfg = dict(num_splits=sp, num_warps=nw, qa_split=qs)
                 try:
                     t = bench(tc(**cfg))
                 except Exception as exc:

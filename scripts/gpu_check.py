@@ -168,12 +168,26 @@ def other_backend():
 
 
 def check_decode(
-    dtype, d, g, group, batch, nq, kb, vb, ncap, kv_heads=2, md=torch.bfloat16, splits=None, kernel="v3"
+    dtype,
+    d,
+    g,
+    group,
+    batch,
+    nq,
+    kb,
+    vb,
+    ncap,
+    kv_heads=2,
+    md=torch.bfloat16,
+    splits=None,
+    kernel="v3",
+    tc_launch=None,
 ) -> None:
     mod = KERNELS[kernel]
+    launch = (tc_launch or {}) if kernel == "tc" else {}
     label = (
         f"decode[{kernel}] {str(dtype)[6:]} D{d} G{g} group{group} B{batch} L{nq} k{kb}v{vb} Ncap{ncap} "
-        f"md={str(md)[6:]} splits={splits or 'auto'}"
+        f"md={str(md)[6:]} splits={splits or 'auto'}{' ' + str(launch) if launch else ''}"
     )
     reason = mod.supports(d, g, kb, vb, nq, dtype)
     if reason is not None:  # dispatch sends these to another kernel / PyTorch
@@ -190,7 +204,7 @@ def check_decode(
             seed=rng.randrange(2**31), encoder=compress_tiles,
         )  # fmt: skip
         out = torch.full_like(kw["query"], float("nan"))
-        mod.quantized_decode_attention(**kw, out=out, num_splits=splits)
+        mod.quantized_decode_attention(**kw, out=out, num_splits=splits, **launch)
         sync()
         ref = quantized_decode_attention_reference(
             **{**kw, "query": kw["query"].double()}, compute_dtype=torch.float64
@@ -350,6 +364,11 @@ def main() -> int:
         # 2-bit keys on 64-token tiles (the tc kernel needs >= 16 tokens per key plane), multi-query
         (f16, 128, 64, 4, 4, 7, 2, 2, 13, {}),
         (bf, 128, 128, 8, 4, 8, 4, 2, 9, {}),
+        # tc launch variants the benchmark may pick (ignored by v3). qa_split=False (one float16
+        # key operand) is not checked here: ~2.5x the fp16 rounding floor, over this tolerance.
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"num_warps": 8}}),
+        (f16, 128, 128, 4, 3, 2, 4, 2, 40, {"tc_launch": {"num_warps": 8, "num_stages": 3}}),
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"num_stages": 3}}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]

@@ -23,9 +23,9 @@ Operands are float16 for every model dtype: codes 0..255 are exact in it, and ``
 accumulation is float32. float16 range is ample for these factors (the query is pre-scaled by
 ``scaling * log2(e)``; p <= 1).
 
-Grid of the main kernel: ``(B * Hkv, 1 + num_splits, row blocks)``. Program ``s = 0`` of a
-(row, KV head) attends to the 16-bit segments (new tokens, causal, then sink and tail masked by
-their lengths); programs ``s >= 1`` take a contiguous run of the row's ``n_tiles[b]`` tiles, one
+Two launches of the main kernel: ``(B * Hkv, 1, row blocks)`` for split 0 and
+``(B * Hkv, num_splits, row blocks)`` for splits 1..num_splits. Split 0 of a (row, KV head) attends to the 16-bit segments (new tokens, causal, then sink and tail masked by
+their lengths); splits ``s >= 1`` take a contiguous run of the row's ``n_tiles[b]`` tiles, one
 tile per loop iteration, sized at run time: the launch depends only on shapes (CUDA graphs
 capture it). All query heads of the GQA group and all L queries are the rows of one program
 (padded to 16 / 32), so each tile's codes are read once per KV head. A merge kernel combines the
@@ -242,14 +242,19 @@ def _decode_tc_kernel(
     nk_ptr, snk_b, snk_h, snk_t,
     nv_ptr, snv_b, snv_h, snv_t,
     po_ptr, pm_ptr, pl_ptr,
-    qk_scale,
+    qk_scale, NUM_SPLITS,  # a run-time argument: changing the split count needs no recompile
     HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr,
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, M_BLOCK: tl.constexpr, DC: tl.constexpr, QA_SPLIT: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    M_BLOCK: tl.constexpr, DC: tl.constexpr, QA_SPLIT: tl.constexpr,
+    DENSE: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
-    split = tl.program_id(1)
+    # Two launches of this kernel: DENSE (split 0 only) and the tiles (splits 1..NUM_SPLITS), so
+    # the register-hungry 16-bit path does not set the register budget of the tile loop.
+    if DENSE:
+        split = 0
+    else:
+        split = tl.program_id(1) + 1
     mb = tl.program_id(2)
     b = bh // HKV
     h = bh % HKV
@@ -266,7 +271,7 @@ def _decode_tc_kernel(
     # Partials: [B*Hkv, 1 + NUM_SPLITS, MROWS, D].
     slot = (bh * (NUM_SPLITS + 1) + split).to(tl.int64) * MROWS + rows
 
-    if split == 0:
+    if DENSE:
         _dense_program(
             q_ptr, q_off, row_ok, q_pos, qk_scale, b, b64, h64,
             sk_ptr, ssk_b, ssk_h, ssk_t, sv_ptr, ssv_b, ssv_h, ssv_t, sink_len_ptr,
@@ -511,7 +516,7 @@ def quantized_decode_attention(
     def st(x, n):
         return [x.stride(i) for i in range(n)]
 
-    LAST_LAUNCH[0] = _decode_tc_kernel[(bsz * hkv, s1, n_mb)](
+    args = (
         query, *st(query, 3),
         k_codes, *st(k_codes, 3), k_scale, *st(k_scale, 3), k_zero, *st(k_zero, 3),
         k_token_scale, *st(k_token_scale, 3),
@@ -522,11 +527,17 @@ def quantized_decode_attention(
         tail_k, *st(tail_k, 3), tail_v, *st(tail_v, 3), tail_len,
         new_k, *st(new_k, 3), new_v, *st(new_v, 3),
         part_o, part_m, part_l,
-        float(scaling) * LOG2E,
-        HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, triton.next_power_of_2(nq)),
-        D=hd, G=g, KB=key_bits, VB=value_bits, NUM_SPLITS=num_splits, M_BLOCK=m_block,
-        DC=min(g, 32), QA_SPLIT=qa_split, INTERPRET=interpreting(), num_warps=num_warps, num_stages=num_stages,
+        float(scaling) * LOG2E, num_splits,
     )  # fmt: skip
+    meta = dict(
+        HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, triton.next_power_of_2(nq)),
+        D=hd, G=g, KB=key_bits, VB=value_bits, M_BLOCK=m_block,
+        DC=min(g, 32), QA_SPLIT=qa_split, INTERPRET=interpreting(),
+    )  # fmt: skip
+    _decode_tc_kernel[(bsz * hkv, 1, n_mb)](*args, **meta, DENSE=True, num_warps=4, num_stages=1)
+    LAST_LAUNCH[0] = _decode_tc_kernel[(bsz * hkv, num_splits, n_mb)](
+        *args, **meta, DENSE=False, num_warps=num_warps, num_stages=num_stages
+    )
     _merge_kernel[(bsz * hkv * mrows,)](
         part_o, part_m, part_l, out, *st(out, 3),
         HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=triton.next_power_of_2(s1),
