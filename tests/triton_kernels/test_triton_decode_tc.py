@@ -138,14 +138,31 @@ def test_decode_tc_supports_and_rejects_bad_input():
 
 
 def test_dispatch_kernel_order(monkeypatch):
-    """tc runs by default only once GPU-checked; the environment can force either kernel."""
+    """Only GPU-checked kernels run by default; the environment can force any kernel."""
     from kvarn.attention.triton import dispatch
 
     monkeypatch.delenv("KVARN_DECODE_KERNEL", raising=False)
-    expected = ("tc", "v3") if dispatch.TC_GPU_CHECKED else ("v3",)
-    assert dispatch.decode_kernel_order() == expected
-    monkeypatch.setenv("KVARN_DECODE_KERNEL", "tc")
-    assert dispatch.decode_kernel_order() == ("tc",)
-    monkeypatch.setenv("KVARN_DECODE_KERNEL", "v2")
+    assert dispatch.decode_kernel_order() == dispatch.GPU_CHECKED_DECODE
+    assert set(dispatch.GPU_CHECKED_DECODE) <= set(dispatch.DECODE_MODULES)
+    for name in dispatch.DECODE_MODULES:
+        monkeypatch.setenv("KVARN_DECODE_KERNEL", name)
+        assert dispatch.decode_kernel_order() == (name,)
+    monkeypatch.setenv("KVARN_DECODE_KERNEL", "v1")
     with pytest.raises(ValueError, match="KVARN_DECODE_KERNEL"):
         dispatch.decode_kernel_order()
+
+
+@pytest.mark.parametrize("kb,vb,dtype", [(4, 2, torch.bfloat16), (2, 4, torch.float32)])
+def test_decode_v2_copy_matches_reference(kb, vb, dtype):
+    """decode_v2.py (the GPU-checked kernel the dispatch runs by default) vs the float64 twin."""
+    from kvarn.attention.triton import decode_v2
+
+    cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=32)
+    kw = random_layer_storage(
+        batch=2, kv_heads=2, group=4, num_queries=2, head_dim=64, config=cfg,
+        n_tiles=[3, 0], sink_len=[32, 5], tail_len=[7, 0], capacity=4, dtype=dtype,
+    )  # fmt: skip
+    out = decode_v2.quantized_decode_attention(**kw, num_splits=2)
+    ref = _reference(kw)
+    floor = relative_error(ref.to(dtype), ref)
+    assert relative_error(out, ref) < 2.5 * floor + 1e-4

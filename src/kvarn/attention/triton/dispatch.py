@@ -24,20 +24,27 @@ def enabled_for(x: torch.Tensor) -> bool:
     return available()
 
 
-# Decode kernels: "tc" (decode_tc.py: bit planes on tensor cores) and "v3" (decode.py: chunked).
-# A kernel is chosen by default only once scripts/gpu_check.py has passed it on a GPU; set
-# KVARN_DECODE_KERNEL=tc or =v3 to force one (benchmarks, checks).
-TC_GPU_CHECKED = False
+# Decode kernels: "tc" (decode_tc.py: bit planes on tensor cores), "v3" (decode.py: chunked, bf16
+# mantissa trick) and "v2" (decode_v2.py: chunked, the last kernel that passed
+# scripts/gpu_check.py on a GPU). A kernel runs by default only once it has passed the GPU check;
+# KVARN_DECODE_KERNEL=tc|v3|v2 forces one (benchmarks, checks, trying an unchecked kernel).
+DECODE_MODULES = {
+    "tc": "kvarn.attention.triton.decode_tc",
+    "v3": "kvarn.attention.triton.decode",
+    "v2": "kvarn.attention.triton.decode_v2",
+}
+# GPU-checked kernels, fastest first. tc and v3 await their first GPU run (docs/gpu.md).
+GPU_CHECKED_DECODE = ("v2",)
 
 
 def decode_kernel_order() -> tuple[str, ...]:
     """Decode kernels to try, in order (the first whose ``supports`` accepts the shapes runs)."""
     forced = os.environ.get("KVARN_DECODE_KERNEL", "").strip().lower()
-    if forced in ("tc", "v3"):
+    if forced in DECODE_MODULES:
         return (forced,)
     if forced:
-        raise ValueError(f"KVARN_DECODE_KERNEL={forced!r}: expected 'tc' or 'v3'")
-    return ("tc", "v3") if TC_GPU_CHECKED else ("v3",)
+        raise ValueError(f"KVARN_DECODE_KERNEL={forced!r}: expected one of {sorted(DECODE_MODULES)}")
+    return GPU_CHECKED_DECODE
 
 
 def maybe_triton_decode(
@@ -51,9 +58,7 @@ def maybe_triton_decode(
     import importlib
 
     for name in decode_kernel_order():
-        kernel = importlib.import_module(
-            {"tc": "kvarn.attention.triton.decode_tc", "v3": "kvarn.attention.triton.decode"}[name]
-        )
+        kernel = importlib.import_module(DECODE_MODULES[name])
         reason = kernel.supports(
             query.shape[-1], k_token_scale.shape[-1], key_bits, value_bits, query.shape[2], query.dtype
         )

@@ -1,0 +1,490 @@
+"""Kernel v2: the last decode-attention kernel checked on a GPU (docs/gpu.md, runs 2-3).
+
+The code is a verbatim copy of commit 6e8314b's ``decode.py`` (= af241b1's v2 plus launch diagnostics), kept so
+that the dispatch can run GPU-checked code while ``decode.py`` (v3) and ``decode_tc.py`` await
+their first GPU check. Delete this file once one of them has passed ``scripts/gpu_check.py``.
+
+One kernel, split-K (flash-decoding), then a small log-sum-exp merge kernel.
+
+Grid of the main kernel: ``(1 + num_splits, B * Hkv, M blocks)``. For one (row, KV head):
+* program ``s = 0`` attends to the 16-bit segments (this call's new tokens, causal among
+  themselves, then the sink and the tail, masked by ``sink_len`` / ``tail_len``);
+* programs ``s = 1..num_splits`` each take a contiguous run of the row's ``n_tiles`` quantized
+  tiles, sized at run time from ``n_tiles[b]``, so the launch depends only on (B, Hkv, L) and a
+  CUDA graph can capture it.
+All query heads of the GQA group and all L queries form the M rows of one program, so each tile's
+packed codes are read once per KV head (per M block when group*L exceeds the block) and go
+straight into the tensor cores as small integers (exact in bf16). Scales are folded around the
+matrix products (SPEC "attention over quantized tiles"):
+  scores  s[m, t] = r[t] * ((q[m] * a_k) @ codes_k[:, t] + q[m] . z_k)
+  output  o[m, d] = c[d] * ((p[m] * a_v) @ codes_v[:, d] + p[m] . z_v)
+The float32 factors ``q * a`` and ``p * a`` are split into two bf16 terms (hi + lo) so the bf16
+matrix products lose nothing measurable: for bf16 queries and bf16 metadata ``q * a`` is exact in
+hi + lo; otherwise the split keeps 16 significant bits. Accumulation is float32.
+
+Each program writes its un-normalized partial output with its running max and sum (log2
+domain); the merge kernel combines the ``1 + num_splits`` partials per query row.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kvarn.attention.triton import interpreting
+
+LOG2E = 1.4426950408889634
+MAX_QUERIES = 16  # largest L the kernel is built and tested for (multi-query verification)
+KERNEL_BITS = (2, 4, 8)
+# Set by scripts/gpu_check.py: fill the split-K workspace with NaN before each launch.
+POISON_WORKSPACE = False
+
+# The last compiled launch (registers, spills) for benchmark diagnostics.
+LAST_LAUNCH: list = [None]
+
+
+@triton.jit
+def _unpack(packed, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """uint8 [R, C*BITS/8] packed along the last axis -> codes [R, C] (int32), codec layout."""
+    if BITS == 8:
+        return packed.to(tl.int32)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        shift = (tl.arange(0, PER) * BITS)[None, None, :]
+        codes = (packed.to(tl.int32)[:, :, None] >> shift) & ((1 << BITS) - 1)
+        return tl.reshape(codes, [R, C])
+
+
+@triton.jit
+def _codes_operand(codes, INTERPRET: tl.constexpr):
+    """Integer codes as a matrix operand: bf16 holds 0..255 exactly."""
+    if INTERPRET:
+        return codes.to(tl.float32)  # the interpreter's int -> bf16 conversion is not a value cast
+    else:
+        return codes.to(tl.bfloat16)
+
+
+@triton.jit
+def _mma(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b for bf16 operands; the interpreter stores bf16 as raw uint16 and cannot
+    multiply it, so there the (exactly representable) operands go through float32 instead."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc=acc)
+
+
+@triton.jit
+def _online_update(m_i, l_i, s):
+    """Online-softmax bookkeeping for scores s (log2 domain): returns new max, p, alpha, sum."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return m_new, p, alpha, l_i
+
+
+@triton.jit
+def _split(x, DT: tl.constexpr):
+    """x (float32) = hi + lo, both in the 16-bit dtype DT: ~2x its significand through a matrix product."""
+    hi = x.to(DT)
+    lo = (x - hi.to(tl.float32)).to(DT)
+    return hi, lo
+
+
+@triton.jit
+def _attend_dense(
+    q, q16, m_i, l_i, acc, k_base, v_base, stride_t, n_valid, q_pos, qk_scale,
+    T: tl.constexpr, TC: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Attend to up to T 16-bit tokens (rows [0, n_valid)) at k_base / v_base, TC at a time.
+
+    For 16-bit models the products q.k are exact in the model dtype (q16, k) and p is split
+    hi + lo for p @ v; float32 models use tf32x3 (about float32 accuracy).
+    """
+    d = tl.arange(0, D)
+    for c in tl.static_range(T // TC):
+        if c * TC < n_valid:  # skip empty chunks (short tails, no sink)
+            t = c * TC + tl.arange(0, TC)
+            valid = t < n_valid
+            offs = t[:, None].to(tl.int64) * stride_t + d[None, :]
+            k = tl.load(k_base + offs, mask=valid[:, None], other=0.0)
+            v = tl.load(v_base + offs, mask=valid[:, None], other=0.0)
+            if k.dtype == tl.float32:
+                s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
+            else:
+                s = _mma(q16, tl.trans(k), tl.zeros([q.shape[0], TC], tl.float32), INTERPRET)
+            s = s * qk_scale
+            keep = valid[None, :]
+            if CAUSAL:
+                keep = keep & (t[None, :] <= q_pos[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_i, p, alpha, l_i = _online_update(m_i, l_i, s)
+            if v.dtype == tl.float32:
+                pv = tl.dot(p, v, input_precision="tf32x3")
+            else:
+                p_hi, p_lo = _split(p, v.dtype)
+                pv = _mma(p_hi, v, tl.zeros([q.shape[0], D], tl.float32), INTERPRET)
+                pv = _mma(p_lo, v, pv, INTERPRET)
+            acc = acc * alpha[:, None] + pv
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc, j, kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, qk_scale,
+    D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, TC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update with quantized tile j, TC tokens at a time.
+
+    Per tile: q * a_k (split hi + lo into bf16) and q . z_k once. Per chunk of TC tokens: the key
+    codes [D, TC] (a contiguous byte range of every channel row) and the value codes [TC, D] go
+    into bf16 matrix products unscaled; r scales the chunk's scores, a_v (split hi + lo) folds
+    into p, and c scales the chunk's output before it joins the accumulator.
+    """
+    KROW: tl.constexpr = G * KB // 8
+    KCB: tl.constexpr = TC * KB // 8  # key bytes per channel row per chunk
+    VROW: tl.constexpr = D * VB // 8
+    d = tl.arange(0, D)
+    j64 = j.to(tl.int64)
+    ka = tl.load(ka_base + j64 * ska_n + d).to(tl.float32)
+    kz = tl.load(kz_base + j64 * skz_n + d).to(tl.float32)
+    vs = tl.load(vs_base + j64 * svs_n + d).to(tl.float32)
+    qa_hi, qa_lo = _split(q * ka[None, :], tl.bfloat16)
+    qz = tl.sum(q * kz[None, :], axis=1)
+    kc_tile = kc_base + j64 * skc_n
+    vc_tile = vc_base + j64 * svc_n
+    for c in tl.static_range(G // TC):
+        t = c * TC + tl.arange(0, TC)
+        kpk = tl.load(kc_tile + d[:, None] * KROW + (c * KCB + tl.arange(0, KCB))[None, :])
+        kcode = _codes_operand(_unpack(kpk, KB, D, TC), INTERPRET)
+        s = _mma(qa_hi, kcode, tl.zeros([q.shape[0], TC], tl.float32), INTERPRET)
+        s = _mma(qa_lo, kcode, s, INTERPRET)
+        kr = tl.load(kr_base + j64 * skr_n + t).to(tl.float32)
+        s = (s + qz[:, None]) * (kr * qk_scale)[None, :]
+        m_i, p, alpha, l_i = _online_update(m_i, l_i, s)
+        vpk = tl.load(vc_tile + t[:, None] * VROW + tl.arange(0, VROW)[None, :])
+        vcode = _codes_operand(_unpack(vpk, VB, TC, D), INTERPRET)
+        va = tl.load(va_base + j64 * sva_n + t).to(tl.float32)
+        vz = tl.load(vz_base + j64 * svz_n + t).to(tl.float32)
+        pa_hi, pa_lo = _split(p * va[None, :], tl.bfloat16)
+        pv = _mma(pa_hi, vcode, tl.zeros([q.shape[0], D], tl.float32), INTERPRET)
+        pv = _mma(pa_lo, vcode, pv, INTERPRET)
+        pz = tl.sum(p * vz[None, :], axis=1)
+        acc = acc * alpha[:, None] + (pv + pz[:, None]) * vs[None, :]
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, sq_b, sq_h, sq_l,
+    kc_ptr, skc_b, skc_h, skc_n,
+    ka_ptr, ska_b, ska_h, ska_n,
+    kz_ptr, skz_b, skz_h, skz_n,
+    kr_ptr, skr_b, skr_h, skr_n,
+    vc_ptr, svc_b, svc_h, svc_n,
+    va_ptr, sva_b, sva_h, sva_n,
+    vz_ptr, svz_b, svz_h, svz_n,
+    vs_ptr, svs_b, svs_h, svs_n,
+    ntiles_ptr,
+    sk_ptr, ssk_b, ssk_h, ssk_t,
+    sv_ptr, ssv_b, ssv_h, ssv_t,
+    sink_len_ptr,
+    tk_ptr, stk_b, stk_h, stk_t,
+    tv_ptr, stv_b, stv_h, stv_t,
+    tail_len_ptr,
+    nk_ptr, snk_b, snk_h, snk_t,
+    nv_ptr, snv_b, snv_h, snv_t,
+    po_ptr, pm_ptr, pl_ptr,
+    qk_scale,
+    HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr,
+    D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, M_BLOCK: tl.constexpr, TC: tl.constexpr, DC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    mb = tl.program_id(2)
+    b = bh // HKV
+    h = bh % HKV
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    MROWS: tl.constexpr = GROUP * L
+
+    # Query rows of this program: row = (query head within the group) * L + query index.
+    rows = mb * M_BLOCK + tl.arange(0, M_BLOCK)
+    row_ok = rows < MROWS
+    q_head = h * GROUP + rows // L
+    q_pos = rows % L
+    d = tl.arange(0, D)
+    q_off = b64 * sq_b + q_head.to(tl.int64) * sq_h + q_pos.to(tl.int64) * sq_l
+    q16 = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    q = q16.to(tl.float32)
+
+    m_i = tl.full([M_BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([M_BLOCK], tl.float32)
+    acc = tl.zeros([M_BLOCK, D], tl.float32)
+
+    if split == 0:
+        # 16-bit segments. New tokens first: every query sees at least new token 0, so the
+        # running max is finite before fully masked segments (empty sink or tail) arrive.
+        m_i, l_i, acc = _attend_dense(
+            q, q16, m_i, l_i, acc, nk_ptr + b64 * snk_b + h64 * snk_h, nv_ptr + b64 * snv_b + h64 * snv_h,
+            snk_t, L, q_pos, qk_scale, L_PAD, L_PAD, D, True, INTERPRET,
+        )  # fmt: skip
+        sink_len = tl.load(sink_len_ptr + b)
+        m_i, l_i, acc = _attend_dense(
+            q, q16, m_i, l_i, acc, sk_ptr + b64 * ssk_b + h64 * ssk_h, sv_ptr + b64 * ssv_b + h64 * ssv_h,
+            ssk_t, sink_len, q_pos, qk_scale, G, DC, D, False, INTERPRET,
+        )  # fmt: skip
+        tail_len = tl.load(tail_len_ptr + b)
+        m_i, l_i, acc = _attend_dense(
+            q, q16, m_i, l_i, acc, tk_ptr + b64 * stk_b + h64 * stk_h, tv_ptr + b64 * stv_b + h64 * stv_h,
+            stk_t, tail_len, q_pos, qk_scale, G, DC, D, False, INTERPRET,
+        )  # fmt: skip
+    else:
+        n_tiles = tl.load(ntiles_ptr + b)
+        per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+        start = (split - 1) * per_split
+        end = tl.minimum(start + per_split, n_tiles)
+        kc_base = kc_ptr + b64 * skc_b + h64 * skc_h
+        ka_base = ka_ptr + b64 * ska_b + h64 * ska_h
+        kz_base = kz_ptr + b64 * skz_b + h64 * skz_h
+        kr_base = kr_ptr + b64 * skr_b + h64 * skr_h
+        vc_base = vc_ptr + b64 * svc_b + h64 * svc_h
+        va_base = va_ptr + b64 * sva_b + h64 * sva_h
+        vz_base = vz_ptr + b64 * svz_b + h64 * svz_h
+        vs_base = vs_ptr + b64 * svs_b + h64 * svs_h
+        if INTERPRET:
+            # Triton's interpreter cannot take a loaded scalar as a range() bound under numpy 2.
+            j = start
+            while j < end:
+                m_i, l_i, acc = _attend_tile(
+                    q, m_i, l_i, acc, j, kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, qk_scale, D, G, KB, VB, TC, INTERPRET,
+                )  # fmt: skip
+                j += 1
+        else:
+            for j in range(start, end):
+                m_i, l_i, acc = _attend_tile(
+                    q, m_i, l_i, acc, j, kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, qk_scale, D, G, KB, VB, TC, INTERPRET,
+                )  # fmt: skip
+
+    # Partials: [B*Hkv, 1 + NUM_SPLITS, MROWS, (D)].
+    slot = (bh * (NUM_SPLITS + 1) + split).to(tl.int64) * MROWS + rows
+    tl.store(pm_ptr + slot, m_i, mask=row_ok)
+    tl.store(pl_ptr + slot, l_i, mask=row_ok)
+    tl.store(po_ptr + slot[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_kernel(
+    po_ptr, pm_ptr, pl_ptr, out_ptr, so_b, so_h, so_l,
+    HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
+    S1: tl.constexpr, S1_PAD: tl.constexpr,
+):  # fmt: skip
+    """One program per query row: log-sum-exp combination of the 1 + num_splits partials."""
+    pid = tl.program_id(0)
+    MROWS: tl.constexpr = GROUP * L
+    bh = pid // MROWS
+    row = pid % MROWS
+    s = tl.arange(0, S1_PAD)
+    d = tl.arange(0, D)
+    ok = s < S1
+    slot = (bh * S1 + s).to(tl.int64) * MROWS + row
+    m = tl.load(pm_ptr + slot, mask=ok, other=float("-inf"))
+    lsum = tl.load(pl_ptr + slot, mask=ok, other=0.0)
+    m_max = tl.max(m, axis=0)  # finite: the 16-bit partial always holds new token 0
+    w = tl.exp2(m - m_max)
+    o = tl.load(po_ptr + slot[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
+    b = bh // HKV
+    h = bh % HKV
+    q_head = h * GROUP + row // L
+    q_pos = row % L
+    off = b.to(tl.int64) * so_b + q_head.to(tl.int64) * so_h + q_pos.to(tl.int64) * so_l
+    tl.store(out_ptr + off + d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Tile splits per (row, KV head): enough programs to fill the GPU about twice over.
+
+    Depends only on the batch shape and the device (never on the context length), so a decode
+    step's launch configuration is fixed and CUDA graphs can capture it.
+    """
+    sms = (
+        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type == "cuda"
+        else 4
+    )
+    return max(1, min(64, -(-2 * sms // max(1, batch * kv_heads))))
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def supports(
+    head_dim: int, tile_size: int, key_bits: int, value_bits: int, num_queries: int, dtype
+) -> str | None:
+    """None when the kernel handles these shapes, else the reason it does not."""
+    if not _is_pow2(head_dim) or head_dim < 16 or head_dim > 256:
+        return f"head_dim={head_dim} is not a power of two in [16, 256]"
+    if not _is_pow2(tile_size) or tile_size < 16:
+        return f"tile_size={tile_size} is not a power of two >= 16"
+    if key_bits not in KERNEL_BITS or value_bits not in KERNEL_BITS:
+        return f"key_bits={key_bits}, value_bits={value_bits}: the kernel decodes {list(KERNEL_BITS)} bits"
+    if not 1 <= num_queries <= MAX_QUERIES:
+        return f"{num_queries} new queries per row; the kernel takes 1..{MAX_QUERIES}"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} is not float16/bfloat16/float32"
+    return None
+
+
+def _inner_contiguous(x: torch.Tensor, inner: int) -> torch.Tensor:
+    """Keep the layout when the last ``inner`` dims are dense (slices of a capacity buffer are)."""
+    shape, stride = x.shape[-inner:], x.stride()[-inner:]
+    expected = 1
+    for size, st in zip(reversed(shape), reversed(stride), strict=True):
+        if size > 1 and st != expected:
+            return x.contiguous()
+        expected *= size
+    return x
+
+
+def _check(name: str, x: torch.Tensor, shape: tuple, dtype=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype}, expected {dtype}")
+
+
+def quantized_decode_attention(
+    query, k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
+    n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
+    key_bits, value_bits, scaling, *, max_tiles: int | None = None, out: torch.Tensor | None = None,
+    num_splits: int | None = None, m_block: int | None = None, token_chunk: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
+
+    All tensors in the cache (rotated) frame; returns ``[B, Hq, L, D]`` in the query dtype.
+    ``max_tiles`` (a host-side bound on ``n_tiles``) is accepted for the backend seam and ignored:
+    the launch never depends on lengths. ``out`` (optional, ``[B, Hq, L, D]`` in the query dtype)
+    receives the result, e.g. a static buffer for CUDA-graph capture. ``num_splits`` / ``m_block`` / ``token_chunk`` / ``num_warps`` / ``num_stages`` override the launch tuning
+    (benchmarks); the defaults depend only on shapes, never on lengths.
+    """
+    if query.ndim != 4:
+        raise ValueError(f"query must be [B, Hq, L, D], got shape {tuple(query.shape)}")
+    bsz, hq, nq, hd = query.shape
+    if k_codes.ndim != 5:
+        raise ValueError(f"k_codes must be [B, Hkv, Ncap, D, G*kb/8], got shape {tuple(k_codes.shape)}")
+    hkv, ncap = k_codes.shape[1], k_codes.shape[2]
+    g = k_token_scale.shape[-1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    reason = supports(hd, g, key_bits, value_bits, nq, query.dtype)
+    if reason:
+        raise ValueError(f"the Triton decode kernel does not handle this input: {reason}")
+    md = k_scale.dtype
+    _check("k_codes", k_codes, (bsz, hkv, ncap, hd, g * key_bits // 8), torch.uint8)
+    _check("k_scale", k_scale, (bsz, hkv, ncap, hd))
+    _check("k_zero", k_zero, (bsz, hkv, ncap, hd), md)
+    _check("k_token_scale", k_token_scale, (bsz, hkv, ncap, g), md)
+    _check("v_codes", v_codes, (bsz, hkv, ncap, g, hd * value_bits // 8), torch.uint8)
+    _check("v_scale", v_scale, (bsz, hkv, ncap, g), md)
+    _check("v_zero", v_zero, (bsz, hkv, ncap, g), md)
+    _check("v_channel_scale", v_channel_scale, (bsz, hkv, ncap, hd), md)
+    for name, x in (("n_tiles", n_tiles), ("sink_len", sink_len), ("tail_len", tail_len)):
+        _check(name, x, (bsz,), torch.int32)
+    for name, x in (("sink_k", sink_k), ("sink_v", sink_v), ("tail_k", tail_k), ("tail_v", tail_v)):
+        _check(name, x, (bsz, hkv, g, hd))
+    _check("new_k", new_k, (bsz, hkv, nq, hd))
+    _check("new_v", new_v, (bsz, hkv, nq, hd))
+    devs = {t.device for t in (query, k_codes, n_tiles, sink_k, tail_k, new_k)}
+    if len(devs) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(str(x) for x in devs)}")
+
+    group = hq // hkv
+    mrows = group * nq
+    if m_block is None:
+        # Query rows per program. Beyond 32 rows Triton's Hopper path switched to warpgroup MMAs
+        # and the first GPU run faulted (docs/gpu.md); 32 keeps mma.sync. Larger groups x
+        # queries take several row blocks (codes re-read per block: the multi-query path only).
+        m_block = 32
+    m_block = max(16, min(triton.next_power_of_2(mrows), m_block))
+    if token_chunk is None:
+        token_chunk = 32
+    token_chunk = min(token_chunk, g)
+    n_mb = triton.cdiv(mrows, m_block)
+    if num_splits is None:
+        num_splits = default_num_splits(bsz, hkv, query.device)
+    if num_warps is None:
+        num_warps = 4
+    if num_stages is None:
+        num_stages = 2
+
+    # The kernel indexes the leading dims by stride (capacity slices stay views) and assumes the
+    # innermost dims dense.
+    k_codes, v_codes = _inner_contiguous(k_codes, 2), _inner_contiguous(v_codes, 2)
+    k_scale, k_zero, k_token_scale, v_scale, v_zero, v_channel_scale = (
+        _inner_contiguous(x, 1) for x in (k_scale, k_zero, k_token_scale, v_scale, v_zero, v_channel_scale)
+    )
+    sink_k, sink_v, tail_k, tail_v, new_k, new_v, query = (
+        _inner_contiguous(x, 1) for x in (sink_k, sink_v, tail_k, tail_v, new_k, new_v, query)
+    )
+
+    s1 = num_splits + 1
+    dev = query.device
+    part_o = torch.empty(bsz * hkv, s1, mrows, hd, dtype=torch.float32, device=dev)
+    part_m = torch.empty(bsz * hkv, s1, mrows, dtype=torch.float32, device=dev)
+    part_l = torch.empty(bsz * hkv, s1, mrows, dtype=torch.float32, device=dev)
+    if POISON_WORKSPACE:  # checks: unwritten partials show up as NaN
+        part_o.fill_(float("nan"))
+        part_m.fill_(float("nan"))
+        part_l.fill_(float("nan"))
+    if out is None:
+        out = torch.empty(bsz, hq, nq, hd, dtype=query.dtype, device=dev)
+    else:
+        _check("out", out, (bsz, hq, nq, hd), query.dtype)
+        if out.stride(-1) != 1:
+            raise ValueError("out must have a contiguous last dim")
+
+    def st(x, n):
+        return [x.stride(i) for i in range(n)]
+
+    LAST_LAUNCH[0] = _decode_kernel[(s1, bsz * hkv, n_mb)](
+        query, *st(query, 3),
+        k_codes, *st(k_codes, 3), k_scale, *st(k_scale, 3), k_zero, *st(k_zero, 3),
+        k_token_scale, *st(k_token_scale, 3),
+        v_codes, *st(v_codes, 3), v_scale, *st(v_scale, 3), v_zero, *st(v_zero, 3),
+        v_channel_scale, *st(v_channel_scale, 3),
+        n_tiles,
+        sink_k, *st(sink_k, 3), sink_v, *st(sink_v, 3), sink_len,
+        tail_k, *st(tail_k, 3), tail_v, *st(tail_v, 3), tail_len,
+        new_k, *st(new_k, 3), new_v, *st(new_v, 3),
+        part_o, part_m, part_l,
+        float(scaling) * LOG2E,
+        HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, triton.next_power_of_2(nq)),
+        D=hd, G=g, KB=key_bits, VB=value_bits, NUM_SPLITS=num_splits, M_BLOCK=m_block, TC=token_chunk, DC=min(g, 32), INTERPRET=interpreting(),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    _merge_kernel[(bsz * hkv * mrows,)](
+        part_o, part_m, part_l, out, *st(out, 3),
+        HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=triton.next_power_of_2(s1),
+        num_warps=4 if hd * triton.next_power_of_2(s1) <= 8192 else 8,
+    )  # fmt: skip
+    return out
