@@ -141,18 +141,25 @@ def test_none_decodes_exactly_like_16_bit(runs):
     assert passkey["tables"][0]["columns"] == ["method", "200", "400"]
 
 
-def test_report_collects_every_suite(app, runs, tmp_path):
+@pytest.mark.parametrize("redraw", [False, True])
+def test_report_collects_every_suite(app, runs, tmp_path, redraw):
     out = tmp_path / "report"
-    result = invoke(app, ["report", *runs.values(), "--out", out])
+    result = invoke(app, ["report", *runs.values(), "--out", out, *(["--redraw"] if redraw else [])])
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     for suite in runs:
         assert f"kvarn eval {suite}" in markdown and f"<h2>{suite}</h2>" in html
-    images = list((out / "figures").glob("*.png"))
+    images = sorted((out / "figures").rglob("*.png"))
     assert len(images) >= 5
     for image in images:
-        assert f"figures/{image.name}" in markdown and f'src="figures/{image.name}"' in html
+        relative = image.relative_to(out).as_posix()
+        assert f"({relative})" in markdown and f'src="{relative}"' in html
+        assert image.read_bytes().startswith(PNG_MAGIC)
+    if redraw:  # redrawn from the JSON: the same figures the runs drew
+        for suite, folder in runs.items():
+            drawn = {p.name for p in folder.glob("*.png")}
+            assert drawn == {p.name for p in (out / "figures").glob(f"*-{suite}/*.png")}
 
 
 @pytest.fixture

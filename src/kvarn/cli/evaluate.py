@@ -341,13 +341,17 @@ def register(app: typer.Typer) -> None:
         ],
         out: Annotated[Path, typer.Option("--out", help="report folder")] = Path("kvarn-eval/report"),
         title: Annotated[str, typer.Option("--title")] = "kvarn evaluation",
+        redraw: Annotated[
+            bool,
+            typer.Option("--redraw", help="redraw the plots from the saved numbers instead of copying them"),
+        ] = False,
     ) -> None:
         """Collect result folders into report.md and report.html with every table and plot."""
         from kvarn.eval.common import EvalInputError
         from kvarn.eval.report import write_report
 
         try:
-            written = write_report(results, out, title)
+            written = write_report(results, out, title, redraw=redraw)
         except EvalInputError as exc:
             raise _error(str(exc)) from None
         typer.echo(f"wrote {', '.join(str(p) for p in written)}")

@@ -280,24 +280,41 @@ def run_accumulation(
     return SuiteResult("accumulation", settings, tables, figures, data)
 
 
+def replot(result: SuiteResult, out: Path) -> list[Figure]:
+    """Redraw the figures of a saved result (its JSON holds every error sum)."""
+    sums = {}
+    for regime, per_method in result.data["sums"].items():
+        sums[regime] = {}
+        for name, raw in per_method.items():
+            s = ErrorSums(0, 0)
+            s.abs_err, s.ref_abs, s.count = (
+                np.array(raw[k], dtype=float) for k in ("abs_err", "ref_abs", "count")
+            )
+            sums[regime][name] = s
+    names = [m["name"] for m in result.settings["methods"]]
+    return make_figures(sums, result.data["chunk_ends"], names, Path(out))
+
+
 def make_figures(sums, ends: list[int], names: list[str], out: Path) -> list[Figure]:
+    """The paper's pair (K2V2 KVarN vs KIVI), then every method by context and by layer, one row per preset."""
     quantized = [n for n in names if n != "none"]
     figures = []
 
-    def context_panels(selected):
-        panels = []
-        for regime in REGIMES:
-            series = {}
-            for name in selected:
-                series[name] = (ends, [_value(v) for v in sums[regime][name].by_chunk()[1]])
-            panels.append((regime, series))
-        return panels
+    def by_context(selected, regime):
+        return {name: (ends, [_value(v) for v in sums[regime][name].by_chunk()[1]]) for name in selected}
+
+    def by_layer(selected, regime):
+        series = {}
+        for name in selected:
+            rel = sums[regime][name].by_layer()[1]
+            series[name] = (list(range(len(rel))), [_value(v) for v in rel])
+        return series
 
     pair = [n for n in PAPER_PAIR if n in names]
     if len(pair) == 2:
         plots.line_panels(
             out / "accumulation_kvarn_vs_kivi_k2v2.png",
-            context_panels(pair),
+            [(regime, by_context(pair, regime)) for regime in REGIMES],
             "context length (tokens)",
             "relative attention-output error",
             logy=True,
@@ -307,27 +324,21 @@ def make_figures(sums, ends: list[int], names: list[str], out: Path) -> list[Fig
             Figure("accumulation_kvarn_vs_kivi_k2v2.png", "K2V2 KVarN vs KIVI (the paper's figure)")
         )
     if quantized:
-        plots.line_panels(
-            out / "accumulation_by_context.png",
-            context_panels(quantized),
-            "context length (tokens)",
-            "relative attention-output error",
-            logy=True,
-        )
-        figures.append(Figure("accumulation_by_context.png", "Relative error vs context length, all layers"))
-        layer_panels = []
-        for regime in REGIMES:
-            series = {}
-            for name in quantized:
-                rel = sums[regime][name].by_layer()[1]
-                series[name] = (list(range(len(rel))), [_value(v) for v in rel])
-            layer_panels.append((regime, series))
-        plots.line_panels(
-            out / "accumulation_by_layer.png",
-            layer_panels,
-            "layer",
-            "relative attention-output error",
-            logy=True,
-        )
-        figures.append(Figure("accumulation_by_layer.png", "Relative error per layer, all positions"))
+        groups = plots.group_by_preset(quantized)
+        for key, fn, xlabel, caption in (
+            (
+                "context",
+                by_context,
+                "context length (tokens)",
+                "Relative error vs context length, all layers",
+            ),
+            ("layer", by_layer, "layer", "Relative error per layer, all positions"),
+        ):
+            grid = [
+                [(f"{regime} {preset}".strip(), fn(members, regime)) for regime in REGIMES]
+                for preset, members in groups.items()
+            ]
+            plots.line_grid(out / f"accumulation_by_{key}.png", grid, xlabel, "relative attention-output error",
+                            logy=True)  # fmt: skip
+            figures.append(Figure(f"accumulation_by_{key}.png", caption))
     return figures

@@ -145,6 +145,14 @@ def run_divergence(
     return SuiteResult("divergence", settings, tables, figures, {"generations": generations})
 
 
+def replot(result: SuiteResult, out: Path) -> list[Figure]:
+    """Redraw the figures of a saved result from its per-prompt table."""
+    survival: dict[str, list[tuple[int | None, int]]] = {}
+    for _, name, ref_len, length, step, _ in result.table("per_prompt").rows:
+        survival.setdefault(name, []).append((step, max(ref_len, length)))
+    return make_figures(survival, result.settings["max_new_tokens"], Path(out))
+
+
 def make_figures(survival_lengths, max_new_tokens: int, out: Path) -> list[Figure]:
     """Fraction of prompts whose generation still equals the 16-bit one after t steps."""
     series = {}
@@ -156,10 +164,12 @@ def make_figures(survival_lengths, max_new_tokens: int, out: Path) -> list[Figur
         series[name] = (xs, ys)
     if not series:
         return []
+    panels = [
+        (f"greedy decoding {preset}".strip(), {name: series[name] for name in members})
+        for preset, members in plots.group_by_preset(list(series)).items()
+    ]
     plots.line_panels(
-        out / "divergence_survival.png",
-        [("greedy decoding", series)],
-        "generated tokens",
-        "fraction still identical to 16-bit",
-    )
+        out / "divergence_survival.png", panels, "generated tokens", "fraction still identical to 16-bit",
+        legend="panel",
+    )  # fmt: skip
     return [Figure("divergence_survival.png", "Fraction of prompts whose tokens still match 16-bit decoding")]

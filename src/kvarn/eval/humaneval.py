@@ -227,6 +227,10 @@ def run_humaneval(
     return SuiteResult("humaneval", settings, tables, figures, data)
 
 
+def replot(result: SuiteResult, out: Path) -> list[Figure]:
+    return make_figures(result.table("summary").rows, Path(out))
+
+
 def make_figures(summary_rows, out: Path) -> list[Figure]:
     labels = [r[0] for r in summary_rows]
     plots.grouped_bars(

@@ -162,12 +162,7 @@ def run_passkey(
     ]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots.line_panels(
-        out / "passkey.png",
-        [("passkey retrieval", {row[0]: (lengths, row[1:]) for row in accuracy_rows})],
-        "prompt length (tokens)",
-        "accuracy",
-    )
+    figures = make_figures(accuracy_rows, lengths, out)
     settings = {
         "model": loaded.describe(),
         "methods": method_settings(methods),
@@ -196,6 +191,23 @@ def run_passkey(
             markdown=len(trial_rows) <= 60,
         ),
     ]
-    return SuiteResult(
-        "passkey", settings, tables, [Figure("passkey.png", "Passkey accuracy vs prompt length")]
-    )
+    return SuiteResult("passkey", settings, tables, figures)
+
+
+def replot(result: SuiteResult, out: Path) -> list[Figure]:
+    return make_figures(result.table("accuracy").rows, result.settings["lengths"], Path(out))
+
+
+def make_figures(accuracy_rows, lengths: list[int], out: Path) -> list[Figure]:
+    labels = [row[0] for row in accuracy_rows]
+    accuracy = {row[0]: (lengths, row[1:]) for row in accuracy_rows}
+    groups = plots.group_by_preset([label for label in labels if label != "16-bit"])
+    panels = [
+        (
+            f"passkey retrieval {preset}".strip(),
+            {"16-bit": accuracy["16-bit"], **{m: accuracy[m] for m in members}},
+        )
+        for preset, members in groups.items()
+    ]
+    plots.line_panels(out / "passkey.png", panels, "prompt length (tokens)", "accuracy", legend="panel")
+    return [Figure("passkey.png", "Passkey accuracy vs prompt length")]

@@ -235,21 +235,36 @@ def run_perplexity(
     return SuiteResult("perplexity", settings, tables, figures, data)
 
 
+def replot(result: SuiteResult, out: Path) -> list[Figure]:
+    """Redraw the figures of a saved result from its tables."""
+    names = [m["name"] for m in result.settings["methods"]]
+    return make_figures(
+        result.table("by_bucket").rows,
+        result.table("summary").rows,
+        names,
+        result.settings["modes"],
+        Path(out),
+    )
+
+
 def make_figures(bucket_rows, summary_rows, names, modes, out: Path) -> list[Figure]:
     quantized = [n for n in names if n != "none"]
     figures = []
     if not quantized:
         return figures
-    panels = []
-    for mode in modes:
-        series = {}
-        for name in quantized:
-            rows = [r for r in bucket_rows if r[0] == name and r[1] == mode]
-            series[name] = ([(r[2] + r[3]) / 2 for r in rows], [r[6] for r in rows])
-        panels.append((f"{mode} mode", series))
-    plots.line_panels(
+    grid = []
+    for preset, members in plots.group_by_preset(quantized).items():
+        row = []
+        for mode in modes:
+            series = {}
+            for name in members:
+                rows = [r for r in bucket_rows if r[0] == name and r[1] == mode]
+                series[name] = ([(r[2] + r[3]) / 2 for r in rows], [r[6] for r in rows])
+            row.append((f"{mode} mode {preset}".strip(), series))
+        grid.append(row)
+    plots.line_grid(
         out / "perplexity_kl_by_position.png",
-        panels,
+        grid,
         "position of the predicted token",
         "mean KL to 16-bit",
         logy=True,

@@ -39,20 +39,39 @@ def find_results(paths: list[str | Path]) -> list[tuple[Path, SuiteResult]]:
     return sorted(found, key=order)
 
 
-def write_report(paths: list[str | Path], out_dir: str | Path, title: str = "kvarn evaluation") -> list[Path]:
-    """Write ``report.md`` and ``report.html`` into ``out_dir``, copying the plots next to them."""
+def replot(result: SuiteResult, out: Path) -> list:
+    """Redraw a result's figures from its JSON with the current plotting code."""
+    import importlib
+
+    if result.suite not in SUITE_ORDER:
+        raise EvalInputError(f"cannot replot unknown suite {result.suite!r}")
+    module = importlib.import_module(f"kvarn.eval.{result.suite}")
+    return module.replot(result, out)
+
+
+def write_report(
+    paths: list[str | Path], out_dir: str | Path, title: str = "kvarn evaluation", redraw: bool = False
+) -> list[Path]:
+    """Write ``report.md`` and ``report.html`` into ``out_dir`` with every result's tables and figures.
+
+    Figures go to ``figures/<index>-<suite>/``: copied from the result folders, or redrawn from the
+    JSON files (``redraw=True``; needs no model, only the saved numbers).
+    """
     results = find_results(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures_dir = out / "figures"
     sections, prefixes = [f"# {title}", ""], []
     for index, (json_path, result) in enumerate(results):
-        prefix = f"figures/{index:02d}-{result.suite}-"
-        for fig in result.figures:
-            source = json_path.parent / fig.file
-            if source.is_file():
-                figures_dir.mkdir(exist_ok=True)
-                shutil.copyfile(source, out / f"{prefix}{fig.file}")
+        prefix = f"figures/{index:02d}-{result.suite}/"
+        target = out / prefix
+        target.mkdir(parents=True, exist_ok=True)
+        if redraw:
+            result.figures = replot(result, target)
+        else:
+            for fig in result.figures:
+                source = json_path.parent / fig.file
+                if source.is_file():
+                    shutil.copyfile(source, target / fig.file)
         prefixes.append(prefix)
         sections += [
             f"<!-- from {json_path} -->",
