@@ -26,6 +26,7 @@ import torch
 
 from kvarn.attention.triton import decode as tdecode
 from kvarn.attention.triton import decode_tc as tdecode_tc
+from kvarn.attention.triton import decode_v2 as tdecode_v2
 from kvarn.attention.triton.compress import compress_tiles
 from kvarn.attention.triton.reference import quantized_decode_attention_reference
 from kvarn.attention.triton.testing import random_kv, random_layer_storage, relative_error
@@ -36,8 +37,9 @@ from kvarn.method.packing import unpack_codes
 
 DEVICE = "cuda"  # --device cpu (with TRITON_INTERPRET=1) smoke-tests this script without a GPU
 LINES: list[str] = []
-# Decode kernels by name: v3 (decode.py, hi/lo bf16 chunks) and tc (decode_tc.py, bit planes).
-KERNELS = {"v3": tdecode, "tc": tdecode_tc}
+# Decode kernels by name: v3 (decode.py, hi/lo bf16 chunks), tc (decode_tc.py, bit planes) and v2
+# (decode_v2.py, the kernel the dispatch runs until another one passes here).
+KERNELS = {"v3": tdecode, "tc": tdecode_tc, "v2": tdecode_v2}
 FAILURES: list[str] = []
 
 
@@ -314,7 +316,7 @@ def main() -> int:
     ap.add_argument("--only-decode", type=int, default=None, help="run one decode case (used internally)")
     ap.add_argument("--skip-compress", action="store_true")
     ap.add_argument("--decode-cases", default=None, help="comma-separated decode case indices (default: all)")
-    ap.add_argument("--decode-kernels", default="v3,tc", help="comma-separated decode kernels: v3, tc")
+    ap.add_argument("--decode-kernels", default="v3,tc", help="comma-separated decode kernels: v3, tc, v2")
     ap.add_argument("--workers", type=int, default=4, help="decode cases checked in parallel processes")
     args = ap.parse_args()
     global DEVICE
@@ -328,6 +330,7 @@ def main() -> int:
     log(f"device {name}, torch {torch.__version__}, triton {triton.__version__}")
     tdecode.POISON_WORKSPACE = True
     tdecode_tc.POISON_WORKSPACE = True
+    tdecode_v2.POISON_WORKSPACE = True
     t0 = time.time()
     bf, f16, f32 = torch.bfloat16, torch.float16, torch.float32
     compress_cases = [
