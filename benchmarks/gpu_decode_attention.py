@@ -136,8 +136,14 @@ def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool, sweep_v3: bool 
     best_tc = (t_tc, "default")
     if sweep:
         for sp in sorted({max(1, tc_splits // 2), tc_splits, tc_splits * 2}):
-            for nw, qs in ((4, True), (8, True), (4, False), (8, False)):
-                cfg = dict(num_splits=sp, num_warps=nw, qa_split=qs)
+            for nw, qs, pf in (
+                (4, True, False),
+                (8, True, False),
+                (8, True, True),
+                (8, False, True),
+                (4, False, False),
+            ):
+                cfg = dict(num_splits=sp, num_warps=nw, qa_split=qs, prefetch=pf)
                 try:
                     t = bench(tc(**cfg))
                 except Exception as exc:

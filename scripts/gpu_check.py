@@ -372,6 +372,8 @@ def main() -> int:
         (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"num_warps": 8}}),
         (f16, 128, 128, 4, 3, 2, 4, 2, 40, {"tc_launch": {"num_warps": 8, "num_stages": 3}}),
         (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"num_stages": 3}}),
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"num_warps": 8, "prefetch": True}}),
+        (f16, 64, 64, 8, 3, 4, 2, 2, 40, {"tc_launch": {"prefetch": True}}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]

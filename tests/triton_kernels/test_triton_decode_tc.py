@@ -60,15 +60,16 @@ def test_decode_tc_matches_reference(group, nq, d, g, kb, vb, dtype, nt, sl, tl)
     _check(kw, num_splits=2)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_decode_tc_split_count_does_not_change_result(num_splits):
-    """More splits than tiles leaves empty splits; they must merge away cleanly."""
+@pytest.mark.parametrize("num_splits,prefetch", [(1, False), (3, True), (8, False), (8, True)])
+def test_decode_tc_split_count_does_not_change_result(num_splits, prefetch):
+    """More splits than tiles leaves empty splits; they must merge away cleanly. With prefetch the
+    key codes come one tile ahead (the last look-ahead is masked off)."""
     cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32, metadata_dtype=torch.float32)
     kw = random_layer_storage(
         batch=2, kv_heads=1, group=4, num_queries=1, head_dim=64, config=cfg,
         n_tiles=[5, 2], sink_len=[32, 32], tail_len=[3, 30], capacity=6, dtype=torch.float16,
     )  # fmt: skip
-    _check(kw, num_splits=num_splits)
+    _check(kw, num_splits=num_splits, prefetch=prefetch)
 
 
 def test_decode_tc_multi_query_many_rows():
@@ -78,7 +79,7 @@ def test_decode_tc_multi_query_many_rows():
         batch=1, kv_heads=1, group=8, num_queries=16, head_dim=64, config=cfg,
         n_tiles=[2], sink_len=[32], tail_len=[13], capacity=3, dtype=torch.float16,
     )  # fmt: skip
-    _check(kw, num_splits=2)
+    _check(kw, num_splits=2, prefetch=True)
 
 
 def test_decode_tc_without_query_split_is_close():
