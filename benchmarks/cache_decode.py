@@ -10,7 +10,9 @@ the median over rounds.
     python benchmarks/cache_decode.py --contexts 1024 --rounds 3 --threads 1
 
 Columns: decode tokens/s (decode steps / their wall time), ratio to DynamicCache in the same
-round, peak RSS of the worker, KV bytes held after decoding (KVarN: real tensors incl. sink and
+round, prefill seconds, peak RSS of the worker (over its whole life, prefill included), resident
+memory after decoding (after malloc_trim: what the process holds with the cache), KV bytes held
+after decoding (KVarN: real tensors incl. sink and
 tail; QuantizedCache: quantized tensors + residual), and the KVarN tile bytes relative to 16-bit
 for the same tokens (the "beyond sink and tail" figure).
 """
@@ -18,6 +20,7 @@ for the same tokens (the "beyond sink and tail" figure).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -45,6 +48,17 @@ def _kv_bytes_quantized(cache) -> int:
             if t is not None:
                 total += t.numel() * t.element_size()
     return total
+
+
+def current_rss_mb() -> float:
+    """Resident memory now, after handing freed heap pages back to the OS (glibc malloc_trim)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/statm") as fh:
+        resident_pages = int(fh.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def worker(args) -> dict:
@@ -76,7 +90,9 @@ def worker(args) -> dict:
         raise ValueError(args.cache)
 
     start = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    chunk = args.prefill_chunk or args.context
+    for c0 in range(0, args.context, chunk):
+        out = model(ids[:, c0 : c0 + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - start
     token = out.logits[:, -1:].argmax(-1)
     steps = []
@@ -94,6 +110,7 @@ def worker(args) -> dict:
         "decode_tok_s": len(steps) / sum(steps),
         "median_step_ms": 1e3 * statistics.median(steps),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**20,
+        "rss_after_mb": current_rss_mb(),
         "baseline_rss_mb": baseline_rss / 2**20,
     }
     if args.cache == "dynamic":
@@ -115,6 +132,7 @@ def worker(args) -> dict:
 def run_worker(context: int, cache: str, args) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", "--context", str(context), "--cache", cache]
     cmd += ["--new-tokens", str(args.new_tokens), "--warmup", str(args.warmup), "--preset", args.preset]
+    cmd += ["--prefill-chunk", str(args.prefill_chunk)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.model:
@@ -137,6 +155,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--preset", default="k4v2")
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=0, help="prefill in calls of this many tokens (0: one call)"
+    )
     parser.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct GGUF)")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--json", default=None, help="also write all results to this file")
@@ -203,7 +224,7 @@ def main() -> None:
         for cache in args.caches:
             tok = median(context, cache, "decode_tok_s")
             if tok is None:
-                table.add_row(str(context), cache, "failed", "", "", "", "", "")
+                table.add_row(str(context), cache, "failed", "", "", "", "", "", "")
                 continue
             table.add_row(
                 str(context),
@@ -212,6 +233,7 @@ def main() -> None:
                 fmt(ratio(context, cache)),
                 fmt(median(context, cache, "prefill_s"), ".1f"),
                 fmt(median(context, cache, "peak_rss_mb"), ".0f"),
+                fmt(median(context, cache, "rss_after_mb"), ".0f"),
                 fmt(median(context, cache, "kv_mb"), ".1f"),
                 fmt(median(context, cache, "tile_bytes_vs_16bit"), ".3f"),
             )

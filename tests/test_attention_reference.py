@@ -11,7 +11,11 @@ from kvarn.attention.unpack import code_planes, plane_count
 from kvarn.codec import decode_tiles, encode_tiles
 from kvarn.config import KVarNConfig
 from kvarn.method.packing import pack_codes, unpack_codes
-from tests.test_cache_common import plain_attention, random_kv
+from tests.test_cache_common import (
+    one_torch_thread,  # noqa: F401  (autouse fixture: one torch thread)
+    plain_attention,
+    random_kv,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

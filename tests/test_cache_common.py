@@ -27,6 +27,17 @@ from kvarn.integrations.transformers import register
 
 register()
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and one thread does not stall when other processes
+    load the cores (OpenMP barriers on a busy machine can make every op 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3")
 VOCAB = 256
 

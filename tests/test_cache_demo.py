@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from kvarn.cli.demo import agreement, register
 from kvarn.integrations.models import save_tiny_model
+from tests.test_cache_common import one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,11 @@ from kvarn.cache import CacheUsageError, KVarNLayer
 from kvarn.codec import tile_nbytes
 from kvarn.config import PRESETS, KVarNConfig
 from kvarn.fake_quant import fake_quantize
-from tests.test_cache_common import plain_attention, random_kv
+from tests.test_cache_common import (
+    one_torch_thread,  # noqa: F401  (autouse fixture: one torch thread)
+    plain_attention,
+    random_kv,
+)
 
 HQ, HKV, DIM, TILE = 4, 2, 64, 32
 # Call lengths crossing tile boundaries mid-prefill (45, 20) and mid-decode (the 1-token call that

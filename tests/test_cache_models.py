@@ -11,7 +11,14 @@ import kvarn.cache.layer as layer_module
 from kvarn.cache import CacheUsageError, KVarNCache, KVarNLayer, UnsupportedModelError
 from kvarn.config import PRESETS, KVarNConfig
 from kvarn.integrations.transformers import cache_for, enable
-from tests.test_cache_common import ARCHS, VOCAB, DenseOracleCache, plain_attention, tiny_model
+from tests.test_cache_common import (
+    ARCHS,
+    VOCAB,
+    DenseOracleCache,
+    one_torch_thread,  # noqa: F401  (autouse fixture: one torch thread)
+    plain_attention,
+    tiny_model,
+)
 
 TILE = 32
 

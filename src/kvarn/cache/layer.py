@@ -40,6 +40,7 @@ from kvarn.method.hadamard import hadamard_matrix, hadamard_transform
 # Calls with at most this many new tokens (all real) go through the decode seam (where a fused
 # kernel can take over); longer ones (prefill) use the chunked reference with query blocks.
 DECODE_MAX_QUERIES = 16
+ROTATE_CHUNK = 2048  # tokens rotated per float64 product when a long prefill enters the cache
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -218,7 +219,13 @@ class KVarNLayer(CacheLayerMixin):
         """
         if not self.quant.rotate:
             return x
-        return (x.double() @ _rotation(self.head_dim, torch.float64, x.device)).to(x.dtype)
+        rot = _rotation(self.head_dim, torch.float64, x.device)
+        if x.shape[2] <= ROTATE_CHUNK:
+            return (x.double() @ rot).to(x.dtype)
+        out = torch.empty_like(x)  # long prefill: bound the float64 temporaries
+        for t0 in range(0, x.shape[2], ROTATE_CHUNK):
+            out[:, :, t0 : t0 + ROTATE_CHUNK] = (x[:, :, t0 : t0 + ROTATE_CHUNK].double() @ rot).to(x.dtype)
+        return out
 
     def _check_owner(self, module) -> None:
         if self._owner is not None and self.columns > 0:
