@@ -136,14 +136,14 @@ def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool, sweep_v3: bool 
     best_tc = (t_tc, "default")
     if sweep:
         for sp in sorted({max(1, tc_splits // 2), tc_splits, tc_splits * 2}):
-            for nw, qs, pf in (
-                (4, True, False),
-                (8, True, False),
-                (8, True, True),
-                (8, False, True),
-                (4, False, False),
+            for nw, qs, pf, asm in (
+                (4, True, False, False),
+                (4, True, False, True),
+                (4, True, True, True),
+                (8, True, True, True),
+                (4, False, False, True),
             ):
-                cfg = dict(num_splits=sp, num_warps=nw, qa_split=qs, prefetch=pf)
+                cfg = dict(num_splits=sp, num_warps=nw, qa_split=qs, prefetch=pf, unpack_asm=asm)
                 try:
                     t = bench(tc(**cfg))
                 except Exception as exc:

@@ -374,6 +374,10 @@ def main() -> int:
         (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"num_stages": 3}}),
         (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"num_warps": 8, "prefetch": True}}),
         (f16, 64, 64, 8, 3, 4, 2, 2, 40, {"tc_launch": {"prefetch": True}}),
+        # hand-written PTX plane extraction (never run before a GPU run: the interpreter skips it)
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"unpack_asm": True}}),
+        (f16, 128, 64, 4, 3, 3, 2, 4, 20, {"tc_launch": {"unpack_asm": True, "prefetch": True}}),
+        (bf, 128, 64, 8, 2, 1, 8, 8, 20, {"tc_launch": {"unpack_asm": True, "num_warps": 8}}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]

@@ -167,3 +167,28 @@ def test_decode_v2_copy_matches_reference(kb, vb, dtype):
     ref = _reference(kw)
     floor = relative_error(ref.to(dtype), ref)
     assert relative_error(out, ref) < 2.5 * floor + 1e-4
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_plane_asm_constants_decode_every_byte(bits):
+    """The PTX plane extraction (GPU only, so not run here) emulated bit for bit on its own
+    constants: every byte value gives code j exactly for every plane j."""
+    import re
+    import struct
+
+    import numpy as np
+
+    for j in range(8 // bits):
+        text = decode_tc._plane_asm_text(bits, j)
+        mask = int(re.search(r"lop3\.b32 t0, t0, 0x([0-9A-F]{8})", text).group(1), 16) & 0xFFFF
+        scale = int(re.search(r"mov\.b32 s, 0x([0-9A-F]{8})", text).group(1), 16) & 0xFFFF
+        bias = int(re.search(r"mov\.b32 c, 0x([0-9A-F]{8})", text).group(1), 16) & 0xFFFF
+        assert "0x4140" in text and "0x4342" in text  # bytes 0,1 and 2,3 into 16-bit lanes
+
+        def f16(h: int) -> np.float16:
+            return np.frombuffer(struct.pack("<H", h), dtype=np.float16)[0]
+
+        for byte in range(256):
+            lane = (byte & mask) | 0x6400  # lop3 (a & b) | c with the byte in a 16-bit lane
+            value = np.float32(f16(lane)) * np.float32(f16(scale)) + np.float32(f16(bias))
+            assert np.float16(value) == (byte >> (bits * j)) & ((1 << bits) - 1)
