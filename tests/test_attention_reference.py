@@ -183,7 +183,8 @@ def test_reference_chunking_does_not_change_result():
     chunked = quantized_attention_reference(
         query, *args, new_k, new_v, 4, 2, 0.125, chunk_tokens=32, query_chunk=5, key_chunk=2
     )
-    torch.testing.assert_close(one_shot, chunked, rtol=1e-5, atol=1e-5)
+    # float32 rounding only (outputs reach ~100 here: outlier channels)
+    torch.testing.assert_close(one_shot, chunked, rtol=1e-5, atol=1e-5 * float(one_shot.abs().max()))
 
 
 def test_reference_ignores_garbage_beyond_valid_counts():

@@ -143,9 +143,9 @@ def _attend_tiles(
     planes = code_planes(k_codes[:, :, c0:c1], key_bits, cdt)  # [B, H, C, k, D, G/k]
     qa = qe * k_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, M, D]
     scores = _to_natural(qa.unsqueeze(3) @ planes)  # [B, H, C, M, G]
-    z = k_zero[:, :, c0:c1].to(cdt).unsqueeze(-1)  # [B, H, C, D, 1]
+    qz = k_zero[:, :, c0:c1].to(cdt) @ q.transpose(-1, -2)  # [B, H, C, M]: sum_d q[d] z[d]
     r = k_token_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, 1, G]
-    scores = (scores + qe @ z) * r
+    scores = (scores + qz.unsqueeze(-1)) * r
     if not all_valid:  # some row has fewer than c1 tiles: mask its empty slots
         tile_ids = torch.arange(c0, c1, device=q.device)
         valid = tile_ids[None, :] < n_tiles[:, None].to(torch.long)  # [B, C]
@@ -211,7 +211,7 @@ def quantized_attention_reference(
     if min_tiles is None:
         min_tiles = 0
     tiles_per_chunk = max(1, chunk_tokens // tile)
-    out = torch.empty_like(query)
+    out = torch.empty_like(query) if length > query_chunk else None
 
     for q0 in range(0, length, query_chunk):
         q1 = min(length, q0 + query_chunk)
@@ -262,6 +262,8 @@ def quantized_attention_reference(
                 value_bits,
                 all_valid=c1 <= min_tiles,
             )
-        res = state.result().reshape(batch, hkv, group, lq, dim).reshape(batch, hq, lq, dim)
-        out[:, :, q0:q1] = res.to(query.dtype)
+        res = state.result().reshape(batch, hq, lq, dim).to(query.dtype)  # m = g * lq + l
+        if lq == length:
+            return res
+        out[:, :, q0:q1] = res
     return out
