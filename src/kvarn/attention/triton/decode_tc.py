@@ -577,10 +577,10 @@ def quantized_decode_attention(
 
     group = hq // hkv
     mrows = group * nq
-    # Query rows per program (tl.dot needs >= 16). Beyond 32 Triton's Hopper path switches to
-    # warpgroup MMAs, which faulted in kernel v1 (docs/gpu.md); larger groups x queries take
-    # several row blocks (codes re-read per block: the multi-query path only).
-    m_block = max(16, min(triton.next_power_of_2(mrows), m_block or 32))
+    # Query rows per program (tl.dot needs >= 16). 16 by default: at 32 rows the four value
+    # accumulators spill (sm_90 compile: 1.6 KB per thread); larger groups x queries take
+    # several row blocks, re-reading the codes (from L2) per block: the multi-query path only.
+    m_block = max(16, min(triton.next_power_of_2(mrows), m_block or 16))
     n_mb = triton.cdiv(mrows, m_block)
     if num_splits is None:
         num_splits = default_num_splits(bsz, hkv, query.device)
