@@ -52,7 +52,7 @@ def test_demo_runs_and_reports(app, tiny_dir):
     out = result.output
     assert "16-bit DynamicCache" in out and "KVarNCache kvarn:k4v2/g32" in out
     assert "greedy agreement" in out and "prompt 2" in out
-    assert "tokens/s" in out and "MiB" in out
+    assert "tokens/s" in out and "MiB" in out and "vs DynamicCache" in out
 
 
 @pytest.mark.parametrize(
