@@ -224,21 +224,32 @@ def _dense_program(
 
 
 @triton.jit
-def _value_planes(acc0, acc1, acc2, acc3, alpha, p, pa, vz, vrows, cs_ptr, dv,
-                  NPV: tl.constexpr, VB: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+def _pv(pa, pa_lo, plane, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
+    """(p * a_v) @ plane, with the float16 rounding remainder of p * a_v as a second operand
+    when PA_SPLIT (float16 outputs: one operand's rounding would reach the output rounding)."""
+    out = _dot(pa, plane, INTERPRET)
+    if PA_SPLIT:
+        out += _dot(pa_lo, plane, INTERPRET)
+    return out
+
+
+@triton.jit
+def _value_planes(acc0, acc1, acc2, acc3, alpha, p, pa, pa_lo, vz, vrows, cs_ptr, dv,
+                  NPV: tl.constexpr, VB: tl.constexpr, ASM: tl.constexpr, PA_SPLIT: tl.constexpr,
+                  INTERPRET: tl.constexpr):  # fmt: skip
     """acc_c = acc_c * alpha + ((p*a_v) @ value plane c + p . z_v) * c_v[NPV*i + c] for c < NPV."""
     pz = tl.sum(p * vz[None, :], axis=1)[:, None]
     al = alpha[:, None]
     c0 = tl.load(cs_ptr + dv * NPV).to(tl.float32)[None, :]
-    acc0 = acc0 * al + (_dot(pa, _code_plane(vrows, 0, VB, ASM), INTERPRET) + pz) * c0
+    acc0 = acc0 * al + (_pv(pa, pa_lo, _code_plane(vrows, 0, VB, ASM), PA_SPLIT, INTERPRET) + pz) * c0
     if NPV >= 2:
         c1 = tl.load(cs_ptr + dv * NPV + 1).to(tl.float32)[None, :]
-        acc1 = acc1 * al + (_dot(pa, _code_plane(vrows, 1, VB, ASM), INTERPRET) + pz) * c1
+        acc1 = acc1 * al + (_pv(pa, pa_lo, _code_plane(vrows, 1, VB, ASM), PA_SPLIT, INTERPRET) + pz) * c1
     if NPV >= 4:
         c2 = tl.load(cs_ptr + dv * NPV + 2).to(tl.float32)[None, :]
-        acc2 = acc2 * al + (_dot(pa, _code_plane(vrows, 2, VB, ASM), INTERPRET) + pz) * c2
+        acc2 = acc2 * al + (_pv(pa, pa_lo, _code_plane(vrows, 2, VB, ASM), PA_SPLIT, INTERPRET) + pz) * c2
         c3 = tl.load(cs_ptr + dv * NPV + 3).to(tl.float32)[None, :]
-        acc3 = acc3 * al + (_dot(pa, _code_plane(vrows, 3, VB, ASM), INTERPRET) + pz) * c3
+        acc3 = acc3 * al + (_pv(pa, pa_lo, _code_plane(vrows, 3, VB, ASM), PA_SPLIT, INTERPRET) + pz) * c3
     return acc0, acc1, acc2, acc3
 
 
@@ -248,7 +259,7 @@ def _attend_tile(
     kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
     vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
-    ASM: tl.constexpr, INTERPRET: tl.constexpr,
+    PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax update with quantized tile j, one key plane (G / NPK tokens) at a time.
 
@@ -286,10 +297,28 @@ def _attend_tile(
         m_i, p, alpha, l_i = _online(m_i, l_i, s)
         va = tl.load(va_t + t).to(tl.float32)
         vz = tl.load(vz_t + t).to(tl.float32)
-        pa = (p * va[None, :]).to(tl.float16)
+        pa32 = p * va[None, :]
+        pa = pa32.to(tl.float16)
+        pa_lo = (pa32 - pa.to(tl.float32)).to(tl.float16)  # dead code unless PA_SPLIT
         vrows = tl.load(vc_t + t[:, None] * VROW + tl.arange(0, VROW)[None, :])  # [GP, VROW] uint8
         acc0, acc1, acc2, acc3 = _value_planes(
-            acc0, acc1, acc2, acc3, alpha, p, pa, vz, vrows, cs_t, dv, NPV, VB, ASM, INTERPRET
+            acc0,
+            acc1,
+            acc2,
+            acc3,
+            alpha,
+            p,
+            pa,
+            pa_lo,
+            vz,
+            vrows,
+            cs_t,
+            dv,
+            NPV,
+            VB,
+            ASM,
+            PA_SPLIT,
+            INTERPRET,
         )
     return m_i, l_i, acc0, acc1, acc2, acc3
 
@@ -319,7 +348,8 @@ def _decode_tc_kernel(
     HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr,
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     M_BLOCK: tl.constexpr, DC: tl.constexpr, QA_SPLIT: tl.constexpr,
-    DENSE: tl.constexpr, PREFETCH: tl.constexpr, UNPACK_ASM: tl.constexpr, INTERPRET: tl.constexpr,
+    PA_SPLIT: tl.constexpr, DENSE: tl.constexpr, PREFETCH: tl.constexpr, UNPACK_ASM: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     # Two launches of this kernel: DENSE (split 0 only) and the tiles (splits 1..NUM_SPLITS), so
@@ -400,7 +430,7 @@ def _decode_tc_kernel(
                 m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile(
                     qs, m_i, l_i, acc0, acc1, acc2, acc3, j, kbytes,
                     kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
-                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET,
+                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET,
                 )  # fmt: skip
                 kbytes = k_next
                 j += 1
@@ -414,7 +444,7 @@ def _decode_tc_kernel(
                 m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile(
                     qs, m_i, l_i, acc0, acc1, acc2, acc3, j, kbytes,
                     kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
-                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET,
+                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET,
                 )  # fmt: skip
                 kbytes = k_next
         tl.store(pm_ptr + slot, m_i, mask=row_ok)
@@ -531,7 +561,7 @@ def quantized_decode_attention(
     key_bits, value_bits, scaling, *, max_tiles: int | None = None, out: torch.Tensor | None = None,
     num_splits: int | None = None, m_block: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool = True,
-    prefetch: bool = False, unpack_asm: bool = False,
+    prefetch: bool = False, unpack_asm: bool = False, pa_split: bool | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -542,6 +572,7 @@ def quantized_decode_attention(
     ``num_stages`` override the launch tuning (benchmarks); defaults depend only on shapes.
     ``prefetch=True`` loads each tile's key codes one tile ahead. ``unpack_asm=True`` extracts the
     code planes with hand-written PTX (GPU only; the interpreter keeps the Triton operations).
+    ``pa_split`` (default: float16 queries) adds the second value operand (p * a_v remainder).
     ``qa_split=False`` drops the second key operand (faster, ~2.5e-4 more relative error).
     """
     if query.ndim != 4:
@@ -585,6 +616,8 @@ def quantized_decode_attention(
     if num_splits is None:
         num_splits = default_num_splits(bsz, hkv, query.device)
     num_warps = num_warps or 4
+    if pa_split is None:  # below bf16's output rounding without it; not below float16's
+        pa_split = query.dtype == torch.float16
     num_stages = num_stages or 2
 
     # The kernel indexes the leading dims by stride (capacity slices stay views) and assumes the
@@ -631,7 +664,7 @@ def quantized_decode_attention(
     meta = dict(
         HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, triton.next_power_of_2(nq)),
         D=hd, G=g, KB=key_bits, VB=value_bits, M_BLOCK=m_block,
-        DC=min(g, 32), QA_SPLIT=qa_split, PREFETCH=prefetch, UNPACK_ASM=unpack_asm, INTERPRET=interpreting(),
+        DC=min(g, 32), QA_SPLIT=qa_split, PA_SPLIT=pa_split, PREFETCH=prefetch, UNPACK_ASM=unpack_asm, INTERPRET=interpreting(),
     )  # fmt: skip
     _decode_tc_kernel[(bsz * hkv, 1, n_mb)](*args, **meta, DENSE=True, num_warps=4, num_stages=1)
     LAST_LAUNCH[0] = _decode_tc_kernel[(bsz * hkv, num_splits, n_mb)](
