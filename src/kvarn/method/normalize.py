@@ -15,6 +15,13 @@ LOG_SCALE_MAX = 10.0  # ... but shrunk by up to e^10
 IMBALANCE_FLOOR = 1e-8
 
 
+def _std(y: torch.Tensor, dim: int) -> torch.Tensor:
+    """Unbiased (n-1) standard deviation, centered two-pass: same values as ``torch.std`` to float32
+    rounding, and about 3x faster on CPU for tile shapes (torch.std's generic reduction is slow)."""
+    centered = y - y.mean(dim=dim, keepdim=True)
+    return (centered.square().sum(dim=dim) / (y.shape[dim] - 1)).sqrt()
+
+
 def _ratio(std: torch.Tensor) -> torch.Tensor:
     return std.amax(dim=-1) / std.amin(dim=-1).clamp_min(IMBALANCE_FLOOR)
 
@@ -24,7 +31,7 @@ def imbalance(y: torch.Tensor) -> torch.Tensor:
 
     Unbiased (n-1) standard deviations; a perfectly balanced tile scores 2.
     """
-    return _ratio(y.std(dim=-2)) + _ratio(y.std(dim=-1))
+    return _ratio(_std(y, -2)) + _ratio(_std(y, -1))
 
 
 def _apply(x: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -54,16 +61,16 @@ def variance_normalize(
     u = x.new_zeros(n, c)  # log column scales
     w = x.new_zeros(n, r)  # log row scales
     best_u, best_w = u, w
-    col_std = x.std(dim=-2)  # per column over rows: scored now, reused by the first column step
-    best = _ratio(col_std) + _ratio(x.std(dim=-1))
+    col_std = _std(x, -2)  # per column over rows: scored now, reused by the first column step
+    best = _ratio(col_std) + _ratio(_std(x, -1))
     best_it = torch.zeros(n, dtype=torch.long, device=x.device)
     for it in range(1, iterations + 1):
         u = (u + torch.log(col_std.clamp(STD_MIN, STD_MAX))).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
         y = _apply(x, u, w)
-        w = (w + torch.log(y.std(dim=-1).clamp(STD_MIN, STD_MAX))).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+        w = (w + torch.log(_std(y, -1).clamp(STD_MIN, STD_MAX))).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
         y = _apply(x, u, w)
-        col_std = y.std(dim=-2)  # this state's column stds: its score, and the next column step
-        score = _ratio(col_std) + _ratio(y.std(dim=-1))
+        col_std = _std(y, -2)  # this state's column stds: its score, and the next column step
+        score = _ratio(col_std) + _ratio(_std(y, -1))
         keep = score <= best  # ties go to the later iteration
         best = torch.where(keep, score, best)
         best_u = torch.where(keep.unsqueeze(-1), u, best_u)
