@@ -56,14 +56,13 @@ def fake_quantize_tiles(
         k = fp8_e4m3_per_token(keys, config.metadata_dtype)
         v = fp8_e4m3_per_token(values, config.metadata_dtype)
         return k.to(keys.dtype), v.to(values.dtype)
-    # Tile methods: rotate (float32), tile, encode + decode, un-rotate. The cache stores rotated
-    # tokens in the model dtype, so the rotated values are rounded to it before quantizing too.
+    # Tile methods: rotate, tile, encode + decode, un-rotate. The cache rotates in float64 and
+    # stores rotated tokens in the model dtype; doing the same here makes the quantizer see the
+    # very same values (a float32 rotation differs in the last bit and flips codes at ties).
     k, v = keys, values
     if config.rotate:
-        k, v = (
-            hadamard_transform(keys.float()).to(keys.dtype),
-            hadamard_transform(values.float()).to(values.dtype),
-        )
+        k = hadamard_transform(keys.double()).to(keys.dtype)
+        v = hadamard_transform(values.double()).to(values.dtype)
     k_hat, v_hat = decode_tiles(
         encode_tiles(k.reshape(b, h, t // g, g, d), v.reshape(b, h, t // g, g, d), config)
     )
