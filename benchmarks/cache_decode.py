@@ -212,6 +212,7 @@ def main() -> None:
         "x dynamic",
         "prefill s",
         "peak RSS MB",
+        "RSS after MB",
         "KV MB",
         "tiles vs 16-bit",
     ):
@@ -237,7 +238,7 @@ def main() -> None:
                 fmt(median(context, cache, "kv_mb"), ".1f"),
                 fmt(median(context, cache, "tile_bytes_vs_16bit"), ".3f"),
             )
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

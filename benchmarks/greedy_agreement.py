@@ -105,7 +105,7 @@ def main() -> None:
             f"{sum(r['identical'] for r in rows)}/{len(rows)}",
             f"{statistics.median(r['first_difference'] for r in rows):.0f}",
         )
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ _NEG_FLOOR = -1.0e30
 DEFAULT_CHUNK_TOKENS = 4096  # tokens of packed history converted at once (bounds extra memory)
 DEFAULT_QUERY_CHUNK = 256  # new tokens per query block in long calls
 DEFAULT_KEY_CHUNK = 1024  # new tokens per key block in long calls
+# Elements of one [B, Hkv, M, tokens] score-sized temporary: with many queries per block (prefill
+# into a non-empty cache) fewer tiles are converted at once, so the temporaries stay ~16 MB.
+SCORE_BUDGET = 1 << 22
 
 
 class _OnlineSoftmax:
@@ -219,6 +222,7 @@ def quantized_attention_reference(
         m = group * lq
         q = (query[:, :, q0:q1].to(cdt) * scaling).reshape(batch, hkv, m, dim)
         state = _OnlineSoftmax()
+        per_chunk = max(1, min(tiles_per_chunk, SCORE_BUDGET // (batch * hkv * m * tile)))
 
         # Dense segment: sink and tail buffers plus the first block of new keys, in one product.
         k1 = min(q1, key_chunk)
@@ -242,8 +246,8 @@ def quantized_attention_reference(
             scores = q @ new_k[:, :, k0:k_end].to(cdt).transpose(-1, -2)
             state.add(scores.masked_fill(~mask, float("-inf")), new_v[:, :, k0:k_end].to(cdt))
 
-        for c0 in range(0, max_tiles, tiles_per_chunk):
-            c1 = min(max_tiles, c0 + tiles_per_chunk)
+        for c0 in range(0, max_tiles, per_chunk):
+            c1 = min(max_tiles, c0 + per_chunk)
             _attend_tiles(
                 state,
                 q,

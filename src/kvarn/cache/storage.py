@@ -1,7 +1,7 @@
 """Growable storage of one layer's completed tiles: ``[B, Hkv, Ncap, ...]`` (docs/layerstore.md).
 
-The capacity ``Ncap`` grows geometrically (doubling), so appending tiles costs amortized O(1) per
-tile, never an O(n^2) concatenation. New slots are zero-filled: slots beyond a row's ``n_tiles``
+The capacity ``Ncap`` grows geometrically (by half, so at most a third of the tile storage is spare),
+so appending tiles costs amortized O(1) per tile, never an O(n^2) concatenation. New slots are zero-filled: slots beyond a row's ``n_tiles``
 are masked out by the attention, and zeros keep them finite (a masked weight of 0 times a NaN
 left in uninitialized memory would still be NaN).
 """
@@ -19,6 +19,7 @@ VALUE_FIELDS = ("v_codes", "v_scale", "v_zero", "v_channel_scale")
 FIELDS = KEY_FIELDS + VALUE_FIELDS
 CODE_FIELDS = ("k_codes", "v_codes")
 MIN_CAPACITY = 4
+GROWTH = 1.5
 
 
 class TileStore:
@@ -53,10 +54,10 @@ class TileStore:
         return {name: getattr(self, name) for name in FIELDS}
 
     def reserve(self, tiles: int) -> None:
-        """Make room for ``tiles`` tiles per row (doubling the capacity when it grows)."""
+        """Make room for ``tiles`` tiles per row (growing the capacity geometrically)."""
         if tiles <= self.capacity:
             return
-        new_capacity = max(tiles, 2 * self.capacity, MIN_CAPACITY)
+        new_capacity = max(tiles, int(GROWTH * self.capacity) + 1, MIN_CAPACITY)
         for name in FIELDS:
             grown = self._zeros(name, new_capacity)
             grown[:, :, : self.capacity] = getattr(self, name)
