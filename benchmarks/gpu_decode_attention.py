@@ -1,17 +1,27 @@
-"""Decode attention on the GPU: KVarN K4V2 Triton kernels vs 16-bit SDPA vs dequantize-then-SDPA.
+"""Decode attention on the GPU: KVarN K4V2 Triton kernel vs 16-bit SDPA vs dequantize-then-SDPA.
 
     PYTHONPATH=src python3 benchmarks/gpu_decode_attention.py [--contexts 4096 16384 32768 131072]
         [--batches 1 8 32] [--sweep] [--csv results.csv]
 
-Kernels: ``tc`` (decode_tc.py, bit planes on tensor cores; also timed without the second key
-operand, ``tc1``) and ``v3`` (decode.py, chunked). Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, one new token per
-row. Each context is sink tile (128 tokens, 16-bit) + quantized tiles + no tail + the new token;
-SDPA gets the same number of tokens as a bf16 cache (``enable_gqa=True``). Times are
-``triton.testing.do_bench`` medians (L2 flushed before every run). Bandwidth counts the bytes each
-method must read and write once: ours codes + metadata + 16-bit sink + query/new token + output
-+ the split-K workspace; SDPA the bf16 K and V + query + output. The copy bandwidth is a measured
-device-to-device copy (read + write bytes). Storage holds random codes with plausible metadata:
-timing does not depend on the values (no data-dependent branches).
+Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, one new token per
+row. Each context is a sink tile (128 tokens, 16-bit) + quantized tiles + the new token; SDPA gets
+the same number of tokens as a bf16 cache (``enable_gqa=True``).
+
+Two times per method, both ``triton.testing.do_bench`` medians with the L2 flushed before each run:
+* **GPU**: one call captured in a CUDA graph, the graph replayed (METHOD: many small launches are
+  timed through graph replays). This is the kernels' own time, and what a decode step captured in a
+  graph pays; the speedups and bandwidths are computed from it.
+* **eager**: the Python call as is, launches included; where it exceeds the GPU time the host is
+  the bottleneck (the wrapper's argument handling and Triton's launcher), not the kernel.
+``host us/call`` times back-to-back eager calls on a tiny problem (GPU work negligible).
+
+Bandwidth counts the bytes each method must read and write once: ours codes + metadata + 16-bit
+sink + query/new token + output + the split-K workspace; SDPA the bf16 K and V + query + output.
+The copy bandwidth is a measured device-to-device copy (read + write bytes). Storage holds random
+codes with plausible metadata: timing does not depend on the values.
+
+``--sweep`` times launch variants of the tc kernel (warps, registers cap, pipelining stages,
+PTX unpack, second key operand, prefetch) x split counts at the two target points.
 """
 
 from __future__ import annotations
@@ -19,33 +29,65 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import time
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
 
-from kvarn.attention.triton import decode as tdecode
-from kvarn.attention.triton import decode_tc as tdecode_tc
-from kvarn.attention.triton.decode import default_num_splits, quantized_decode_attention
+from kvarn.attention.triton import decode_tc
 from kvarn.attention.triton.testing import relative_error
 from kvarn.codec import QuantizedKeys, QuantizedTiles, QuantizedValues, decode_tiles
 
 HQ, HKV, D, G = 32, 8, 128, 128
 KB, VB = 4, 2
 
-
-def describe(compiled) -> str:
-    """Registers per thread and spilled bytes of a compiled Triton launch (no device time)."""
-    try:
-        return f"regs={compiled.n_regs} spills={compiled.n_spills} warps={compiled.metadata.num_warps}"
-    except Exception:
-        return "n/a"
+# tc launch variants for --sweep (splits are swept separately: a run-time argument, no recompile).
+VARIANTS = [
+    dict(),
+    dict(unpack_asm=True),
+    dict(unpack_asm=True, qa_split=False),
+    dict(unpack_asm=True, maxnreg=168),
+    dict(unpack_asm=True, qa_split=False, maxnreg=168),
+    dict(unpack_asm=True, qa_split=False, maxnreg=128),
+    dict(unpack_asm=True, num_stages=1),
+    dict(unpack_asm=True, num_stages=3),
+    dict(unpack_asm=True, num_warps=8),
+    dict(unpack_asm=True, num_warps=8, qa_split=False),
+    dict(unpack_asm=True, num_warps=8, qa_split=False, maxnreg=128),
+    dict(unpack_asm=True, num_warps=8, prefetch=True),
+]
 
 
 def bench(fn, reps_ms: int = 60) -> float:
-    """Median milliseconds."""
+    """Median milliseconds of ``fn()`` as called (eager)."""
     return triton.testing.do_bench(fn, warmup=10, rep=reps_ms, return_mode="median")
+
+
+def bench_graph(fn, reps_ms: int = 60) -> float:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph (the GPU's own time)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles) outside the capture
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=reps_ms, return_mode="median")
+
+
+def host_us_per_call(fn, calls: int = 300) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def copy_bandwidth() -> tuple[float, float]:
@@ -108,74 +150,60 @@ def sdpa_bytes(batch: int, tokens: int) -> int:
     return batch * (HKV * tokens * D * 2 * 2 + 2 * HQ * D * 2)
 
 
-def time_sdpa(q: torch.Tensor, batch: int, tokens: int, dev) -> float:
-    k16 = torch.randn(batch, HKV, tokens, D, device=dev, dtype=torch.bfloat16)
-    v16 = torch.randn_like(k16)
-    return bench(lambda: F.scaled_dot_product_attention(q, k16, v16, enable_gqa=True))
+def describe(compiled) -> str:
+    """Registers per thread and spilled bytes of a compiled Triton launch."""
+    try:
+        return f"regs={compiled.n_regs} spills={compiled.n_spills} warps={compiled.metadata.num_warps}"
+    except Exception:
+        return "n/a"
 
 
-def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool, sweep_v3: bool = False) -> list[dict]:
+def sweep(ctx: int, batch: int, q, st, splits0: int) -> tuple[float, str]:
+    best = (float("inf"), "")
+    for variant in VARIANTS:
+        for sp in sorted({max(1, splits0 // 2), splits0, 2 * splits0, 4 * splits0}):
+            cfg = dict(variant, num_splits=sp)
+            try:
+                t = bench_graph(lambda cfg=cfg: decode_tc.quantized_decode_attention(q, **st, **cfg))
+            except Exception as exc:  # a variant that does not compile is reported and skipped
+                print(f"  sweep ctx={ctx} B={batch} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+                break
+            info = describe(decode_tc.LAST_LAUNCH[0])
+            print(f"  sweep ctx={ctx} B={batch} {cfg}: {t * 1e3:.1f} us {info}", flush=True)
+            if t < best[0]:
+                best = (t, " ".join(f"{k}={v}" for k, v in cfg.items()))
+    return best
+
+
+def run_case(ctx: int, batch: int, copy_gbs: float, do_sweep: bool) -> dict:
     dev = torch.device("cuda")
     n_tiles = ctx // G - 1  # ctx = sink tile + n_tiles tiles; plus the new token
     tokens = ctx + 1
     st = make_storage(batch, n_tiles, dev)
     q = torch.randn(batch, HQ, 1, D, device=dev, dtype=torch.bfloat16)
-    rows = []
-    splits = default_num_splits(batch, HKV, dev)
+    splits = decode_tc.default_num_splits(batch, HKV, dev)
 
-    def ours(**launch):
-        return lambda: quantized_decode_attention(q, **st, **launch)
+    def tc():
+        return decode_tc.quantized_decode_attention(q, **st)
 
-    def tc(**launch):
-        return lambda: tdecode_tc.quantized_decode_attention(q, **st, **launch)
+    t_tc = bench_graph(tc)
+    t_tc_eager = bench(tc)
+    info = describe(decode_tc.LAST_LAUNCH[0])
+    best = sweep(ctx, batch, q, st, splits) if do_sweep else (t_tc, "default")
 
-    t_tc = bench(tc())
-    tc_info = describe(tdecode_tc.LAST_LAUNCH[0])
-    t_tc1 = bench(tc(qa_split=False))
-    tc_splits = tdecode_tc.default_num_splits(batch, HKV, dev)
-    best_tc = (t_tc, "default")
-    if sweep:
-        for sp in sorted({max(1, tc_splits // 2), tc_splits, tc_splits * 2}):
-            for nw, qs, pf, asm in (
-                (4, True, False, False),
-                (4, True, False, True),
-                (4, True, True, True),
-                (8, True, True, True),
-                (4, False, False, True),
-            ):
-                cfg = dict(num_splits=sp, num_warps=nw, qa_split=qs, prefetch=pf, unpack_asm=asm)
-                try:
-                    t = bench(tc(**cfg))
-                except Exception as exc:
-                    print(f"  tc sweep {cfg}: {type(exc).__name__}")
-                    continue
-                print(f"  tc sweep ctx={ctx} B={batch} {cfg}: {t * 1e3:.1f} us", flush=True)
-                if t < best_tc[0]:
-                    best_tc = (t, " ".join(f"{k}={v}" for k, v in cfg.items()))
-    t_ours = bench(ours())
-    kernel_info = describe(tdecode.LAST_LAUNCH[0])
-    # Sanity at full size: the two kernels agree (both are checked against the float64 twin by
-    # scripts/gpu_check.py on small shapes).
-    tc_vs_v3 = relative_error(tc()(), ours()())
-    best = (t_ours, "default")
-    if sweep_v3:  # v3 was swept in earlier runs (docs/gpu.md)
-        for sp in sorted({splits, splits * 2}):
-            for nw, tcx, ns in ((4, 32, 2), (8, 32, 2), (4, 64, 3), (8, 64, 2)):
-                cfg = dict(num_splits=sp, num_warps=nw, token_chunk=tcx, num_stages=ns)
-                try:
-                    t = bench(ours(**cfg))
-                except Exception as exc:  # a config that does not compile is just skipped
-                    print(f"  sweep {cfg}: {type(exc).__name__}")
-                    continue
-                print(f"  sweep ctx={ctx} B={batch} {cfg}: {t * 1e3:.1f} us", flush=True)
-                if t < best[0]:
-                    best = (t, " ".join(f"{k}={v}" for k, v in cfg.items()))
+    k16 = torch.randn(batch, HKV, tokens, D, device=dev, dtype=torch.bfloat16)
+    v16 = torch.randn_like(k16)
 
-    # 16-bit SDPA on a bf16 cache of the same tokens.
-    t_sdpa = time_sdpa(q, batch, tokens, dev)
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k16, v16, enable_gqa=True)
+
+    t_sdpa = bench_graph(sdpa)
+    t_sdpa_eager = bench(sdpa)
+    sdpa = k16 = v16 = None  # free the 16-bit cache before the dequantized copy
     torch.cuda.empty_cache()
 
-    # Dequantize every tile (PyTorch), assemble the cache, then SDPA.
+    # Dequantize every tile (PyTorch), assemble the cache, then SDPA (eager: the baseline a user
+    # without fused kernels would run).
     qt = QuantizedTiles(
         QuantizedKeys(st["k_codes"], st["k_scale"], st["k_zero"], st["k_token_scale"], KB),
         QuantizedValues(st["v_codes"], st["v_scale"], st["v_zero"], st["v_channel_scale"], VB),
@@ -189,51 +217,42 @@ def run_case(ctx: int, batch: int, copy_gbs: float, sweep: bool, sweep_v3: bool 
 
     try:
         t_deq = bench(deq_sdpa, reps_ms=30)
+        # Sanity at full size: the kernel and dequantize-then-SDPA agree to bf16 rounding.
+        agree = relative_error(tc(), deq_sdpa())
     except torch.OutOfMemoryError:
-        t_deq = float("nan")
-    b_ours = ours_bytes(batch, n_tiles, splits)
-    b_tc = ours_bytes(batch, n_tiles, tc_splits)
+        t_deq, agree = float("nan"), float("nan")
+    b_tc = ours_bytes(batch, n_tiles, splits)
     b_sdpa = sdpa_bytes(batch, tokens)
-    rows.append(
-        dict(
-            context=ctx,
-            batch=batch,
-            tc_us=t_tc * 1e3,
-            tc1_us=t_tc1 * 1e3,
-            tc_best_us=best_tc[0] * 1e3,
-            tc_best_cfg=best_tc[1],
-            tc_speedup=t_sdpa / t_tc,
-            tc_gbs=b_tc / t_tc / 1e6,
-            tc_frac_copy=b_tc / t_tc / 1e6 / copy_gbs,
-            tc1_frac_copy=b_tc / t_tc1 / 1e6 / copy_gbs,
-            tc_splits=tc_splits,
-            tc_kernel=tc_info,
-            tc_vs_v3=tc_vs_v3,
-            ours_us=t_ours * 1e3,
-            best_us=best[0] * 1e3,
-            best_cfg=best[1],
-            sdpa_us=t_sdpa * 1e3,
-            deq_sdpa_us=t_deq * 1e3,
-            speedup=t_sdpa / t_ours,
-            ours_gbs=b_ours / t_ours / 1e6,
-            ours_frac_copy=b_ours / t_ours / 1e6 / copy_gbs,
-            sdpa_gbs=b_sdpa / t_sdpa / 1e6,
-            sdpa_frac_copy=b_sdpa / t_sdpa / 1e6 / copy_gbs,
-            ours_mb=b_ours / 1e6,
-            sdpa_mb=b_sdpa / 1e6,
-            splits=splits,
-            kernel=kernel_info,
-        )
+    return dict(
+        context=ctx,
+        batch=batch,
+        tc_gpu_us=t_tc * 1e3,
+        tc_eager_us=t_tc_eager * 1e3,
+        tc_best_us=best[0] * 1e3,
+        tc_best_cfg=best[1],
+        sdpa_gpu_us=t_sdpa * 1e3,
+        sdpa_eager_us=t_sdpa_eager * 1e3,
+        deq_sdpa_eager_us=t_deq * 1e3,
+        speedup_gpu=t_sdpa / t_tc,
+        speedup_best=t_sdpa / best[0],
+        speedup_eager=t_sdpa_eager / t_tc_eager,
+        tc_gbs=b_tc / t_tc / 1e6,
+        tc_frac_copy=b_tc / t_tc / 1e6 / copy_gbs,
+        tc_best_frac_copy=b_tc / best[0] / 1e6 / copy_gbs,
+        sdpa_frac_copy=b_sdpa / t_sdpa / 1e6 / copy_gbs,
+        tc_mb=b_tc / 1e6,
+        sdpa_mb=b_sdpa / 1e6,
+        splits=splits,
+        kernel=info,
+        rel_diff_vs_dequant=agree,
     )
-    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--sweep", action="store_true", help="tune splits/warps/stages at the two target points")
-    ap.add_argument("--sweep-v3", action="store_true", help="also tune the v3 kernel at the target points")
+    ap.add_argument("--sweep", action="store_true", help="tune the tc kernel at the two target points")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
     p = torch.cuda.get_device_properties(0)
@@ -244,49 +263,39 @@ def main() -> None:
     print(
         f"measured copy bandwidth (read+write bytes): {copy_gbs:.0f} GB/s; read-only (sum): {read_gbs:.0f} GB/s"
     )
+    tiny = make_storage(1, 1, torch.device("cuda"))
+    q1 = torch.randn(1, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    k1 = torch.randn(1, HKV, 256, D, device="cuda", dtype=torch.bfloat16)
+    host_tc = host_us_per_call(lambda: decode_tc.quantized_decode_attention(q1, **tiny))
+    host_sdpa = host_us_per_call(lambda: F.scaled_dot_product_attention(q1, k1, k1, enable_gqa=True))
+    print(f"host us/call (tiny problem, eager): tc {host_tc:.1f}, SDPA {host_sdpa:.1f}")
     rows = []
     for ctx in args.contexts:
         for batch in args.batches:
             target = (ctx, batch) in ((32768, 8), (131072, 1))
-            rows += run_case(ctx, batch, copy_gbs, args.sweep and target, args.sweep_v3 and target)
+            rows.append(run_case(ctx, batch, copy_gbs, args.sweep and target))
             torch.cuda.empty_cache()
             r = rows[-1]
             print(
-                f"ctx {ctx:>6} B {batch:>2}: tc {r['tc_us']:8.1f} us ({r['tc_gbs']:6.0f} GB/s, "
-                f"{100 * r['tc_frac_copy']:3.0f}% copy, {r['tc_speedup']:4.2f}x sdpa)  tc1 {r['tc1_us']:8.1f} us  "
-                f"best {r['tc_best_us']:.1f} us [{r['tc_best_cfg']}] {r['tc_kernel']} splits {r['tc_splits']} "
-                f"rel diff vs v3 {r['tc_vs_v3']:.1e}",
-                flush=True,
-            )
-            print(
-                f"ctx {ctx:>6} B {batch:>2}: v3 {r['ours_us']:8.1f} us ({r['ours_gbs']:6.0f} GB/s, "
-                f"{100 * r['ours_frac_copy']:3.0f}% copy)  sdpa {r['sdpa_us']:8.1f} us ({r['sdpa_gbs']:6.0f} GB/s)  "
-                f"deq+sdpa {r['deq_sdpa_us']:9.1f} us  speedup {r['speedup']:4.2f}x  best {r['best_us']:.1f} us [{r['best_cfg']}] {r['kernel']}",
+                f"ctx {ctx:>6} B {batch:>2}: tc GPU {r['tc_gpu_us']:8.1f} us (eager {r['tc_eager_us']:8.1f}), "
+                f"{100 * r['tc_frac_copy']:3.0f}% copy, {r['speedup_gpu']:4.2f}x SDPA (GPU {r['sdpa_gpu_us']:.1f}, "
+                f"eager {r['sdpa_eager_us']:.1f}); best {r['tc_best_us']:.1f} us [{r['tc_best_cfg']}] "
+                f"{r['kernel']} splits {r['splits']}; vs dequant {r['rel_diff_vs_dequant']:.1e}",
                 flush=True,
             )
     print()
+    print(f"host us/call (tiny problem, eager): tc {host_tc:.1f}, SDPA {host_sdpa:.1f}")
     print(
-        "| context | batch | tc (us) | tc, one key operand (us) | v3 (us) | SDPA bf16 (us) | dequant+SDPA (us) "
-        "| tc speedup vs SDPA | tc GB/s (% copy) | tc1 % copy | SDPA GB/s (% copy) |"
+        "| context | batch | K4V2 tc GPU (us) | SDPA GPU (us) | speedup | best tc (us) | best speedup "
+        "| tc % copy BW (best) | SDPA % copy BW | tc eager (us) | SDPA eager (us) | dequant+SDPA eager (us) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['context']} | {r['batch']} | {r['tc_us']:.1f} | {r['tc1_us']:.1f} | {r['ours_us']:.1f} | "
-            f"{r['sdpa_us']:.1f} | {r['deq_sdpa_us']:.1f} | {r['tc_speedup']:.2f}x | "
-            f"{r['tc_gbs']:.0f} ({100 * r['tc_frac_copy']:.0f}%) | {100 * r['tc1_frac_copy']:.0f}% | "
-            f"{r['sdpa_gbs']:.0f} ({100 * r['sdpa_frac_copy']:.0f}%) |"
-        )
-    print()
-    print(
-        "| context | batch | K4V2 Triton (us) | SDPA bf16 (us) | dequant+SDPA (us) | speedup vs SDPA | ours GB/s (% copy) | SDPA GB/s (% copy) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['context']} | {r['batch']} | {r['ours_us']:.1f} | {r['sdpa_us']:.1f} | {r['deq_sdpa_us']:.1f} | "
-            f"{r['speedup']:.2f}x | {r['ours_gbs']:.0f} ({100 * r['ours_frac_copy']:.0f}%) | "
-            f"{r['sdpa_gbs']:.0f} ({100 * r['sdpa_frac_copy']:.0f}%) |"
+            f"| {r['context']} | {r['batch']} | {r['tc_gpu_us']:.1f} | {r['sdpa_gpu_us']:.1f} | "
+            f"{r['speedup_gpu']:.2f}x | {r['tc_best_us']:.1f} | {r['speedup_best']:.2f}x | "
+            f"{100 * r['tc_frac_copy']:.0f}% ({100 * r['tc_best_frac_copy']:.0f}%) | {100 * r['sdpa_frac_copy']:.0f}% | "
+            f"{r['tc_eager_us']:.1f} | {r['sdpa_eager_us']:.1f} | {r['deq_sdpa_eager_us']:.1f} |"
         )
     if args.csv:
         with open(args.csv, "w", newline="") as fh:

@@ -562,6 +562,7 @@ def quantized_decode_attention(
     num_splits: int | None = None, m_block: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool = True,
     prefetch: bool = False, unpack_asm: bool = False, pa_split: bool | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -574,6 +575,7 @@ def quantized_decode_attention(
     code planes with hand-written PTX (GPU only; the interpreter keeps the Triton operations).
     ``pa_split`` (default: float16 queries) adds the second value operand (p * a_v remainder).
     ``qa_split=False`` drops the second key operand (faster, ~2.5e-4 more relative error).
+    ``maxnreg`` caps the tile launch's registers per thread (more programs per SM, maybe spills).
     """
     if query.ndim != 4:
         raise ValueError(f"query must be [B, Hq, L, D], got shape {tuple(query.shape)}")
@@ -668,7 +670,8 @@ def quantized_decode_attention(
     )  # fmt: skip
     _decode_tc_kernel[(bsz * hkv, 1, n_mb)](*args, **meta, DENSE=True, num_warps=4, num_stages=1)
     LAST_LAUNCH[0] = _decode_tc_kernel[(bsz * hkv, num_splits, n_mb)](
-        *args, **meta, DENSE=False, num_warps=num_warps, num_stages=num_stages
+        *args, **meta, DENSE=False, num_warps=num_warps, num_stages=num_stages,
+        **({} if maxnreg is None or interpreting() else {"maxnreg": maxnreg}),
     )
     _merge_kernel[(bsz * hkv * mrows,)](
         part_o, part_m, part_l, out, *st(out, 3),

@@ -1,0 +1,47 @@
+"""One tc decode call at a chosen size, for Nsight Compute (ncu) to profile (no timing here).
+
+    ncu --kernel-name regex:_decode_tc_kernel --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        python3 scripts/profile_decode.py --context 32768 --batch 8 [--set unpack_asm=true ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from gpu_decode_attention import HQ, D, G, make_storage  # noqa: E402
+
+from kvarn.attention.triton import decode_tc  # noqa: E402
+
+
+def parse_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--set", nargs="*", default=[])
+    a = ap.parse_args()
+    launch = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    st = make_storage(a.batch, a.context // G - 1, torch.device("cuda"))
+    q = torch.randn(a.batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    for _ in range(a.calls):
+        decode_tc.quantized_decode_attention(q, **st, **launch)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
