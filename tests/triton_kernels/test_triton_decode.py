@@ -1,4 +1,4 @@
-"""Decode attention kernel over quantized tiles vs its plain PyTorch twin, under Triton's interpreter."""
+"""Token-chunked decode attention kernel (the fallback) vs its plain PyTorch twin, under Triton's interpreter."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kvarn.attention.triton.reference import quantized_decode_attention_referenc
 from kvarn.attention.triton.testing import random_layer_storage, relative_error  # noqa: E402
 from kvarn.config import KVarNConfig  # noqa: E402
 
-decode = pytest.importorskip("kvarn.attention.triton.decode")
+decode = pytest.importorskip("kvarn.attention.triton.decode_chunked")
 
 # Relative error budget against a float64 reference: the kernel accumulates in float32 and its
 # bf16 hi+lo operand split keeps ~16 bits, so float32 outputs land near 1e-5; 16-bit outputs are

@@ -157,16 +157,16 @@ def test_dispatch_kernel_order(monkeypatch):
 
 
 @pytest.mark.parametrize("kb,vb,dtype", [(4, 2, torch.bfloat16), (2, 4, torch.float32)])
-def test_decode_v2_copy_matches_reference(kb, vb, dtype):
-    """decode_v2.py (the GPU-checked kernel the dispatch runs by default) vs the float64 twin."""
-    from kvarn.attention.triton import decode_v2
+def test_decode_chunked_matches_reference_at_tc_precision(kb, vb, dtype):
+    """decode_chunked.py (the fallback) vs the float64 twin, at the tc kernel's bound."""
+    from kvarn.attention.triton import decode_chunked
 
     cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=32)
     kw = random_layer_storage(
         batch=2, kv_heads=2, group=4, num_queries=2, head_dim=64, config=cfg,
         n_tiles=[3, 0], sink_len=[32, 5], tail_len=[7, 0], capacity=4, dtype=dtype,
     )  # fmt: skip
-    out = decode_v2.quantized_decode_attention(**kw, num_splits=2)
+    out = decode_chunked.quantized_decode_attention(**kw, num_splits=2)
     ref = _reference(kw)
     floor = relative_error(ref.to(dtype), ref)
     assert relative_error(out, ref) < 3.0 * floor + 1e-4

@@ -1,6 +1,6 @@
 """Decode attention over the KVarN layer storage on tensor cores, codes kept in bit planes.
 
-Same contract and result as ``kvarn.attention.triton.decode.quantized_decode_attention``
+Same contract and result as ``kvarn.attention.triton.decode_chunked.quantized_decode_attention``
 (docs/layerstore: sink + packed tiles + tail + this call's new tokens), built so that no packed
 code is ever interleaved back into token or channel order:
 
@@ -41,9 +41,14 @@ import triton
 import triton.language as tl
 
 from kvarn.attention.triton import interpreting
+from kvarn.attention.triton.launch import FastLauncher
 
 LOG2E = 1.4426950408889634
 MAX_QUERIES = 16
+MAX_SPLITS = 160
+# Registers cap of the tile launch where measured faster (H100, D = 128: 3 programs per SM instead
+# of 2, a few spilled bytes; other head dims spill hundreds of bytes under it, so no cap there).
+MAXNREG_D128 = 168
 KERNEL_BITS = (2, 4, 8)
 # Set by scripts/gpu_check.py: fill the split-K workspace with NaN before each launch.
 POISON_WORKSPACE = False
@@ -489,14 +494,21 @@ def _merge_kernel(
     tl.store(out_ptr + off + d, out.to(out_ptr.dtype.element_ty))
 
 
+_TILE_LAUNCH = FastLauncher(_decode_tc_kernel)
+_MERGE_LAUNCH = FastLauncher(_merge_kernel)
+
+
 @functools.lru_cache(maxsize=8)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def default_num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Tile splits per (row, KV head): enough programs to fill every SM about twice.
+    """Tile splits per (row, KV head): about eight programs per SM over the whole launch.
 
+    Two to three programs fit on an SM at a time (registers), so eight per SM gives several waves
+    that even out, and enough tile runs in flight to hide memory latency (H100, 32k x 8: 5 splits
+    355 us ... 20 splits 278 us; 128k x 1: 33 splits 186 us, 132 splits 153 us; docs/gpu.md).
     Depends only on the batch shape and the device (never on the context length), so a decode
     step's launch configuration is fixed and CUDA graphs can capture it.
     """
@@ -505,7 +517,7 @@ def default_num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
         if device.type == "cuda"
         else 4
     )
-    return max(1, min(64, -(-2 * sms // max(1, batch * kv_heads))))
+    return max(1, min(MAX_SPLITS, -(-8 * sms // max(1, batch * kv_heads))))
 
 
 def _is_pow2(n: int) -> bool:
@@ -560,9 +572,9 @@ def quantized_decode_attention(
     n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
     key_bits, value_bits, scaling, *, max_tiles: int | None = None, out: torch.Tensor | None = None,
     num_splits: int | None = None, m_block: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None, qa_split: bool = True,
-    prefetch: bool = False, unpack_asm: bool = False, pa_split: bool | None = None,
-    maxnreg: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, qa_split: bool | None = None,
+    prefetch: bool = False, unpack_asm: bool = True, pa_split: bool | None = None,
+    maxnreg: int | None | str = "auto",
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -574,8 +586,13 @@ def quantized_decode_attention(
     ``prefetch=True`` loads each tile's key codes one tile ahead. ``unpack_asm=True`` extracts the
     code planes with hand-written PTX (GPU only; the interpreter keeps the Triton operations).
     ``pa_split`` (default: float16 queries) adds the second value operand (p * a_v remainder).
-    ``qa_split=False`` drops the second key operand (faster, ~2.5e-4 more relative error).
-    ``maxnreg`` caps the tile launch's registers per thread (more programs per SM, maybe spills).
+    ``qa_split`` (default: float16 queries) adds the second key operand (the q * a_k remainder);
+    without it scores carry ~2.5e-4 more relative error: under bf16's output rounding (so bf16
+    models go without, ~20% faster on an H100), ~2.5x float16's.
+    ``maxnreg`` caps the tile launch's registers per thread (more programs per SM, maybe spills);
+    ``"auto"`` caps at ``MAXNREG_D128`` for head_dim 128 with 4 warps, None never caps.
+    Defaults (PTX unpack, one key operand, the cap) are the fastest measured on an H100 whose
+    errors stay at the output rounding (scripts/gpu_check.py).
     """
     if query.ndim != 4:
         raise ValueError(f"query must be [B, Hq, L, D], got shape {tuple(query.shape)}")
@@ -618,6 +635,10 @@ def quantized_decode_attention(
     if num_splits is None:
         num_splits = default_num_splits(bsz, hkv, query.device)
     num_warps = num_warps or 4
+    if maxnreg == "auto":
+        maxnreg = MAXNREG_D128 if hd == 128 and num_warps == 4 else None
+    if qa_split is None:
+        qa_split = query.dtype == torch.float16
     if pa_split is None:  # below bf16's output rounding without it; not below float16's
         pa_split = query.dtype == torch.float16
     num_stages = num_stages or 2
@@ -648,7 +669,7 @@ def quantized_decode_attention(
             raise ValueError("out must have a contiguous last dim")
 
     def st(x, n):
-        return [x.stride(i) for i in range(n)]
+        return x.stride()[:n]
 
     args = (
         query, *st(query, 3),
@@ -663,19 +684,27 @@ def quantized_decode_attention(
         part_o, part_m, part_l,
         float(scaling) * LOG2E, num_splits,
     )  # fmt: skip
+    interp = interpreting()
     meta = dict(
         HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, triton.next_power_of_2(nq)),
         D=hd, G=g, KB=key_bits, VB=value_bits, M_BLOCK=m_block,
-        DC=min(g, 32), QA_SPLIT=qa_split, PA_SPLIT=pa_split, PREFETCH=prefetch, UNPACK_ASM=unpack_asm, INTERPRET=interpreting(),
+        DC=min(g, 32), QA_SPLIT=qa_split, PA_SPLIT=pa_split,
     )  # fmt: skip
-    _decode_tc_kernel[(bsz * hkv, 1, n_mb)](*args, **meta, DENSE=True, num_warps=4, num_stages=1)
-    LAST_LAUNCH[0] = _decode_tc_kernel[(bsz * hkv, num_splits, n_mb)](
-        *args, **meta, DENSE=False, num_warps=num_warps, num_stages=num_stages,
-        **({} if maxnreg is None or interpreting() else {"maxnreg": maxnreg}),
-    )
-    _merge_kernel[(bsz * hkv * mrows,)](
-        part_o, part_m, part_l, out, *st(out, 3),
-        HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=triton.next_power_of_2(s1),
+    _TILE_LAUNCH(
+        (bsz * hkv, 1, n_mb), args, {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp},
+        num_warps=4, num_stages=1,
+    )  # fmt: skip
+    tile_options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None and not interp:
+        tile_options["maxnreg"] = maxnreg
+    LAST_LAUNCH[0] = _TILE_LAUNCH(
+        (bsz * hkv, num_splits, n_mb), args,
+        {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp, "INTERPRET": interp},
+        **tile_options,
+    )  # fmt: skip
+    _MERGE_LAUNCH(
+        (bsz * hkv * mrows,), (part_o, part_m, part_l, out, *st(out, 3)),
+        dict(HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=triton.next_power_of_2(s1)),
         num_warps=4 if hd * triton.next_power_of_2(s1) <= 8192 else 8,
     )  # fmt: skip
     return out

@@ -24,17 +24,16 @@ def enabled_for(x: torch.Tensor) -> bool:
     return available()
 
 
-# Decode kernels: "tc" (decode_tc.py: bit planes on tensor cores), "v3" (decode.py: chunked, bf16
-# mantissa trick) and "v2" (decode_v2.py: chunked, the last kernel that passed
-# scripts/gpu_check.py on a GPU). A kernel runs by default only once it has passed the GPU check;
-# KVARN_DECODE_KERNEL=tc|v3|v2 forces one (benchmarks, checks, trying an unchecked kernel).
+# Decode kernels: "tc" (decode_tc.py: bit planes on tensor cores) and "chunked" (decode_chunked.py:
+# token chunks, hi/lo bf16 operands; takes float32 models and the small tiles tc declines). A
+# kernel runs by default only once it has passed scripts/gpu_check.py on a GPU;
+# KVARN_DECODE_KERNEL=tc|chunked forces one (benchmarks, checks).
 DECODE_MODULES = {
     "tc": "kvarn.attention.triton.decode_tc",
-    "v3": "kvarn.attention.triton.decode",
-    "v2": "kvarn.attention.triton.decode_v2",
+    "chunked": "kvarn.attention.triton.decode_chunked",
 }
-# GPU-checked kernels, fastest first. tc and v3 await their first GPU run (docs/gpu.md).
-GPU_CHECKED_DECODE = ("v2",)
+# GPU-checked kernels, fastest first (H100, docs/gpu.md).
+GPU_CHECKED_DECODE = ("tc", "chunked")
 
 
 def decode_kernel_order() -> tuple[str, ...]:

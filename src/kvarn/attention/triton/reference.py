@@ -17,7 +17,7 @@ def quantized_decode_attention_reference(
     n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
     key_bits, value_bits, scaling, *, compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:  # fmt: skip
-    """Same signature and result as ``kvarn.attention.triton.decode.quantized_decode_attention``."""
+    """Same signature and result as ``kvarn.attention.triton.decode_tc.quantized_decode_attention``."""
     bsz, hq, nq, hd = query.shape
     hkv = k_codes.shape[1]
     if hq % hkv:

@@ -1,4 +1,9 @@
-"""Decode attention over the KVarN layer storage: sink + packed tiles + tail + new tokens.
+"""Decode attention over quantized tiles, token-chunked ("chunked", kernel v2 in docs/gpu.md).
+
+The fallback behind ``decode_tc.py`` (the tensor-core bit-plane kernel the dispatch tries first):
+it takes what that kernel declines (float32 models, 2-bit keys on tiles under 64 tokens, value
+planes under 16 channels). GPU-checked on an H100 (scripts/gpu_check.py); 2-3x slower than the
+tc kernel at long context.
 
 One kernel, split-K (flash-decoding), then a small log-sum-exp merge kernel.
 
@@ -43,42 +48,24 @@ LAST_LAUNCH: list = [None]
 
 
 @triton.jit
-def _codes_operand(packed, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr, INTERPRET: tl.constexpr):
-    """uint8 [R, C*BITS/8] packed codes -> a bf16 matrix operand [R, C].
-
-    8-bit codes convert exactly (0..255 fits bf16). 2- and 4-bit codes skip the int -> float
-    conversion (quarter rate on Hopper): the code is OR-ed into the mantissa of bf16 1.0, giving
-    the exact value 1 + code / 2**BITS; callers undo the offset and the scale once per row
-    (``_magic_fix``). The interpreter keeps bf16 as raw bits and cannot multiply it, so there the
-    same values go on in float32.
-    """
+def _unpack(packed, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """uint8 [R, C*BITS/8] packed along the last axis -> codes [R, C] (int32), codec layout."""
     if BITS == 8:
-        codes = packed.to(tl.int32)
-        if INTERPRET:
-            return codes.to(tl.float32)
-        else:
-            return codes.to(tl.bfloat16)
+        return packed.to(tl.int32)
     else:
         PER: tl.constexpr = 8 // BITS
         shift = (tl.arange(0, PER) * BITS)[None, None, :]
-        # code j of a byte, moved to the top of bf16's 7-bit mantissa: one shift and one
-        # and-or per code (the byte is pre-shifted once).
-        pre = packed.to(tl.int32) << (7 - BITS)
-        bits = ((pre[:, :, None] >> shift) & (((1 << BITS) - 1) << (7 - BITS))) | 0x3F80  # bf16 1.0
-        op = tl.reshape(bits, [R, C]).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        if INTERPRET:
-            return op.to(tl.float32)
-        else:
-            return op
+        codes = (packed.to(tl.int32)[:, :, None] >> shift) & ((1 << BITS) - 1)
+        return tl.reshape(codes, [R, C])
 
 
 @triton.jit
-def _magic_fix(prod, row_sum, BITS: tl.constexpr):
-    """Undo ``_codes_operand``'s encoding: a @ (1 + codes / 2**B) -> a @ codes."""
-    if BITS == 8:
-        return prod
+def _codes_operand(codes, INTERPRET: tl.constexpr):
+    """Integer codes as a matrix operand: bf16 holds 0..255 exactly."""
+    if INTERPRET:
+        return codes.to(tl.float32)  # the interpreter's int -> bf16 conversion is not a value cast
     else:
-        return (prod - row_sum[:, None]) * (1 << BITS)
+        return codes.to(tl.bfloat16)
 
 
 @triton.jit
@@ -170,27 +157,25 @@ def _attend_tile(
     kz = tl.load(kz_base + j64 * skz_n + d).to(tl.float32)
     vs = tl.load(vs_base + j64 * svs_n + d).to(tl.float32)
     qa_hi, qa_lo = _split(q * ka[None, :], tl.bfloat16)
-    qa_sum = tl.sum(qa_hi.to(tl.float32) + qa_lo.to(tl.float32), axis=1)  # for _magic_fix
     qz = tl.sum(q * kz[None, :], axis=1)
     kc_tile = kc_base + j64 * skc_n
     vc_tile = vc_base + j64 * svc_n
     for c in tl.static_range(G // TC):
         t = c * TC + tl.arange(0, TC)
         kpk = tl.load(kc_tile + d[:, None] * KROW + (c * KCB + tl.arange(0, KCB))[None, :])
-        kcode = _codes_operand(kpk, KB, D, TC, INTERPRET)
+        kcode = _codes_operand(_unpack(kpk, KB, D, TC), INTERPRET)
         s = _mma(qa_hi, kcode, tl.zeros([q.shape[0], TC], tl.float32), INTERPRET)
-        s = _magic_fix(_mma(qa_lo, kcode, s, INTERPRET), qa_sum, KB)
+        s = _mma(qa_lo, kcode, s, INTERPRET)
         kr = tl.load(kr_base + j64 * skr_n + t).to(tl.float32)
         s = (s + qz[:, None]) * (kr * qk_scale)[None, :]
         m_i, p, alpha, l_i = _online_update(m_i, l_i, s)
         vpk = tl.load(vc_tile + t[:, None] * VROW + tl.arange(0, VROW)[None, :])
-        vcode = _codes_operand(vpk, VB, TC, D, INTERPRET)
+        vcode = _codes_operand(_unpack(vpk, VB, TC, D), INTERPRET)
         va = tl.load(va_base + j64 * sva_n + t).to(tl.float32)
         vz = tl.load(vz_base + j64 * svz_n + t).to(tl.float32)
         pa_hi, pa_lo = _split(p * va[None, :], tl.bfloat16)
         pv = _mma(pa_hi, vcode, tl.zeros([q.shape[0], D], tl.float32), INTERPRET)
-        pa_sum = tl.sum(pa_hi.to(tl.float32) + pa_lo.to(tl.float32), axis=1)
-        pv = _magic_fix(_mma(pa_lo, vcode, pv, INTERPRET), pa_sum, VB)
+        pv = _mma(pa_lo, vcode, pv, INTERPRET)
         pz = tl.sum(p * vz[None, :], axis=1)
         acc = acc * alpha[:, None] + (pv + pz[:, None]) * vs[None, :]
     return m_i, l_i, acc
