@@ -520,6 +520,11 @@ def default_num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     return max(1, min(MAX_SPLITS, -(-8 * sms // max(1, batch * kv_heads))))
 
 
+def _next_pow2(n: int) -> int:
+    # plain Python: triton.next_power_of_2 is a constexpr function with a per-call wrapper
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
@@ -549,6 +554,8 @@ def supports(
 
 def _inner_contiguous(x: torch.Tensor, inner: int) -> torch.Tensor:
     """Keep the layout when the last ``inner`` dims are dense (slices of a capacity buffer are)."""
+    if x.is_contiguous():
+        return x
     shape, stride = x.shape[-inner:], x.stride()[-inner:]
     expected = 1
     for size, st in zip(reversed(shape), reversed(stride), strict=True):
@@ -630,8 +637,8 @@ def quantized_decode_attention(
     # Query rows per program (tl.dot needs >= 16). 16 by default: at 32 rows the four value
     # accumulators spill (sm_90 compile: 1.6 KB per thread); larger groups x queries take
     # several row blocks, re-reading the codes (from L2) per block: the multi-query path only.
-    m_block = max(16, min(triton.next_power_of_2(mrows), m_block or 16))
-    n_mb = triton.cdiv(mrows, m_block)
+    m_block = max(16, min(_next_pow2(mrows), m_block or 16))
+    n_mb = -(-mrows // m_block)
     if num_splits is None:
         num_splits = default_num_splits(bsz, hkv, query.device)
     num_warps = num_warps or 4
@@ -686,7 +693,7 @@ def quantized_decode_attention(
     )  # fmt: skip
     interp = interpreting()
     meta = dict(
-        HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, triton.next_power_of_2(nq)),
+        HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, _next_pow2(nq)),
         D=hd, G=g, KB=key_bits, VB=value_bits, M_BLOCK=m_block,
         DC=min(g, 32), QA_SPLIT=qa_split, PA_SPLIT=pa_split,
     )  # fmt: skip
@@ -704,7 +711,7 @@ def quantized_decode_attention(
     )  # fmt: skip
     _MERGE_LAUNCH(
         (bsz * hkv * mrows,), (part_o, part_m, part_l, out, *st(out, 3)),
-        dict(HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=triton.next_power_of_2(s1)),
-        num_warps=4 if hd * triton.next_power_of_2(s1) <= 8192 else 8,
+        dict(HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=_next_pow2(s1)),
+        num_warps=4 if hd * _next_pow2(s1) <= 8192 else 8,
     )  # fmt: skip
     return out

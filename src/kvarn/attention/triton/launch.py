@@ -29,6 +29,10 @@ def _arg_key(a):
     return a
 
 
+# Triton reads TRITON_INTERPRET once, when a kernel is decorated; so do we.
+_INTERPRETING = interpreting()
+
+
 class FastLauncher:
     """``launcher(grid, args, constexprs, **options)`` == ``fn[grid](*args, **constexprs, **options)``."""
 
@@ -37,7 +41,7 @@ class FastLauncher:
         self.cache: dict = {}
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options):
-        if interpreting() or knobs.runtime.launch_enter_hook or knobs.runtime.launch_exit_hook:
+        if _INTERPRETING or knobs.runtime.launch_enter_hook or knobs.runtime.launch_exit_hook:
             return self.fn[grid](*args, **constexprs, **options)
         key = (tuple(_arg_key(a) for a in args), tuple(constexprs.items()), tuple(options.items()))
         compiled = self.cache.get(key)
