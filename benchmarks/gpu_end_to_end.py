@@ -48,12 +48,13 @@ import sys
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import kvarn
 from kvarn.attention.triton import dispatch
 
 T0 = time.perf_counter()
+STATIC_SLACK = 256  # StaticCache positions beyond the prompt (decode, warm-up, profile, capacity steps)
 
 
 def log(msg: str) -> None:
@@ -94,10 +95,13 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def new_cache(model, kind: str, quant: str):
+def new_cache(model, kind: str, quant: str, max_len: int = 0):
     if kind == "dynamic":
         model.set_attn_implementation("sdpa")
         return DynamicCache(config=model.config)
+    if kind == "static":
+        model.set_attn_implementation("sdpa")
+        return StaticCache(config=model.config, max_cache_len=max_len)
     return kvarn.cache_for(model, quant)
 
 
@@ -115,12 +119,12 @@ def is_oom(exc: BaseException) -> bool:
 def prefill(model, kind: str, quant: str, ids: torch.Tensor, chunk: int, device) -> tuple:
     """Prefill ``ids [B, T]``; returns (cache, next token, note).
 
-    DynamicCache: chunks of ``chunk`` tokens. KVarNCache: one call; on out-of-memory, the first
-    ``rows`` prompt rows in one call (halving until it fits), then rows replicated to B.
+    DynamicCache / StaticCache: chunks of ``chunk`` tokens. KVarNCache: one call; on out-of-memory,
+    the first ``rows`` prompt rows in one call (halving until it fits), then rows replicated to B.
     """
     batch = ids.shape[0]
-    if kind == "dynamic":
-        cache = new_cache(model, kind, quant)
+    if kind in ("dynamic", "static"):
+        cache = new_cache(model, kind, quant, max_len=ids.shape[1] + STATIC_SLACK)
         for start in range(0, ids.shape[1], chunk):
             token = forward(model, cache, ids[:, start : start + chunk])
         return cache, token, ""
@@ -312,6 +316,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-capacity", action="store_true")
     ap.add_argument(
+        "--static",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time transformers' StaticCache at the largest context (no per-step copy of the cache)",
+    )
+    ap.add_argument(
         "--tiny", action="store_true", help="2-layer model on CPU (or GPU), small contexts: smoke test"
     )
     args = ap.parse_args(argv)
@@ -358,7 +368,10 @@ def main(argv: list[str] | None = None) -> dict:
         gen = torch.Generator(device=device).manual_seed(context)
         ids = torch.randint(0, config.vocab_size, (batch, prompt), device=device, generator=gen)
         last = context == contexts[-1]
-        for kind in ("dynamic", "kvarn"):
+        kinds = ["dynamic", "kvarn"]
+        if last and args.static and budget_left() > 150:
+            kinds.insert(1, "static")
+        for kind in kinds:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
@@ -392,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
                 results["profile"][kind] = profile_steps(model, cache, token)
                 for line in results["profile"][kind]:
                     log(f"profile {kind}: {line}")
-            if last and not args.no_capacity and budget_left() > 45:
+            if last and kind != "static" and not args.no_capacity and budget_left() > 45:
                 rows = predicted_rows(
                     free_after_weights - args.reserve_gb * 1e9, context, row["allocated_per_token"], layers
                 )
@@ -428,6 +441,14 @@ def print_table(
     last = contexts[-1]
     d = next(r for r in rows if r["cache"] == "dynamic" and r["context"] == last)
     k = next(r for r in rows if r["cache"] == "kvarn" and r["context"] == last)
+    static = next((r for r in rows if r["cache"] == "static" and r["context"] == last), None)
+    if static:
+        print()
+        print(
+            f"StaticCache (16-bit, preallocated, no per-step copy; sdpa) at {last}: {static['tok_s']:.1f} tok/s, "
+            f"{static['ms_step']:.2f} ms/step (host {static['host_ms_step']:.2f}); "
+            f"KVarNCache / StaticCache = **{k['tok_s'] / static['tok_s']:.2f}x**"
+        )
     print()
     print(
         f"## Capacity at {last} tokens (weights {weights / 1e9:.1f} GB; free after weights "
