@@ -27,11 +27,10 @@ def test_tiny_run_prints_the_tables(capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "## Decode speed" in out and "## Capacity at 290 tokens" in out
+    assert "## Decode speed" in out and "## Capacity at 290 tokens" in out and "StaticCache" in out
     rows = results["rows"]
-    assert {(r["cache"], r["context"]) for r in rows} == {
-        (c, n) for c in ("dynamic", "kvarn") for n in (200, 290)
-    }
+    expected = {(c, n) for c in ("dynamic", "kvarn") for n in (200, 290)} | {("static", 290)}
+    assert {(r["cache"], r["context"]) for r in rows} == expected
     for r in rows:
         assert r["tok_s"] > 0 and r["host_ms_step"] <= r["ms_step"] * 1.01
     dyn = next(r for r in rows if r["cache"] == "dynamic" and r["context"] == 290)
