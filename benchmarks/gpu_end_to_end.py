@@ -46,6 +46,7 @@ import gc
 import os
 import sys
 import time
+import traceback
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
@@ -375,7 +376,11 @@ def main(argv: list[str] | None = None) -> dict:
         checks = []
         for kernel in kernels:
             with decode_kernel(kernel):
-                checks.append(f"[{kernel or 'default'}] {check_kernels_in_cache(device, args.quant)}")
+                try:
+                    checks.append(f"[{kernel or 'default'}] {check_kernels_in_cache(device, args.quant)}")
+                except Exception:  # noqa: BLE001
+                    traceback.print_exc()
+                    checks.append(f"[{kernel or 'default'}] FAILED (traceback above)")
             free_memory(device)
             log(f"check (Triton vs PyTorch inside the cache): {checks[-1]}")
         results["check"] = "; ".join(checks)
@@ -397,7 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
         kinds = ["dynamic", "kvarn"]
         if last and args.static and budget_left() > 150:
             kinds.insert(1, "static")
-        for kind in kinds:
+
+        def run_kind(kind: str, context: int, ids: torch.Tensor, last: bool) -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
@@ -456,6 +462,14 @@ def main(argv: list[str] | None = None) -> dict:
             del cache, token, r
             free_memory(device)
 
+        for kind in kinds:
+            try:
+                run_kind(kind, context, ids, last)
+            except Exception:  # noqa: BLE001 - one failed phase must not lose the others
+                traceback.print_exc()
+                log(f"{kind} at context {context} FAILED (traceback above)")
+            free_memory(device)  # after the except block: the traceback no longer holds the cache
+
     print_table(results, contexts, batch, free_after_weights, args.reserve_gb, weights)
     return results
 
@@ -470,16 +484,28 @@ def print_table(
     print("| context | DynamicCache tok/s | KVarNCache tok/s (decode kernel) | ratio | ms/step Dyn / KVarN | host ms/step Dyn / KVarN | prefill s Dyn / KVarN |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for context in contexts:
-        d = next(r for r in rows if r["cache"] == "dynamic" and r["context"] == context)
+        d = next((r for r in rows if r["cache"] == "dynamic" and r["context"] == context), None)
         for k in (r for r in rows if r["cache"] == "kvarn" and r["context"] == context):
+            if d is None:
+                print(
+                    f"| {context} | failed | {k['tok_s']:.1f} ({k['kernel']}) | - | - / {k['ms_step']:.2f} | - | - |"
+                )
+                continue
             print(
                 f"| {context} | {d['tok_s']:.1f} | {k['tok_s']:.1f} ({k['kernel']}) | **{k['tok_s'] / d['tok_s']:.2f}x** | "
                 f"{d['ms_step']:.2f} / {k['ms_step']:.2f} | {d['host_ms_step']:.2f} / {k['host_ms_step']:.2f} | "
                 f"{d['prefill_s']:.1f} / {k['prefill_s']:.1f} |"
             )
     last = contexts[-1]
-    d = next(r for r in rows if r["cache"] == "dynamic" and r["context"] == last)
-    k = max((r for r in rows if r["cache"] == "kvarn" and r["context"] == last), key=lambda r: r["tok_s"])
+    d = next((r for r in rows if r["cache"] == "dynamic" and r["context"] == last), None)
+    k = max(
+        (r for r in rows if r["cache"] == "kvarn" and r["context"] == last),
+        key=lambda r: r["tok_s"],
+        default=None,
+    )
+    if d is None or k is None:
+        print(f"(no complete DynamicCache/KVarNCache pair at {last}: see the log above)")
+        return
     static = next((r for r in rows if r["cache"] == "static" and r["context"] == last), None)
     if static:
         print()
