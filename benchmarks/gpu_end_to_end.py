@@ -413,8 +413,17 @@ def main(argv: list[str] | None = None) -> dict:
             variants = kernels if kind == "kvarn" else [None]
             best = None
             for kernel in variants:
-                with decode_kernel(kernel):
-                    r = time_decode(model, cache, token, steps, device)
+                if cache is None:  # the previous kernel failed mid-forward: fresh prefill
+                    free_memory(device)
+                    cache, token, note = prefill(model, kind, args.quant, ids, args.prefill_chunk, device)
+                try:
+                    with decode_kernel(kernel):
+                        r = time_decode(model, cache, token, steps, device)
+                except Exception:  # noqa: BLE001 - e.g. a decode kernel that does not compile
+                    traceback.print_exc()
+                    log(f"{kind} with decode kernel {kernel} FAILED at context {context} (traceback above)")
+                    cache = None
+                    continue
                 token = r["token"]
                 valid, allocated = cache_nbytes(cache)
                 stored = batch * cache.get_seq_length()
@@ -443,7 +452,12 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 if best is None or r["tok_s"] > best[1]["tok_s"]:
                     best = (kernel, r, row)
+            if best is None:
+                return
             kernel, r, row = best  # profile and capacity with the fastest decode kernel
+            if cache is None:  # the last kernel failed: a usable cache for the profile and capacity
+                free_memory(device)
+                cache, token, note = prefill(model, kind, args.quant, ids, args.prefill_chunk, device)
             if last and device.type == "cuda" and not args.no_profile and budget_left() > 60:
                 with decode_kernel(kernel):
                     results["profile"][kind] = profile_steps(model, cache, token)
