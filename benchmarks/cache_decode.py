@@ -8,6 +8,14 @@ the median over rounds.
 
     python benchmarks/cache_decode.py                      # 1k, 4k, 8k; dynamic, kvarn, quanto
     python benchmarks/cache_decode.py --contexts 1024 --rounds 3 --threads 1
+    python benchmarks/cache_decode.py --count-ops          # ops and host syncs per decode step
+
+``--count-ops`` does not time anything: it counts, on CPU, what the CUDA code path of a decode step
+dispatches (``kvarn.cache.profiling``: the Triton seams switched on for CPU tensors, each kernel
+call replaced by its PyTorch twin and counted as one kernel): non-view torch ops, kernel calls,
+host syncs and host-to-device uploads per layer and step (Llama-3-8B head shapes, batch 8, every
+row at one tail offset and rows left-padded to different offsets), and per whole decode forward
+of a small 4-layer model against DynamicCache + sdpa.
 
 Columns: decode tokens/s (decode steps / their wall time), ratio to DynamicCache in the same
 round, prefill seconds, peak RSS of the worker (over its whole life, prefill included), resident
@@ -144,6 +152,131 @@ def run_worker(context: int, cache: str, args) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _count_layer_steps(padded: bool, steps: int) -> list[tuple[bool, object]]:
+    """Per decode step of one KVarN layer (Llama-3-8B heads, batch 8): (a tail filled, counter)."""
+    import torch
+
+    from kvarn.cache import KVarNLayer
+    from kvarn.cache.profiling import counting, gpu_path_on_cpu
+    from kvarn.config import KVarNConfig
+
+    batch, hq, hkv, dim = 8, 32, 8, 128
+    quant = KVarNConfig.parse("k4v2")
+    g = quant.tile_size
+    gen = torch.Generator().manual_seed(0)
+    layer = KVarNLayer(quant, 0, hkv, dim)
+
+    class Module:
+        layer_idx = 0
+
+    module = Module()
+
+    def inputs(length):
+        return [torch.randn(batch, h, length, dim, generator=gen).to(torch.bfloat16) for h in (hq, hkv, hkv)]
+
+    prefill = 2 * g + 40
+    valid = None
+    if padded:
+        valid = torch.ones(batch, prefill, dtype=torch.bool)
+        for r in range(batch):
+            valid[r, : 5 * r] = False
+    out = []
+    with gpu_path_on_cpu("twin"), torch.no_grad():
+        q, k, v = inputs(prefill)
+        layer.update(k, v)
+        layer.attend(module, q, valid, dim**-0.5)
+        for step in range(steps + 1):
+            q, k, v = inputs(1)
+            fills = any(t + 1 == g for t in layer._tail_len)
+            with counting() as c:
+                layer.update(k, v)
+                layer.attend(module, q, None, dim**-0.5)
+            if step:  # the first step builds the per-process rotation operands
+                out.append((fills, c))
+    return out
+
+
+def _count_model_steps(kind: str, mask: bool, steps: int = 4) -> list:
+    import torch
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    import kvarn
+    from kvarn.cache.profiling import counting, gpu_path_on_cpu
+
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    if kind == "dynamic":
+        model.set_attn_implementation("sdpa")
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = kvarn.cache_for(model, "k4v2")
+    batch, prefill = 2, 140
+    ids = torch.randint(0, 512, (batch, prefill))
+    att = torch.ones(batch, prefill, dtype=torch.long) if mask else None
+    out = []
+    with gpu_path_on_cpu("twin"), torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att, past_key_values=cache, logits_to_keep=1).logits
+        for step in range(steps + 1):
+            token = logits[:, -1:].argmax(-1)
+            if mask:
+                att = torch.cat([att, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+            with counting() as c:
+                logits = model(
+                    input_ids=token, attention_mask=att, past_key_values=cache, logits_to_keep=1
+                ).logits
+            if step:
+                out.append(c)
+    return out, config.num_hidden_layers
+
+
+def count_ops() -> None:
+    """Print the op / sync counts of the decode path (see the module docstring)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+    def span(values):
+        lo, hi = min(values), max(values)
+        return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+    print(
+        "Per KVarN layer and decode step (CUDA code path, kernels as twins; Llama-3-8B heads, batch 8, bf16):"
+    )
+    print()
+    print("| rows | step | non-view ops | kernels | views | host syncs | uploads |")
+    print("|---|---|---|---|---|---|---|")
+    for padded in (False, True):
+        steps = _count_layer_steps(padded, steps=130)
+        for fills in (False, True):
+            cs = [c for f, c in steps if f == fills]
+            if not cs:
+                continue
+            print(
+                f"| {'left-padded (8 offsets)' if padded else 'one tail offset'} | "
+                f"{'a tail fills' if fills else 'plain'} ({len(cs)} steps) | "
+                f"{span([sum(c.ops.values()) for c in cs])} | {span([sum(c.kernels.values()) for c in cs])} | "
+                f"{span([c.views for c in cs])} | {span([len(c.syncs) for c in cs])} | "
+                f"{span([c.uploads for c in cs])} |"
+            )
+    print()
+    print("Per decode forward of a 4-layer model (GQA 4:1, head_dim 128, batch 2, bf16):")
+    print()
+    print("| cache | 2D attention_mask | non-view ops | kernels | host syncs | uploads |")
+    print("|---|---|---|---|---|---|")
+    for kind in ("dynamic", "kvarn"):
+        for mask in (False, True):
+            cs, _ = _count_model_steps(kind, mask)
+            print(
+                f"| {kind} | {'yes' if mask else 'no'} | {span([sum(c.ops.values()) for c in cs])} | "
+                f"{span([sum(c.kernels.values()) for c in cs])} | {span([len(c.syncs) for c in cs])} | "
+                f"{span([c.uploads for c in cs])} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -161,10 +294,14 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct GGUF)")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--json", default=None, help="also write all results to this file")
+    parser.add_argument("--count-ops", action="store_true", help="count ops and host syncs per decode step")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.count_ops:
+        count_ops()
+        return
     if args.worker:
         print(json.dumps(worker(args)))
         return

@@ -8,19 +8,29 @@ Life of a forward call (transformers calls ``update`` before the attention funct
 2. ``attend(module, query, new_valid, scaling)`` (called by the attention function, which knows
    the padding) computes the new tokens' attention over the cache *as it stood before the call*
    (sink and tail in the model dtype, completed tiles as packed codes) plus the new tokens at full
-   precision (causal among themselves, padding masked); then
-3. ``commit`` stores the new tokens: rotated once (iff the method rotates), padding dropped per
-   row, tiles that complete quantized in one batched ``encode_tiles`` call. A token is quantized
+   precision (causal among themselves, padding masked); then stores the new tokens: rotated once
+   (iff the method rotates), padding dropped per row, tiles that complete quantized in one batched
+   call (the fused Triton kernel on CUDA, ``encode_tiles`` otherwise). A token is quantized
    exactly once, when its tile completes, and never again (except after a ``crop`` into a tile,
    see there).
 
 Each row is aligned to its own first real token (left padding is never stored), so rows of a
 padded batch are stored exactly as they would be alone; rows may hold different counts.
+
+Two ways to store a call's tokens (docs/cache.md, "The decode step"):
+
+* the **decode step** (``_decode_step``): every new token real, every row's sink full (or sinks
+  off), and the new tokens fit in every row's tail. A fixed, short sequence of device ops, no host
+  synchronization: the ``[B]`` counters the kernels read are updated on the device by the same
+  arithmetic as their host mirrors, the tokens are written into the preallocated tail, and a tile
+  is compressed when it fills;
+* the **general commit** (``_commit``): prefill, padding, sink filling, tails overflowing. It may
+  synchronize (it reads padding masks and uploads counters), and it works through the call in
+  windows so that a long prefill never holds more than a window of extra 16-bit tokens.
 """
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -32,25 +42,31 @@ from kvarn.attention.reference import quantized_attention_reference
 from kvarn.attention.triton.dispatch import maybe_triton_compress
 from kvarn.cache import handoff
 from kvarn.cache.errors import NOT_KVARN_ATTENTION, CacheUsageError, UnsupportedModelError
+from kvarn.cache.rotation import rotate_for_storage, rotate_queries
 from kvarn.cache.storage import TileStore
 from kvarn.codec import decode_tiles, encode_tiles
 from kvarn.config import KVarNConfig
-from kvarn.method.hadamard import hadamard_matrix, hadamard_transform
+from kvarn.method.hadamard import hadamard_transform
 
 # Calls with at most this many new tokens (all real) go through the decode seam (where a fused
 # kernel can take over); longer ones (prefill) use the chunked reference with query blocks.
 DECODE_MAX_QUERIES = 16
-ROTATE_CHUNK = 2048  # tokens rotated per float64 product when a long prefill enters the cache
+# A long call is stored in windows of about this many (token, KV head) pairs per window, so the
+# tail buffer, the rotated copy and the gathered tiles of a prefill stay bounded (~2048 tokens
+# for batch 8 x 8 KV heads).
+COMMIT_WINDOW_PAIRS = 1 << 17
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-@functools.lru_cache(maxsize=32)
-def _rotation(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return hadamard_matrix(dim, dtype=dtype, device=device)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _compress(k_tiles: torch.Tensor, v_tiles: torch.Tensor, quant: KVarNConfig):
+    """Quantize tiles: the fused kernel on CUDA (same codes as ``encode_tiles`` except at exact
+    rounding ties), ``encode_tiles`` otherwise."""
+    encoded = maybe_triton_compress(k_tiles, v_tiles, quant)
+    return encode_tiles(k_tiles, v_tiles, quant) if encoded is None else encoded
 
 
 class KVarNLayer(CacheLayerMixin):
@@ -86,38 +102,67 @@ class KVarNLayer(CacheLayerMixin):
         self.device = None
         self.batch = 0
         self.store: TileStore | None = None
-        self.sink_k = self.sink_v = self.tail_k = self.tail_v = None
-        self._n_tiles: list[int] = []  # host mirrors of the [B] counters (no device syncs)
+        # K and V of the sink and of the tail share one buffer each, [2, B, Hkv, G, D] (index 0 =
+        # keys), so that a decode step writes both with one copy; sink_k, tail_v, ... are views.
+        self._sink: torch.Tensor | None = None
+        self._tail: torch.Tensor | None = None
+        # Host mirrors of the [B] counters (control flow never reads the device) ...
+        self._n_tiles: list[int] = []
         self._sink_len: list[int] = []
         self._tail_len: list[int] = []
         self._trailing_real: list[int] = []  # real tokens at the end of each row (for crop)
+        # ... and the device counters the kernels read: one [3, B] int32 tensor, rows n_tiles,
+        # sink_len, tail_len. Uploaded after general changes, updated in place by decode steps.
+        self._counters: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None  # arange(B) on the device
+        # Rows grouped by tail offset (rows with equal offsets complete their tiles together):
+        # [(host rows, device index or None for "every row")], rebuilt after general changes.
+        self._groups: list[tuple[list[int], torch.Tensor | None]] | None = None
         self.columns = 0  # positions consumed, padding included (what transformers counts)
-        self.n_tiles = self.sink_len = self.tail_len = None
-        self._synced: dict[str, list[int]] = {}
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._owner: weakref.ref | None = None
         self.record_past = False
+
+    # Views of the shared buffers, named as in the storage contract (docs/layerstore.md).
+    sink_k = property(lambda self: None if self._sink is None else self._sink[0])
+    sink_v = property(lambda self: None if self._sink is None else self._sink[1])
+    tail_k = property(lambda self: None if self._tail is None else self._tail[0])
+    tail_v = property(lambda self: None if self._tail is None else self._tail[1])
+    n_tiles = property(lambda self: None if self._counters is None else self._counters[0])
+    sink_len = property(lambda self: None if self._counters is None else self._counters[1])
+    tail_len = property(lambda self: None if self._counters is None else self._counters[2])
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch = key_states.shape[0]
         b, h, g, d = self.batch, self.num_kv_heads, self.tile_size, self.head_dim
         self.store = TileStore(b, h, d, self.quant, self.device)
-        self.sink_k, self.sink_v, self.tail_k, self.tail_v = (
-            torch.zeros((b, h, g, d), dtype=self.dtype, device=self.device) for _ in range(4)
-        )
+        self._sink = torch.zeros((2, b, h, g, d), dtype=self.dtype, device=self.device)
+        self._tail = torch.zeros((2, b, h, g, d), dtype=self.dtype, device=self.device)
         self._n_tiles, self._sink_len, self._tail_len = [0] * b, [0] * b, [0] * b
         self._trailing_real = [0] * b
-        self._sync_counters()
+        self._rows = torch.arange(b, device=self.device)
+        self._after_general_change()
         self.is_initialized = True
 
-    def _sync_counters(self) -> None:
-        """Refresh the ``[B]`` int32 device counters from the host lists (only those that changed)."""
-        for name in ("n_tiles", "sink_len", "tail_len"):
-            host = getattr(self, "_" + name)
-            if self._synced.get(name) != host:
-                setattr(self, name, torch.tensor(host, dtype=torch.int32, device=self.device))
-                self._synced[name] = list(host)
+    def _after_general_change(self) -> None:
+        """Upload the counters (one host-to-device copy) and regroup the rows by tail offset.
+
+        Called after every change the decode step does not make itself (general commit, crop,
+        row selection); the decode step then keeps both up to date on the device.
+        """
+        self._counters = torch.tensor(
+            [self._n_tiles, self._sink_len, self._tail_len], dtype=torch.int32, device=self.device
+        )
+        by_offset: dict[int, list[int]] = {}
+        for row, offset in enumerate(self._tail_len):
+            by_offset.setdefault(offset, []).append(row)
+        if len(by_offset) == 1:
+            self._groups = [(list(range(self.batch)), None)]
+            return
+        groups = list(by_offset.values())
+        flat = torch.tensor([r for rows in groups for r in rows], dtype=torch.long, device=self.device)
+        self._groups = list(zip(groups, flat.split([len(rows) for rows in groups]), strict=True))
 
     def stored_lengths(self) -> list[int]:
         """Real tokens stored per row (sink + tiles + tail)."""
@@ -201,31 +246,14 @@ class KVarNLayer(CacheLayerMixin):
         """Forget every token (and the batch size, dtype and owning model)."""
         self._clear()
 
-    # ---- attention + commit --------------------------------------------------------------------
+    # ---- attention -----------------------------------------------------------------------------
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """Hadamard rotation (self-inverse) of queries/outputs in float32 (float64 stays)."""
-        if not self.quant.rotate:
-            return x
-        cdt = _compute_dtype(x.dtype)
-        return (x.to(cdt) @ _rotation(self.head_dim, cdt, x.device)).to(x.dtype)
+        """Hadamard rotation (self-inverse) of queries/outputs, rounded once to the model dtype."""
+        return rotate_queries(x) if self.quant.rotate else x
 
     def _rotate_for_storage(self, x: torch.Tensor) -> torch.Tensor:
-        """Hadamard rotation of tokens entering the cache, computed in float64.
-
-        A float32 matmul rounds differently depending on the shape of the call (BLAS blocking),
-        so a token rotated in a 1-token decode step and in a 100-token prefill (or in a padded
-        batch and alone) could differ in the last bit and quantize differently. Rounding the
-        float64 product to the model dtype makes the stored token independent of the call shape.
-        """
-        if not self.quant.rotate:
-            return x
-        rot = _rotation(self.head_dim, torch.float64, x.device)
-        if x.shape[2] <= ROTATE_CHUNK:
-            return (x.double() @ rot).to(x.dtype)
-        out = torch.empty_like(x)  # long prefill: bound the float64 temporaries
-        for t0 in range(0, x.shape[2], ROTATE_CHUNK):
-            out[:, :, t0 : t0 + ROTATE_CHUNK] = (x[:, :, t0 : t0 + ROTATE_CHUNK].double() @ rot).to(x.dtype)
-        return out
+        """Hadamard rotation of tokens entering the cache (float64 product, see rotation.py)."""
+        return rotate_for_storage(x) if self.quant.rotate else x
 
     def _check_owner(self, module) -> None:
         if self._owner is not None and self.columns > 0:
@@ -248,6 +276,8 @@ class KVarNLayer(CacheLayerMixin):
         """Attention output ``[B, L, Hq, D]`` of this call's queries; then stores the new tokens.
 
         ``new_valid [B, L]`` marks real (True) and padding (False) tokens; None means all real.
+        (The "kvarn" attention function passes None when every token is real; a mask passed
+        here is checked with one host sync.)
         """
         if self.pending is None:
             raise CacheUsageError(
@@ -268,9 +298,8 @@ class KVarNLayer(CacheLayerMixin):
             )
         if new_valid is not None and bool(new_valid.all()):
             new_valid = None
-        history_empty = self.columns == 0
 
-        if history_empty and new_valid is None:
+        if self.columns == 0 and new_valid is None:
             # Nothing stored yet and no padding: this is exactly the 16-bit prefill.
             out = F.scaled_dot_product_attention(
                 query,
@@ -280,55 +309,156 @@ class KVarNLayer(CacheLayerMixin):
                 scale=scaling,
                 enable_gqa=hq != self.num_kv_heads,
             )
-            k_rot, v_rot = self._rotate_for_storage(keys), self._rotate_for_storage(values)
-        else:
-            q_rot = self._rotate(query)
-            k_rot, v_rot = self._rotate_for_storage(keys), self._rotate_for_storage(values)
-            store = self.store.tensors()
-            args = (
-                q_rot,
-                store["k_codes"],
-                store["k_scale"],
-                store["k_zero"],
-                store["k_token_scale"],
-                store["v_codes"],
-                store["v_scale"],
-                store["v_zero"],
-                store["v_channel_scale"],
-                self.n_tiles,
-                self.sink_k,
-                self.sink_v,
-                self.sink_len,
-                self.tail_k,
-                self.tail_v,
-                self.tail_len,
-                k_rot,
-                v_rot,
-                self.quant.key_bits,
-                self.quant.value_bits,
-                scaling,
-            )
-            bounds = {"max_tiles": max(self._n_tiles), "min_tiles": min(self._n_tiles)}
-            if new_valid is None and length <= DECODE_MAX_QUERIES:
-                out_rot = quantized_decode_attention(*args, **bounds)
-            else:
-                out_rot = quantized_attention_reference(*args, new_valid=new_valid, **bounds)
-            out = self._rotate(out_rot)
-        self.commit(k_rot, v_rot, new_valid)
+            self._commit(keys, values, None, rotated=False)
+            return out.transpose(1, 2)
+        if new_valid is None and length <= DECODE_MAX_QUERIES and self._decode_step_applies(length):
+            return self._decode_step(query, keys, values, scaling)
+
+        q_rot = self._rotate(query)
+        k_rot, v_rot = self._rotate_for_storage(keys), self._rotate_for_storage(values)
+        attention = quantized_decode_attention
+        extra = {"max_tiles": max(self._n_tiles), "min_tiles": min(self._n_tiles)}  # host bounds: no sync
+        if new_valid is not None or length > DECODE_MAX_QUERIES:
+            attention, extra["new_valid"] = quantized_attention_reference, new_valid
+        out_rot = attention(*self._attention_args(q_rot, k_rot, v_rot, scaling), **extra)
+        out = self._rotate(out_rot)
+        self._commit(k_rot, v_rot, new_valid, rotated=True)
         return out.transpose(1, 2)
 
-    def commit(self, k: torch.Tensor, v: torch.Tensor, new_valid: torch.Tensor | None) -> None:
-        """Append the real tokens of ``k, v [B, Hkv, L, D]`` (cache frame) to each row.
+    def _attention_args(self, q_rot, new_k, new_v, scaling) -> tuple:
+        """Positional arguments of the attention seam (storage contract order)."""
+        st = self.store
+        return (
+            q_rot,
+            st.k_codes,
+            st.k_scale,
+            st.k_zero,
+            st.k_token_scale,
+            st.v_codes,
+            st.v_scale,
+            st.v_zero,
+            st.v_channel_scale,
+            self.n_tiles,
+            self.sink_k,
+            self.sink_v,
+            self.sink_len,
+            self.tail_k,
+            self.tail_v,
+            self.tail_len,
+            new_k,
+            new_v,
+            self.quant.key_bits,
+            self.quant.value_bits,
+            scaling,
+        )
 
-        Tokens go to the sink while it has room, then to the tail; tiles the tail completes are
-        quantized right away (all rows and heads in one ``encode_tiles`` call), or, while
-        ``record_past`` is on, at the start of the next update (see :meth:`activate_past_recording`).
+    # ---- the decode step ------------------------------------------------------------------------
+    def _decode_step_applies(self, length: int) -> bool:
+        """Host-side test (no device reads) that ``length`` real tokens per row can take the
+        decode step: sinks full (or off), tails in the G-slot layout with room for the tokens."""
+        g = self.tile_size
+        if self._groups is None or self._tail.shape[3] != g or max(self._tail_len) + length > g:
+            return False
+        return not self.quant.keep_sink_tile or min(self._sink_len) == g
+
+    def _decode_step(self, query, keys, values, scaling) -> torch.Tensor:
+        """Attend and store ``L`` real tokens per row with a fixed sequence of device ops.
+
+        Ops (one layer, rotation on): query rotation (1), the new K/V stacked and rotated for
+        storage (4), the attention kernel, output rotation (1), the tail write (1; 2-3 when rows
+        sit at different offsets), the tail counter (1); when a tail fills, the compression kernel
+        plus ~12 small ops for the store and counters. No op reads device data on the host.
         """
-        b, h, length, d = k.shape
+        q_rot = self._rotate(query)
+        kv = torch.stack((keys, values))  # [2, B, Hkv, L, D]
+        if self.quant.rotate:
+            kv = rotate_for_storage(kv)
+        out_rot = quantized_decode_attention(
+            *self._attention_args(q_rot, kv[0], kv[1], scaling),
+            max_tiles=max(self._n_tiles),
+            min_tiles=min(self._n_tiles),
+        )
+        out = self._rotate(out_rot)
+        self._append_to_tails(kv)
+        return out.transpose(1, 2)
+
+    def _append_to_tails(self, kv: torch.Tensor) -> None:
+        """Write ``kv [2, B, Hkv, L, D]`` at each row's tail offset; complete tiles that fill.
+
+        The attention has been queued before: it read the counters as they were (same stream).
+        """
+        length, g = kv.shape[3], self.tile_size
+        offsets = self._tail_len
+        if len(self._groups) == 1:  # every row at the same offset: one slice copy
+            self._tail[:, :, :, offsets[0] : offsets[0] + length].copy_(kv)
+        else:  # per-row offsets from the device counter
+            pos = self.tail_len.long().unsqueeze(1)
+            if length > 1:
+                pos = pos + torch.arange(length, device=self.device)
+            # advanced indices (rows, positions) come first in the result: [B, L, 2, Hkv, D]
+            self._tail[:, self._rows.unsqueeze(1), :, pos] = kv.permute(1, 3, 0, 2, 4)
+        self.tail_len.add_(length)
+        self._tail_len = [t + length for t in offsets]
+        self._trailing_real = [t + length for t in self._trailing_real]
+        self.columns += length
+        if self.record_past:  # tiles that fill wait for the next update (see activate_past_recording)
+            return
+        for rows, index in self._groups:
+            if self._tail_len[rows[0]] == g:
+                self._complete_full_tails(rows, index)
+
+    def _complete_full_tails(self, rows: list[int], index: torch.Tensor | None) -> None:
+        """Quantize the full tails of ``rows`` (device ``index``, None = every row) into the
+        next tile slot of each row and empty those tails; no host reads of device data."""
+        self.store.reserve(max(self._n_tiles[r] for r in rows) + 1)
+        if index is None:
+            k_tiles, v_tiles, slots = self.tail_k, self.tail_v, self.n_tiles
+            index = self._rows
+        else:
+            full = self._tail.index_select(1, index)  # [2, R, Hkv, G, D]
+            k_tiles, v_tiles, slots = full[0], full[1], self.n_tiles.index_select(0, index)
+        self.store.write(index, slots.long(), _compress(k_tiles, v_tiles, self.quant))
+        if len(rows) == self.batch:
+            self.n_tiles.add_(1)
+            self.tail_len.zero_()
+        else:
+            self.n_tiles.index_add_(0, index, torch.ones_like(index, dtype=torch.int32))
+            self.tail_len.index_fill_(0, index, 0)
+        for r in rows:
+            self._n_tiles[r] += 1
+            self._tail_len[r] = 0
+
+    # ---- the general commit ---------------------------------------------------------------------
+    def _commit(
+        self, k: torch.Tensor, v: torch.Tensor, new_valid: torch.Tensor | None, rotated: bool
+    ) -> None:
+        """Append the real tokens of ``k, v [B, Hkv, L, D]`` to each row, window by window.
+
+        ``rotated``: the tokens are already in the cache frame; otherwise each window is rotated
+        as it is stored (so a long prefill never holds a rotated copy of the whole call).
+        """
+        b, h, length, _ = k.shape
+        g = self.tile_size
+        # Room for every tile this call can complete (plus the next), reserved once.
+        self.store.reserve(
+            max(n + (t + length) // g for n, t in zip(self._n_tiles, self._tail_len, strict=True)) + 1
+        )
+        window = max(g, COMMIT_WINDOW_PAIRS // max(1, b * h) // g * g)
+        for w0 in range(0, length, window):
+            kw, vw = k[:, :, w0 : w0 + window], v[:, :, w0 : w0 + window]
+            if not rotated:
+                kw, vw = self._rotate_for_storage(kw), self._rotate_for_storage(vw)
+            valid = None if new_valid is None else new_valid[:, w0 : w0 + window]
+            self._commit_window(kw, vw, valid)
+        self._after_general_change()
+
+    def _commit_window(self, k: torch.Tensor, v: torch.Tensor, new_valid: torch.Tensor | None) -> None:
+        """Tokens go to the sink while it has room, then to the tail; tiles the tail completes are
+        quantized right away (one batched call for all rows and heads), or, while ``record_past``
+        is on, at the start of the next update (see :meth:`activate_past_recording`)."""
+        b, _, length, _ = k.shape
         g = self.tile_size
         dev = k.device
-        if new_valid is None and self._append_fast(k, v):
-            return
         if new_valid is None:
             counts = [length] * b
             rank = torch.arange(length, device=dev).expand(b, length)
@@ -340,27 +470,23 @@ class KVarNLayer(CacheLayerMixin):
         room = [g - s if self.quant.keep_sink_tile else 0 for s in self._sink_len]
         to_sink = [min(r, c) for r, c in zip(room, counts, strict=True)]
         fill = [t + c - s for t, c, s in zip(self._tail_len, counts, to_sink, strict=True)]
+        kv = torch.stack((k, v), dim=2).transpose(1, 3)  # [B, L, 2, Hkv, D]: token-major for scattering
+        starts = torch.tensor([self._sink_len, self._tail_len, to_sink], device=dev)  # [3, B]
 
-        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, L, H, D]: token-major for scattering
-        take = torch.tensor(to_sink, device=dev)[:, None]
         if any(to_sink):
-            rows, cols = (valid & (rank < take)).nonzero(as_tuple=True)
-            dest = self.sink_len.to(torch.long)[rows] + rank[rows, cols]
-            self.sink_k[rows, :, dest] = kt[rows, cols]
-            self.sink_v[rows, :, dest] = vt[rows, cols]
+            rows, cols = (valid & (rank < starts[2, :, None])).nonzero(as_tuple=True)
+            dest = starts[0][rows] + rank[rows, cols]
+            self._sink[:, rows, :, dest] = kv[rows, cols]
 
         self._reserve_tail((max(fill) // g + 1) * g)
         if new_valid is None and not any(to_sink) and len(set(self._tail_len)) == 1:
-            t0 = self._tail_len[0]  # common decode case: every row appends at the same offset
-            self.tail_k[:, :, t0 : t0 + length] = k
-            self.tail_v[:, :, t0 : t0 + length] = v
-        else:
-            stream = valid & (rank >= take)
-            if bool(stream.any()):
-                dest = self.tail_len.to(torch.long)[:, None] + rank - take
-                rows, cols = stream.nonzero(as_tuple=True)
-                self.tail_k[rows, :, dest[rows, cols]] = kt[rows, cols]
-                self.tail_v[rows, :, dest[rows, cols]] = vt[rows, cols]
+            t0 = self._tail_len[0]  # every row appends at the same offset
+            self._tail[:, :, :, t0 : t0 + length] = torch.stack((k, v))
+        elif any(f > t for f, t in zip(fill, self._tail_len, strict=True)):
+            stream = valid & (rank >= starts[2, :, None])
+            rows, cols = stream.nonzero(as_tuple=True)
+            dest = starts[1][rows] + rank[rows, cols] - starts[2][rows]
+            self._tail[:, rows, :, dest] = kv[rows, cols]
 
         self._sink_len = [s + t for s, t in zip(self._sink_len, to_sink, strict=True)]
         self._tail_len = fill
@@ -375,68 +501,51 @@ class KVarNLayer(CacheLayerMixin):
         self.columns += length
         if not self.record_past:
             self._complete_tiles()
-        self._sync_counters()
-
-    def _append_fast(self, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Decode-step path: no padding, sinks full (or off), every row's tail at the same offset
-        and not completing a tile. Returns False (nothing done) when it does not apply."""
-        length, g = k.shape[2], self.tile_size
-        t0 = self._tail_len[0]
-        if t0 + length >= g or self._tail_len.count(t0) != self.batch or self.tail_k.shape[2] != g:
-            return False
-        if self.quant.keep_sink_tile and min(self._sink_len) < g:
-            return False
-        self.tail_k[:, :, t0 : t0 + length] = k
-        self.tail_v[:, :, t0 : t0 + length] = v
-        self._tail_len = [t0 + length] * self.batch
-        self._trailing_real = [t + length for t in self._trailing_real]
-        self.columns += length
-        self._sync_counters()
-        return True
 
     def _reserve_tail(self, tokens: int) -> None:
-        """Grow the tail buffers (zero-filled, a multiple of G) to hold ``tokens`` per row."""
-        capacity = self.tail_k.shape[2]
+        """Grow the tail buffer (zero-filled, a multiple of G) to hold ``tokens`` per row."""
+        capacity = self._tail.shape[3]
         if tokens <= capacity:
             return
         g = self.tile_size
         new_capacity = -(-max(tokens, 2 * capacity) // g) * g
-        for name in ("tail_k", "tail_v"):
-            old = getattr(self, name)
-            grown = old.new_zeros((old.shape[0], old.shape[1], new_capacity, old.shape[3]))
-            grown[:, :, :capacity] = old
-            setattr(self, name, grown)
+        grown = self._tail.new_zeros((*self._tail.shape[:3], new_capacity, self._tail.shape[4]))
+        grown[:, :, :, :capacity] = self._tail
+        self._tail = grown
 
     def _complete_tiles(self) -> None:
-        """Quantize every complete tile held in the tails (one ``encode_tiles`` call for all rows,
-        heads and tiles) and keep the remainder (< G tokens) as the new, G-sized tail."""
+        """Quantize every complete tile held in the tails (one batched call for all rows, heads
+        and tiles) and keep the remainder (< G tokens) as the new, G-sized tail."""
         g = self.tile_size
         done = [t // g for t in self._tail_len]
         if max(done) == 0:
             return
         b = self.batch
-        dev = self.tail_k.device
+        dev = self._tail.device
         self._reserve_tail((max(self._tail_len) // g + 1) * g)  # room for each row's next G slots
-        capacity = self.tail_k.shape[2]
-        done_t = torch.tensor(done, device=dev)
-        tile_rows = torch.repeat_interleave(torch.arange(b, device=dev), done_t)
-        tile_idx = torch.cat([torch.arange(n, device=dev) for n in done])
+        capacity = self._tail.shape[3]
+        rows = [r for r in range(b) for _ in range(done[r])]
+        tiles = [j for r in range(b) for j in range(done[r])]
+        slots = [self._n_tiles[r] + j for r, j in zip(rows, tiles, strict=True)]
+        index = torch.tensor([rows, tiles, slots], device=dev)  # one upload for all indices
         shape = (b, self.num_kv_heads, capacity // g, g, self.head_dim)
-        k_tiles = self.tail_k.view(shape)[tile_rows, :, tile_idx]  # [T, H, G, D]
-        v_tiles = self.tail_v.view(shape)[tile_rows, :, tile_idx]
-        # CUDA: the fused compression kernel (same codes as encode_tiles except at exact rounding ties)
-        encoded = maybe_triton_compress(k_tiles, v_tiles, self.quant)
-        if encoded is None:
-            encoded = encode_tiles(k_tiles, v_tiles, self.quant)
-        slots = torch.tensor(self._n_tiles, device=dev)[tile_rows] + tile_idx
-        self.store.write(tile_rows, slots, encoded)
+        k_tiles = self.tail_k.view(shape)[index[0], :, index[1]]  # [T, Hkv, G, D]
+        v_tiles = self.tail_v.view(shape)[index[0], :, index[1]]
+        self.store.reserve(max(slots) + 1)
+        self.store.write(index[0], index[2], _compress(k_tiles, v_tiles, self.quant))
 
         # New G-sized tail: the G slots after each row's completed tiles (slots past the row's
         # remainder hold finite leftovers, masked by tail_len). A grown buffer shrinks back here.
-        idx = (done_t * g)[:, None] + torch.arange(g, device=dev)[None, :]
-        row_ix = torch.arange(b, device=dev)[:, None]
-        self.tail_k = self.tail_k[row_ix, :, idx].transpose(1, 2).contiguous()
-        self.tail_v = self.tail_v[row_ix, :, idx].transpose(1, 2).contiguous()
+        if len(set(done)) == 1:
+            self._tail = self._tail[:, :, :, done[0] * g : (done[0] + 1) * g].contiguous()
+        else:
+            start = torch.tensor(done, device=dev)[:, None] * g
+            idx = start + torch.arange(g, device=dev)[None, :]  # [B, G]
+            self._tail = (
+                self._tail[:, torch.arange(b, device=dev)[:, None], :, idx]
+                .permute(2, 0, 3, 1, 4)
+                .contiguous()
+            )
         self._n_tiles = [n + c for n, c in zip(self._n_tiles, done, strict=True)]
         self._tail_len = [t % g for t in self._tail_len]
 
@@ -444,12 +553,14 @@ class KVarNLayer(CacheLayerMixin):
         """Before attention: quantize tiles deferred by ``record_past`` and bring the tail back to
         the ``[B, Hkv, G, D]`` layout of the storage contract."""
         g = self.tile_size
+        changed = False
         if max(self._tail_len) >= g:
             self._complete_tiles()
-            self._sync_counters()
-        if self.tail_k.shape[2] > g:
-            self.tail_k = self.tail_k[:, :, :g].contiguous()
-            self.tail_v = self.tail_v[:, :, :g].contiguous()
+            changed = True
+        if self._tail.shape[3] > g:
+            self._tail = self._tail[:, :, :, :g].contiguous()
+        if changed:
+            self._after_general_change()
 
     def activate_past_recording(self) -> None:
         """Called by transformers before generation that may roll back (assisted decoding).
@@ -469,15 +580,15 @@ class KVarNLayer(CacheLayerMixin):
         index = index.to(device=self.device, dtype=torch.long)
         host = index.tolist()
         self.store.select_rows(index)
-        self.sink_k, self.sink_v, self.tail_k, self.tail_v = (
-            t.index_select(0, index) for t in (self.sink_k, self.sink_v, self.tail_k, self.tail_v)
-        )
+        self._sink = self._sink.index_select(1, index)
+        self._tail = self._tail.index_select(1, index)
         self._n_tiles = [self._n_tiles[i] for i in host]
         self._sink_len = [self._sink_len[i] for i in host]
         self._tail_len = [self._tail_len[i] for i in host]
         self._trailing_real = [self._trailing_real[i] for i in host]
         self.batch = len(host)
-        self._sync_counters()
+        self._rows = torch.arange(self.batch, device=self.device)
+        self._after_general_change()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
@@ -536,7 +647,7 @@ class KVarNLayer(CacheLayerMixin):
                 self._n_tiles[row], self._tail_len[row] = kept_tiles, rest
         self._trailing_real = [t - n for t in self._trailing_real]
         self.columns -= n
-        self._sync_counters()
+        self._after_general_change()
 
     # ---- inspection ------------------------------------------------------------------------------
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:

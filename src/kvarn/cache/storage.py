@@ -65,11 +65,13 @@ class TileStore:
         self.capacity = new_capacity
 
     def write(self, rows: torch.Tensor, slots: torch.Tensor, tiles: QuantizedTiles) -> None:
-        """Store ``tiles`` (leading dims ``[T, Hkv]``) at ``(rows[i], :, slots[i])``."""
+        """Store ``tiles`` (leading dims ``[T, Hkv]``) at ``(rows[i], :, slots[i])``.
+
+        The caller reserves the capacity first (it knows the slots on the host; reading them
+        from ``slots`` here would synchronize a GPU).
+        """
         if rows.numel() == 0:
             return
-        need = int(slots.max()) + 1
-        self.reserve(need)
         parts = {
             "k_codes": tiles.keys.codes,
             "k_scale": tiles.keys.scale,

@@ -42,24 +42,21 @@ class KVarNMask:
         new_valid: ``[B, L]`` bool, False for padding among this call's new tokens; None if all real.
         plain_causal: the model asked for the standard causal pattern (no sliding window, no
             bidirectional or packed-sequence overlay): the only pattern a KVarN layer implements.
-        past_real: ``[B]`` real (unmasked) positions before this call per row, or None when the
-            2D mask does not cover them; a KVarN layer must hold exactly that many tokens.
+        past_real: real (unmasked) positions before this call per row (a host list), or None when
+            the 2D mask does not cover them; a KVarN layer must hold exactly that many tokens.
     """
 
-    def __init__(self, sdpa_kwargs: dict, new_valid, plain_causal: bool, past_real) -> None:
+    def __init__(self, sdpa_kwargs: dict, new_valid, plain_causal: bool, past_real: list[int] | None) -> None:
         self._sdpa_kwargs = sdpa_kwargs
         self._sdpa_mask = None
         self._sdpa_built = False
         self.new_valid = new_valid
         self.plain_causal = plain_causal
         self.past_real = past_real
-        self._past_real_list = None
 
     def past_real_list(self) -> list[int] | None:
-        """``past_real`` on the host (computed once per forward call, shared by all layers)."""
-        if self._past_real_list is None and self.past_real is not None:
-            self._past_real_list = self.past_real.tolist()
-        return self._past_real_list
+        """``past_real`` on the host (read once per forward call, shared by all layers)."""
+        return self.past_real
 
     def sdpa(self):
         """The mask transformers' sdpa would get for this call (built once, on first use)."""
@@ -106,10 +103,17 @@ def kvarn_mask(
                 f"the 2D attention mask has {padding.shape[1]} columns but the call's tokens occupy columns "
                 f"{start}..{start + q_length - 1}"
             )
-        if bool(new_valid.all()):
+        # One host read per forward call (shared by every layer): real new tokens per row (all
+        # real -> no padding handling at all) and, when the mask covers them, real past positions.
+        counts = [new_valid.sum(dim=1)]
+        if kv_offset == 0:
+            counts.append(padding[:, :start].sum(dim=1))
+        counts = torch.cat(counts).tolist()
+        rows = new_valid.shape[0]
+        if all(c == q_length for c in counts[:rows]):
             new_valid = None
         if kv_offset == 0:
-            past_real = padding[:, :start].sum(dim=1)
+            past_real = counts[rows:]
     plain_causal = mask_function is causal_mask_function and local_size is None
     return KVarNMask(sdpa_kwargs, new_valid, plain_causal, past_real)
 
