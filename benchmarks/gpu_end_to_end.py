@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--kernels",
         default="",
-        help="comma-separated decode kernels to time on the same KVarN cache (e.g. tc,v2); "
+        help="comma-separated decode kernels to time on the same KVarN cache (e.g. tc,chunked); "
         "default: kvarn's own choice (KVARN_DECODE_KERNEL or the GPU-checked order)",
     )
     ap.add_argument("--no-check", action="store_true")

@@ -153,7 +153,7 @@ def test_model_decode_forward_syncs_no_more_than_sdpa(mask):
         assert len(c.syncs) <= max(1, len(d.syncs))
 
 
-@pytest.mark.parametrize("kernel", ["v2", "tc"])
+@pytest.mark.parametrize("kernel", ["chunked", "tc"])
 def test_gpu_path_through_the_triton_kernels(kernel, monkeypatch):
     """The real kernel wrappers (interpreter) behind the cache: decode steps with rows at different
     offsets, each row completing its tile alone (row 0 at step 2, row 1 at step 7): the output equals float64 attention
