@@ -498,6 +498,18 @@ def main(argv: list[str] | None = None) -> dict:
                     rows = min(rows, 2 * batch)  # exercise the code, not the memory
                 with decode_kernel(kernel):
                     status = verify_rows(model, cache, token, rows, device)
+                    # Out of memory at the prediction: step down (a few tries) to what really fits.
+                    for fewer in range(rows - 1, max(0, rows - 4), -1):
+                        if not status.startswith("OUT OF MEMORY"):
+                            break
+                        log(f"capacity {kind}: {status}; trying {fewer}")
+                        rows = fewer
+                        token = token[:1].expand(batch, 1).contiguous()
+                        try:  # the cache may be left uneven by the OOM mid-step: report, not crash
+                            status = verify_rows(model, cache, token, rows, device)
+                        except Exception as exc:  # noqa: BLE001
+                            status = f"retry failed ({type(exc).__name__}: {str(exc)[:80]})"
+                            break
                 results["capacity"][kind] = {"rows": rows, "tokens": rows * context, "status": status}
                 log(f"capacity {kind}: predicted {rows} rows x {context} = {rows * context} tokens; {status}")
             del cache, token, r
