@@ -45,6 +45,8 @@ _LOG_MAX = tl.constexpr(LOG_SCALE_MAX)
 _FLOOR = tl.constexpr(IMBALANCE_FLOOR)
 _STEP_FLOOR = tl.constexpr(STEP_FLOOR)
 
+# Which kernel compress_tiles runs unless told: "v2" (compress_v2.py) or "v1" (below).
+DEFAULT_KERNEL = "v2"
 # The last compiled launch (registers, spills) for benchmark diagnostics.
 LAST_LAUNCH: list = [None]
 
@@ -326,7 +328,9 @@ def compress_tiles(
     *,
     rotate: bool = False,
     out: QuantizedTiles | None = None,
+    kernel: str | None = None,
     num_warps: int | None = None,
+    lanes_per_token: int | None = None,
 ) -> QuantizedTiles:
     """Quantize matching key and value tiles ``[..., G, D]`` with one fused launch.
 
@@ -337,6 +341,9 @@ def compress_tiles(
         config: a tile-family configuration (kvarn, kivi, hadamard_rtn, varn_norot).
         out: optional destination with exactly the returned layout (contiguous tensors), e.g.
             pre-poisoned buffers in checks; written in place and returned.
+        kernel: "v2" (``compress_v2.py``, default) or "v1" (this module's kernel, the baseline;
+            also what ``rotate=True`` runs, since v2 does not rotate).
+        num_warps, lanes_per_token: launch options for benchmarks (v2: lanes that share a token).
 
     Returns:
         :class:`QuantizedTiles` with the codec's layout and ``config.metadata_dtype`` metadata.
@@ -390,7 +397,28 @@ def compress_tiles(
                 )
             bufs.append(t.view(shape))
     kc, ka, kz, kr, vc, va, vz, vs = bufs
-    if n:
+    kernel = kernel or DEFAULT_KERNEL
+    if kernel not in ("v1", "v2", "v3"):
+        raise ValueError(f"kernel={kernel!r}: expected 'v1', 'v2' or 'v3'")
+    if n and kernel == "v3" and not rotate:
+        from kvarn.attention.triton import compress_v3
+
+        cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps or 4, lanes_per_token or 8)
+        LAST_LAUNCH[0] = compress_v3._compress_kernel_v3[(n, 2)](
+            k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs,
+            KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
+            COMPILED=not interpreting(), **cfg,
+        )  # fmt: skip
+    elif n and kernel == "v2" and not rotate:
+        from kvarn.attention.triton import compress_v2
+
+        lay = compress_v2.tile_layout(g, d, k.dtype, num_warps or 4, lanes_per_token or 8)
+        LAST_LAUNCH[0] = compress_v2._compress_kernel_v2[(n, 2)](
+            k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs,
+            KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
+            COMPILED=not interpreting(), **lay,
+        )  # fmt: skip
+    elif n:
         if rotate:
             hm, hscale = _rotation_operands(d, k.dtype, dev)
         else:
