@@ -22,6 +22,7 @@ quantization is equally good either way; tests/triton_kernels checks that).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -45,8 +46,12 @@ _LOG_MAX = tl.constexpr(LOG_SCALE_MAX)
 _FLOOR = tl.constexpr(IMBALANCE_FLOOR)
 _STEP_FLOOR = tl.constexpr(STEP_FLOOR)
 
-# Which kernel compress_tiles runs unless told: "v2" (compress_v2.py) or "v1" (below).
-DEFAULT_KERNEL = "v2"
+# Kernels: "v3" (compress_v3.py, Gluon), "v2" (compress_v2.py, Triton) and "v1" (below, the
+# baseline and the only one that rotates). compress_tiles runs by default the first kernel of
+# GPU_CHECKED_COMPRESS, the kernels that have passed scripts/gpu_check.py on a GPU, fastest first;
+# KVARN_COMPRESS_KERNEL=v1|v2|v3 forces one (benchmarks, checks, trying an unchecked kernel).
+KERNELS = ("v3", "v2", "v1")
+GPU_CHECKED_COMPRESS = ("v1",)
 # The last compiled launch (registers, spills) for benchmark diagnostics.
 LAST_LAUNCH: list = [None]
 
@@ -321,6 +326,15 @@ def _rotation_operands(d: int, dtype: torch.dtype, device) -> tuple[torch.Tensor
     return signs.round().to(dtype=dtype, device=device).contiguous(), scale.to(torch.float32).to(device)
 
 
+def default_kernel() -> str:
+    """The kernel ``compress_tiles`` runs when not told (KVARN_COMPRESS_KERNEL, else the first
+    GPU-checked one)."""
+    forced = os.environ.get("KVARN_COMPRESS_KERNEL", "").strip().lower()
+    if forced and forced not in KERNELS:
+        raise ValueError(f"KVARN_COMPRESS_KERNEL={forced!r}: expected one of {KERNELS}")
+    return forced or GPU_CHECKED_COMPRESS[0]
+
+
 def compress_tiles(
     k_tiles: torch.Tensor,
     v_tiles: torch.Tensor,
@@ -341,9 +355,9 @@ def compress_tiles(
         config: a tile-family configuration (kvarn, kivi, hadamard_rtn, varn_norot).
         out: optional destination with exactly the returned layout (contiguous tensors), e.g.
             pre-poisoned buffers in checks; written in place and returned.
-        kernel: "v2" (``compress_v2.py``, default) or "v1" (this module's kernel, the baseline;
-            also what ``rotate=True`` runs, since v2 does not rotate).
-        num_warps, lanes_per_token: launch options for benchmarks (v2: lanes that share a token).
+        kernel: "v3", "v2" or "v1" (see ``KERNELS``); None: ``default_kernel()``. With
+            ``rotate=True`` v1 runs whatever is asked (v2 and v3 do not rotate).
+        num_warps, lanes_per_token: launch options for benchmarks (v2, v3: lanes that share a token).
 
     Returns:
         :class:`QuantizedTiles` with the codec's layout and ``config.metadata_dtype`` metadata.
@@ -397,9 +411,9 @@ def compress_tiles(
                 )
             bufs.append(t.view(shape))
     kc, ka, kz, kr, vc, va, vz, vs = bufs
-    kernel = kernel or DEFAULT_KERNEL
-    if kernel not in ("v1", "v2", "v3"):
-        raise ValueError(f"kernel={kernel!r}: expected 'v1', 'v2' or 'v3'")
+    kernel = kernel or default_kernel()
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
     if n and kernel == "v3" and not rotate:
         from kvarn.attention.triton import compress_v3
 
