@@ -414,10 +414,13 @@ def compress_tiles(
     kernel = kernel or default_kernel()
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+    if num_warps is None:
+        # 128 tile elements per thread (4 warps for 128 x 128): the tile stays in registers
+        num_warps = max(1, min(8, g * d // 4096))
     if n and kernel == "v3" and not rotate:
         from kvarn.attention.triton import compress_v3
 
-        cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps or 4, lanes_per_token or 8)
+        cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps, lanes_per_token or 8)
         LAST_LAUNCH[0] = compress_v3._compress_kernel_v3[(n, 2)](
             k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs,
             KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
@@ -426,7 +429,7 @@ def compress_tiles(
     elif n and kernel == "v2" and not rotate:
         from kvarn.attention.triton import compress_v2
 
-        lay = compress_v2.tile_layout(g, d, k.dtype, num_warps or 4, lanes_per_token or 8)
+        lay = compress_v2.tile_layout(g, d, k.dtype, num_warps, lanes_per_token or 8)
         LAST_LAUNCH[0] = compress_v2._compress_kernel_v2[(n, 2)](
             k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs,
             KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
@@ -438,8 +441,6 @@ def compress_tiles(
         else:
             hm = hscale = ka  # unused placeholders
         prec = "tf32x3" if k.dtype == torch.float32 else "tf32"  # 16-bit dots are exact here
-        if num_warps is None:
-            num_warps = max(1, min(8, g * d // 4096))  # 4 for 128x128 (measured best on H100)
         LAST_LAUNCH[0] = _compress_kernel[(n, 2)](
             k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), hm, hscale,
             kc, ka, kz, kr, vc, va, vz, vs,
