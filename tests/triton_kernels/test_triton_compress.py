@@ -1,7 +1,13 @@
-"""Fused tile compression kernel vs the codec (kvarn.codec.encode_tiles), under Triton's interpreter."""
+"""Fused tile compression kernels (v1, v2, v3) vs the codec (kvarn.codec.encode_tiles), under Triton's interpreter.
+
+v3 is a Gluon kernel; here it runs through ``kvarn.attention.triton.gluon_interp`` (same source,
+layouts dropped), so these tests check its arithmetic, indexing and packing, not its layouts.
+"""
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 
 import pytest
@@ -15,6 +21,9 @@ from kvarn.config import KVarNConfig  # noqa: E402
 from kvarn.method.hadamard import hadamard_transform  # noqa: E402
 
 compress = pytest.importorskip("kvarn.attention.triton.compress")
+KERNELS = ["v1", "v2", "v3"]
+# log2 of a zero variance is -inf by design (the clamps take over); numpy says so in the interpreter
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 
 
 def _outlier_tiles(shape, dtype, gen):
@@ -70,25 +79,8 @@ def _assert_metadata_close(got, want, md, label):
         assert err <= tol, f"{label}.{name}: relative difference {err}"
 
 
-CASES = [
-    # method, key_bits, value_bits, tile_size, head_dim, dtype, metadata dtype
-    ("kvarn", 4, 2, 32, 64, torch.float32, torch.float32),
-    ("kvarn", 2, 4, 32, 64, torch.bfloat16, torch.float32),
-    ("kvarn", 3, 8, 64, 32, torch.float16, torch.float32),
-    ("kvarn", 4, 2, 32, 64, torch.bfloat16, torch.bfloat16),
-    ("varn_norot", 2, 2, 32, 128, torch.float32, torch.float16),
-    ("kivi", 4, 4, 64, 64, torch.bfloat16, torch.bfloat16),
-    ("hadamard_rtn", 8, 3, 32, 64, torch.float32, torch.float32),
-]
-
-
-@pytest.mark.parametrize("method,kb,vb,g,d,dtype,md", CASES)
-def test_compress_matches_codec(method, kb, vb, g, d, dtype, md):
-    cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=g, method=method, metadata_dtype=md)
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    k = _outlier_tiles((2, 3, g, d), dtype, gen)  # many (tile, head) pairs, leading dims kept
-    v = _outlier_tiles((2, 3, g, d), dtype, gen)
-    got = compress.compress_tiles(k, v, cfg)
+def _assert_matches_codec(got, k, v, cfg):
+    kb, vb, md = cfg.key_bits, cfg.value_bits, cfg.metadata_dtype
     want = encode_tiles(k, v, cfg)
     assert got.keys.codes.shape == want.keys.codes.shape and got.values.codes.shape == want.values.codes.shape
     assert got.keys.bits == kb and got.values.bits == vb
@@ -105,13 +97,60 @@ def test_compress_matches_codec(method, kb, vb, g, d, dtype, md):
     assert ((vg - vw).norm() / vw.norm()).item() < tol
 
 
+CASES = [
+    # method, key_bits, value_bits, tile_size, head_dim, dtype, metadata dtype
+    ("kvarn", 4, 2, 32, 64, torch.float32, torch.float32),
+    ("kvarn", 2, 4, 32, 64, torch.bfloat16, torch.float32),
+    ("kvarn", 3, 8, 64, 32, torch.float16, torch.float32),
+    ("kvarn", 4, 2, 32, 64, torch.bfloat16, torch.bfloat16),
+    ("varn_norot", 2, 2, 32, 128, torch.float32, torch.float16),
+    ("kivi", 4, 4, 64, 64, torch.bfloat16, torch.bfloat16),
+    ("hadamard_rtn", 8, 3, 32, 64, torch.float32, torch.float32),
+    ("kvarn", 2, 3, 32, 16, torch.bfloat16, torch.float32),  # smallest head_dim: 2 lanes per token
+]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("method,kb,vb,g,d,dtype,md", CASES)
+def test_compress_matches_codec(kernel, method, kb, vb, g, d, dtype, md):
+    cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=g, method=method, metadata_dtype=md)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    k = _outlier_tiles((1, 2, g, d), dtype, gen)  # (tile, head) pairs, leading dims kept
+    v = _outlier_tiles((1, 2, g, d), dtype, gen)
+    _assert_matches_codec(compress.compress_tiles(k, v, cfg, kernel=kernel), k, v, cfg)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_compress_large_offsets_stay_exact(kernel):
+    """Every token and channel 1000x further from zero than its spread: v2/v3 compute each std
+    from one-pass moments of x * s - K, and the shift K (near the row's mean) keeps them from
+    cancelling (without it the first state's scales are off by ~1e-2 and codes move).
+
+    One iteration, because more let exact ties in: with such offsets later states differ from
+    earlier ones by a factor common to all scales of an axis (clip at -0.3 binding), which leaves
+    every imbalance ratio unchanged, so rounding alone picks the state (in the codec too)."""
+    cfg = KVarNConfig(key_bits=4, value_bits=4, tile_size=32, metadata_dtype=torch.float32, iterations=1)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+
+    def tiles():
+        x = (
+            torch.randn(2, 32, 64, generator=gen)
+            * torch.logspace(-1, 1, 64)[torch.randperm(64, generator=gen)]
+        )
+        x[:, 3] *= 6.0  # a loud token
+        return x + 1000.0
+
+    k, v = tiles(), tiles()
+    _assert_matches_codec(compress.compress_tiles(k, v, cfg, kernel=kernel), k, v, cfg)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_compress_with_rotation_matches_rotate_then_codec(dtype):
     cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32, metadata_dtype=torch.float32)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     k = _outlier_tiles((3, 32, 64), dtype, gen)
     v = _outlier_tiles((3, 32, 64), dtype, gen)
-    got = compress.compress_tiles(k, v, cfg, rotate=True)
+    got = compress.compress_tiles(k, v, cfg, rotate=True, kernel="v3")  # rotation always runs v1
     kr, vr = hadamard_transform(k.float()).to(dtype), hadamard_transform(v.float()).to(dtype)
     want = encode_tiles(kr, vr, cfg)
     _assert_codes_match(got.keys.codes, want.keys.codes, 4, _pre_round_keys(kr, want), "keys")
@@ -120,7 +159,8 @@ def test_compress_with_rotation_matches_rotate_then_codec(dtype):
     _assert_metadata_close(got.values, want.values, torch.float32, "values")
 
 
-def test_compress_constant_and_zero_rows():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_compress_constant_and_zero_rows(kernel):
     """Degenerate rows hit the std clamp and the step floor the same way as the reference.
 
     A zero row makes every imbalance score about max_std / 1e-8 ~ 1e8, where consecutive
@@ -136,7 +176,7 @@ def test_compress_constant_and_zero_rows():
     v[0, 5, :] = 0.0  # an all-zero value token
     k[1] = 0.0  # an all-zero tile
     v[1] = 0.0
-    got, want = compress.compress_tiles(k, v, cfg), encode_tiles(k, v, cfg)
+    got, want = compress.compress_tiles(k, v, cfg, kernel=kernel), encode_tiles(k, v, cfg)
     kg, vg = decode_tiles(got)
     kw, vw = decode_tiles(want)
     assert torch.isfinite(kg).all() and torch.isfinite(vg).all()
@@ -148,13 +188,14 @@ def test_compress_constant_and_zero_rows():
     assert err_got <= 1.25 * err_want + 1e-6, (err_got, err_want)
 
 
-def test_compress_empty_batch():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_compress_empty_batch(kernel):
     cfg = KVarNConfig(tile_size=32)
-    out = compress.compress_tiles(torch.zeros(0, 32, 64), torch.zeros(0, 32, 64), cfg)
+    out = compress.compress_tiles(torch.zeros(0, 32, 64), torch.zeros(0, 32, 64), cfg, kernel=kernel)
     assert out.keys.codes.shape == (0, 64, 16) and out.values.codes.shape == (0, 32, 16)
 
 
-def test_compress_rejects_bad_input():
+def test_compress_rejects_bad_input(monkeypatch):
     cfg = KVarNConfig(tile_size=32)
     x = torch.randn(2, 32, 64)
     with pytest.raises(ValueError, match="differ in shape"):
@@ -167,3 +208,44 @@ def test_compress_rejects_bad_input():
         compress.compress_tiles(torch.randn(1, 32, 80), torch.randn(1, 32, 80), cfg)
     with pytest.raises(TypeError, match="share a dtype"):
         compress.compress_tiles(x, x.half(), cfg)
+    with pytest.raises(ValueError, match="kernel='v9'"):
+        compress.compress_tiles(x, x, cfg, kernel="v9")
+    monkeypatch.setenv("KVARN_COMPRESS_KERNEL", "fast")
+    with pytest.raises(ValueError, match="KVARN_COMPRESS_KERNEL='fast'"):
+        compress.compress_tiles(x, x, cfg)
+
+
+def test_default_kernel_is_gpu_checked_unless_forced(monkeypatch):
+    monkeypatch.delenv("KVARN_COMPRESS_KERNEL", raising=False)
+    assert compress.default_kernel() == compress.GPU_CHECKED_COMPRESS[0]
+    assert set(compress.GPU_CHECKED_COMPRESS) <= set(compress.KERNELS)
+    monkeypatch.setenv("KVARN_COMPRESS_KERNEL", "V3")
+    assert compress.default_kernel() == "v3"
+
+
+def test_v3_layouts_partition_the_tile():
+    """Every launch configuration (tile sizes, head dims, dtypes, warps, lanes per token) splits
+    the tile and its partial sums exactly: each element in one thread (no replicas), all lanes
+    and warps used."""
+    from kvarn.attention.triton import compress_v3
+
+    for g, d, dtype, (num_warps, lanes) in itertools.product(
+        [32, 64, 128], [16, 32, 64, 128, 256], [torch.bfloat16, torch.float32],
+        [(4, 8), (8, 8), (2, 8), (4, 16), (4, 4), (1, 8)],
+    ):  # fmt: skip
+        label = f"G={g} D={d} {dtype} warps={num_warps} lanes={lanes}"
+        cfg = compress_v3.kernel_config(g, d, dtype, num_warps, lanes)
+        rg, ri, c2, cg, vec, w = (cfg[k] for k in ("RG", "RI", "C2", "CG", "VEC", "num_warps"))
+        assert rg * ri == g and c2 * cg * vec == d and 1 <= w <= num_warps, label
+        shapes = {
+            "L5": [rg, ri, c2, cg, vec],
+            "LT": [rg, ri, cg],
+            "LC": [rg, c2, cg, vec],
+            "LT2": [rg, ri, cg, 2],
+            "LC2": [rg, c2, cg, vec, 2],
+        }
+        for name, shape in shapes.items():
+            lay = cfg[name]
+            assert math.prod(lay.threads_per_warp) == 32 and math.prod(lay.warps_per_cta) == w, (label, name)
+            per_dim = zip(lay.size_per_thread, lay.threads_per_warp, lay.warps_per_cta, strict=True)
+            assert [s * t * u for s, t, u in per_dim] == shape, (label, name)

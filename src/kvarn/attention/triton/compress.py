@@ -22,6 +22,7 @@ quantization is equally good either way; tests/triton_kernels checks that).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -45,6 +46,12 @@ _LOG_MAX = tl.constexpr(LOG_SCALE_MAX)
 _FLOOR = tl.constexpr(IMBALANCE_FLOOR)
 _STEP_FLOOR = tl.constexpr(STEP_FLOOR)
 
+# Kernels: "v3" (compress_v3.py, Gluon), "v2" (compress_v2.py, Triton) and "v1" (below, the
+# baseline and the only one that rotates). compress_tiles runs by default the first kernel of
+# GPU_CHECKED_COMPRESS, the kernels that have passed scripts/gpu_check.py on a GPU, fastest first;
+# KVARN_COMPRESS_KERNEL=v1|v2|v3 forces one (benchmarks, checks, trying an unchecked kernel).
+KERNELS = ("v3", "v2", "v1")
+GPU_CHECKED_COMPRESS = ("v1",)
 # The last compiled launch (registers, spills) for benchmark diagnostics.
 LAST_LAUNCH: list = [None]
 
@@ -319,6 +326,15 @@ def _rotation_operands(d: int, dtype: torch.dtype, device) -> tuple[torch.Tensor
     return signs.round().to(dtype=dtype, device=device).contiguous(), scale.to(torch.float32).to(device)
 
 
+def default_kernel() -> str:
+    """The kernel ``compress_tiles`` runs when not told (KVARN_COMPRESS_KERNEL, else the first
+    GPU-checked one)."""
+    forced = os.environ.get("KVARN_COMPRESS_KERNEL", "").strip().lower()
+    if forced and forced not in KERNELS:
+        raise ValueError(f"KVARN_COMPRESS_KERNEL={forced!r}: expected one of {KERNELS}")
+    return forced or GPU_CHECKED_COMPRESS[0]
+
+
 def compress_tiles(
     k_tiles: torch.Tensor,
     v_tiles: torch.Tensor,
@@ -326,7 +342,9 @@ def compress_tiles(
     *,
     rotate: bool = False,
     out: QuantizedTiles | None = None,
+    kernel: str | None = None,
     num_warps: int | None = None,
+    lanes_per_token: int | None = None,
 ) -> QuantizedTiles:
     """Quantize matching key and value tiles ``[..., G, D]`` with one fused launch.
 
@@ -337,6 +355,9 @@ def compress_tiles(
         config: a tile-family configuration (kvarn, kivi, hadamard_rtn, varn_norot).
         out: optional destination with exactly the returned layout (contiguous tensors), e.g.
             pre-poisoned buffers in checks; written in place and returned.
+        kernel: "v3", "v2" or "v1" (see ``KERNELS``); None: ``default_kernel()``. With
+            ``rotate=True`` v1 runs whatever is asked (v2 and v3 do not rotate).
+        num_warps, lanes_per_token: launch options for benchmarks (v2, v3: lanes that share a token).
 
     Returns:
         :class:`QuantizedTiles` with the codec's layout and ``config.metadata_dtype`` metadata.
@@ -390,14 +411,36 @@ def compress_tiles(
                 )
             bufs.append(t.view(shape))
     kc, ka, kz, kr, vc, va, vz, vs = bufs
-    if n:
+    kernel = kernel or default_kernel()
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+    if num_warps is None:
+        # 128 tile elements per thread (4 warps for 128 x 128): the tile stays in registers
+        num_warps = max(1, min(8, g * d // 4096))
+    if n and kernel == "v3" and not rotate:
+        from kvarn.attention.triton import compress_v3
+
+        cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps, lanes_per_token or 8)
+        LAST_LAUNCH[0] = compress_v3._compress_kernel_v3[(n, 2)](
+            k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs,
+            KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
+            COMPILED=not interpreting(), **cfg,
+        )  # fmt: skip
+    elif n and kernel == "v2" and not rotate:
+        from kvarn.attention.triton import compress_v2
+
+        lay = compress_v2.tile_layout(g, d, k.dtype, num_warps, lanes_per_token or 8)
+        LAST_LAUNCH[0] = compress_v2._compress_kernel_v2[(n, 2)](
+            k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs,
+            KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
+            COMPILED=not interpreting(), **lay,
+        )  # fmt: skip
+    elif n:
         if rotate:
             hm, hscale = _rotation_operands(d, k.dtype, dev)
         else:
             hm = hscale = ka  # unused placeholders
         prec = "tf32x3" if k.dtype == torch.float32 else "tf32"  # 16-bit dots are exact here
-        if num_warps is None:
-            num_warps = max(1, min(8, g * d // 4096))  # 4 for 128x128 (measured best on H100)
         LAST_LAUNCH[0] = _compress_kernel[(n, 2)](
             k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), hm, hscale,
             kc, ka, kz, kr, vc, va, vz, vs,

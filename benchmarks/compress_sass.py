@@ -1,0 +1,216 @@
+"""Compile the tile-compression kernels for sm_90 without a GPU and count what they execute.
+
+    PYTHONPATH=src python3 benchmarks/compress_sass.py [--variants v1,v2,v2-w8,...] [--dump DIR]
+
+Triton compiles for a target it does not run on (``triton.compile`` with ``GPUTarget("cuda", 90,
+32)``), and the ptxas/cuobjdump bundled with Triton give registers, spills and SASS. For each
+launch variant of the K4V2 / G=128 / D=128 / bf16 / 8-iteration configuration (the prefill
+benchmark's) this prints registers, spills, shared memory, resident programs per SM (from
+registers and shared memory), and the SASS of each normalization loop (the key program's and the
+value program's): instructions per iteration and per warp, and the opcode classes that matter
+(FP32 arithmetic, shuffles, barriers, shared-memory traffic, MUFU). "warp-instr/tile" estimates
+the instructions one tile costs the SM: (loop x iterations + straight-line code) x warps, averaged
+over the key and value programs; at 4 warp-instructions per cycle per SM this gives the issue
+floor printed as "issue ms" for the 131,072 tile encodes of the 32k x 32 layers x 8 heads prefill
+(132 SMs at 1.98 GHz). A floor, not a prediction: latency, barriers and memory stalls come on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kvarn.attention.triton import compress, compress_v2, compress_v3
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+ITERS, G, D, KB, VB = 8, 128, 128, 4, 2
+TILES = 2 * 32 * 8 * 32768 // G  # K and V tiles of the 32k-token, 32-layer, 8-head prefill
+SMS, CLOCK = 132, 1.98e9
+
+_PTR = [("k_ptr", "*bf16"), ("k_stride_n", "i32"), ("k_stride_t", "i32"), ("v_ptr", "*bf16"),
+        ("v_stride_n", "i32"), ("v_stride_t", "i32")]  # fmt: skip
+_OUT = [("kc_ptr", "*u8"), ("ka_ptr", "*bf16"), ("kz_ptr", "*bf16"), ("kr_ptr", "*bf16"),
+        ("vc_ptr", "*u8"), ("va_ptr", "*bf16"), ("vz_ptr", "*bf16"), ("vs_ptr", "*bf16")]  # fmt: skip
+
+
+def _v1(num_warps: int = 4) -> tuple:
+    sig = dict(_PTR + [("h_ptr", "*bf16"), ("hscale_ptr", "*fp32")] + _OUT)
+    const = dict(KB=KB, VB=VB, G=G, D=D, ITERS=ITERS, NORMALIZE=True, ROTATE=False,
+                 ROT_PRECISION="tf32", INTERPRET=False)  # fmt: skip
+    return compress._compress_kernel, sig, const, num_warps
+
+
+def _v2(num_warps: int = 4, lanes_per_token: int = 8) -> tuple:
+    import torch
+
+    lay = compress_v2.tile_layout(G, D, torch.bfloat16, num_warps, lanes_per_token)
+    nw = lay.pop("num_warps")
+    sig = dict(_PTR + _OUT)
+    const = dict(KB=KB, VB=VB, G=G, D=D, ITERS=ITERS, NORMALIZE=True, COMPILED=True, **lay)
+    return compress_v2._compress_kernel_v2, sig, const, nw
+
+
+def _v3(num_warps: int = 4, lanes_per_token: int = 8) -> tuple:
+    import torch
+
+    cfg = compress_v3.kernel_config(G, D, torch.bfloat16, num_warps, lanes_per_token)
+    nw = cfg.pop("num_warps")
+    sig = dict(_PTR + _OUT)
+    const = dict(KB=KB, VB=VB, G=G, D=D, ITERS=ITERS, NORMALIZE=True, COMPILED=True, **cfg)
+    return compress_v3._compress_kernel_v3, sig, const, nw
+
+
+VARIANTS = {
+    "v1": lambda: _v1(4),
+    "v2": lambda: _v2(4, 8),
+    "v2-cg16": lambda: _v2(4, 16),
+    "v2-cg4": lambda: _v2(4, 4),
+    "v2-w8": lambda: _v2(8, 8),
+    "v2-w2": lambda: _v2(2, 8),
+    "v3": lambda: _v3(4, 8),
+    "v3-cg16": lambda: _v3(4, 16),
+    "v3-cg4": lambda: _v3(4, 4),
+    "v3-w8": lambda: _v3(8, 8),
+    "v3-w2": lambda: _v3(2, 8),
+}
+
+
+def compile_sm90(fn, sig: dict, const: dict, num_warps: int):
+    sig = dict(sig)
+    for name in const:
+        sig[name] = "constexpr"
+    # what the JIT specializes for 16-byte aligned pointers and strides divisible by 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if sig[name] in _ALIGNED_TYPES}
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        src = GluonASTSource(fn, sig, const, attrs)
+    else:
+        src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+_ALIGNED_TYPES = {"*bf16", "*u8", "*fp32", "i32"}
+_OP = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*([^;]*);")
+
+
+def sass(cubin: bytes) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of every SASS instruction."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    return [(int(m.group(1), 16), m.group(3), m.group(5)) for m in _OP.finditer(text)]
+
+
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers, spilled bytes) as ptxas reports them for sm_90a."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([os.path.join(BIN, "ptxas"), "-v", "-arch=sm_90a", path, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True, check=True).stderr  # fmt: skip
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", out).group(1))
+    return regs, spills
+
+
+def loops(instrs) -> list[tuple[int, int]]:
+    """(start, end) addresses of backward branches' ranges, outermost only."""
+    spans = []
+    for addr, op, args in instrs:
+        if op == "BRA":
+            m = re.search(r"0x([0-9a-f]+)", args)
+            if m and int(m.group(1), 16) < addr:
+                spans.append((int(m.group(1), 16), addr))
+    return [s for s in spans if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in spans)]
+
+
+CLASSES = {
+    "fp32": {"FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "FCHK"},
+    "int": {"IADD3", "IMAD", "LOP3", "SHF", "LEA", "ISETP", "SEL", "PRMT", "IMNMX", "SGXT", "IABS"},
+    "shfl": {"SHFL"},
+    "bar": {"BAR"},
+    "lds": {"LDS", "LDSM"},
+    "sts": {"STS", "STSM"},
+    "mufu": {"MUFU"},
+    "cvt": {"F2I", "I2F", "F2F", "F2FP", "I2FP", "FRND"},
+    "gmem": {"LDG", "STG"},
+}
+
+
+def classify(ops: collections.Counter) -> dict:
+    out = {k: sum(ops[o] for o in v) for k, v in CLASSES.items()}
+    out["other"] = sum(ops.values()) - sum(out.values())
+    return out
+
+
+def analyze(name: str, dump: str | None) -> dict:
+    fn, sig, const, nw = VARIANTS[name]()
+    k = compile_sm90(fn, sig, const, nw)
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            with open(os.path.join(dump, f"{name}.{ext}"), "w") as f:
+                f.write(k.asm[ext])
+    instrs = sass(k.asm["cubin"])
+    lps = loops(instrs)
+    total = len(instrs)
+    in_loops = []
+    for lo, hi in lps:
+        body = [op for a, op, _ in instrs if lo <= a <= hi]
+        in_loops.append((len(body), collections.Counter(body)))
+    straight = total - sum(n for n, _ in in_loops)
+    # both programs' straight-line code is in the binary; one program runs one half of it
+    per_tile = sum(n * ITERS for n, _ in in_loops) / max(1, len(in_loops)) + straight / 2
+    regs, spills = ptxas_usage(k.asm["ptx"])
+    smem = k.metadata.shared
+    by_regs = 65536 // (max(regs, 1) * 32 * nw) if regs else 0
+    by_smem = (228 * 1024) // max(smem + 1024, 1)
+    return {
+        "name": name, "warps": nw, "regs": regs, "spills": spills, "smem": smem,
+        "progs/SM": min(by_regs, by_smem, 32 // nw), "loops": in_loops, "straight": straight,
+        "warp_instr_tile": per_tile * nw,
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", default="v1,v2,v2-cg16,v2-w8")
+    ap.add_argument("--dump", default=None, help="write each variant's TTGIR and PTX here")
+    args = ap.parse_args()
+    print(
+        f"K{KB}V{VB}, G={G}, D={D}, bf16, {ITERS} iterations, sm_90 (offline compile, Triton {triton.__version__})"
+    )
+    print()
+    print("| variant | warps | regs | spills (B) | smem (B) | progs/SM | loop instr/warp/iter (K; V) "
+          "| fp32 | shfl | bar | lds+sts | mufu | warp-instr/tile | issue ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.variants.split(","):
+        r = analyze(name.strip(), args.dump)
+        cls = [classify(ops) for _, ops in r["loops"]]
+
+        def both(key, cls=cls):
+            return "; ".join(str(c[key]) for c in cls)
+
+        ms = TILES * r["warp_instr_tile"] / (4 * SMS * CLOCK) * 1e3
+        print(
+            f"| {r['name']} | {r['warps']} | {r['regs']} | {r['spills']} | {r['smem']} | {r['progs/SM']} "
+            f"| {'; '.join(str(n) for n, _ in r['loops'])} | {both('fp32')} | {both('shfl')} | {both('bar')} "
+            f"| {'; '.join(str(c['lds'] + c['sts']) for c in cls)} | {both('mufu')} "
+            f"| {r['warp_instr_tile']:.0f} | {ms:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,528 @@
+"""Tile compression kernel v3 (Gluon): v2's arithmetic with every layout chosen by hand.
+
+v2 (``compress_v2.py``) cut the arithmetic; what is left there is Triton's default handling of
+reductions in a 2-D distributed tile: each reduction over an axis spread over lanes is a
+butterfly whose result is then held, and all later math on it done, by every lane that took part
+(8 copies of each token value, 16 of each channel value), and each cross-warp reduction costs
+three barriers. v3 writes the same kernel in Gluon (Triton with explicit layouts), which lets it
+
+* **transpose instead of butterfly**: each thread first sums its own slice of a row (in
+  registers), then one layout conversion (through shared memory, ``stmatrix``/``ldmatrix`` where
+  possible) hands every row's partial sums to a single thread, which adds them up. The per-token
+  and per-channel results come out *compact*: one value per thread (G = D = 128, 4 warps);
+* **do the vector math once**: steps, logs, exps, clamps, the score's max/min and the best-state
+  bookkeeping run on the compact vectors (no replicated copies);
+* **broadcast once**: the new multipliers go back to the tile layout with one conversion.
+
+The tile view is v2's 5-D ``[RG, RI, C2, CG, VEC]`` (token ``rg * RI + ri``, channel
+``c2 * CG * VEC + cg * VEC + ci``; each thread holds RI consecutive tokens x C2 * VEC channels),
+now as an explicit ``BlockedLayout``. Compact token vectors are ``[RG, RI]`` in ``Slice(2, LT)``,
+compact channel vectors ``[C2, CG, VEC]`` in ``Slice(0, LC)``; ``TB`` and ``CB`` are the layouts
+that broadcast them over the tile. Arithmetic, shifts, log2 domain, tie rules and output are v2's
+(and so SPEC step 3 to float32 rounding; see ``compress_v2.py``); packing reshapes the codes so
+that the codes of one byte meet in one thread and reduces them there.
+
+Testing: layouts never change values in Gluon (``convert_layout`` only moves data), so under
+``TRITON_INTERPRET=1`` this module binds ``gl`` to ``gluon_interp`` (layout arguments dropped,
+``convert_layout`` the identity) and ``jit`` to ``triton.jit``, and the interpreter runs this very
+source; ``tests/triton_kernels/test_triton_compress.py`` compares it with the codec. The layouts
+themselves are exercised only by a GPU build (``benchmarks/compress_sass.py`` compiles it offline;
+``benchmarks/gpu_compress.py`` checks it against the codec on the GPU before timing it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvarn.attention.triton import interpreting
+from kvarn.attention.triton.compress_v2 import tile_layout
+from kvarn.method.normalize import IMBALANCE_FLOOR, LOG_SCALE_MAX, LOG_SCALE_MIN, STD_MAX, STD_MIN
+from kvarn.method.rtn import STEP_FLOOR
+
+if interpreting():
+    from kvarn.attention.triton import gluon_interp as gl
+
+    jit = triton.jit
+else:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.language.extra.cuda import libdevice
+
+    jit = gluon.jit
+from triton.experimental.gluon.language import BlockedLayout
+
+# Parameters are annotated ``tl.constexpr`` (Gluon accepts it too): the interpreter recognizes
+# constexpr parameters by the annotation string "tl.constexpr" or "constexpr", not "gl.constexpr".
+
+_H_MIN = gl.constexpr(math.log2(STD_MIN))
+_H_MAX = gl.constexpr(math.log2(STD_MAX))
+_L_MIN = gl.constexpr(LOG_SCALE_MIN / math.log(2.0))
+_L_MAX = gl.constexpr(LOG_SCALE_MAX / math.log(2.0))
+_H_FLOOR = gl.constexpr(math.log2(IMBALANCE_FLOOR))
+_STEP_FLOOR = gl.constexpr(STEP_FLOOR)
+_ROUND_MAGIC = gl.constexpr(12582912.0)  # v + 1.5 * 2**23: round half to even into the low bits
+
+
+@jit
+def _add2(a1, b1, a2, b2):
+    return a1 + a2, b1 + b2
+
+
+@jit
+def _min_max(a1, b1, a2, b2):
+    return gl.minimum(a1, a2), gl.maximum(b1, b2)
+
+
+@jit
+def _max_min_add(a1, b1, c1, a2, b2, c2):
+    return gl.maximum(a1, a2), gl.minimum(b1, b2), c1 + c2
+
+
+@jit
+def _pair(a, b, axis: tl.constexpr, MINMAX: tl.constexpr, COMPILED: tl.constexpr):
+    """(sum a, sum b) or, with MINMAX, (min a, max b) along axis; one fused reduction on a GPU (the
+    interpreter runs custom combine functions element by element in Python)."""
+    if MINMAX:
+        if COMPILED:
+            return gl.reduce((a, b), axis, _min_max)
+        else:
+            return gl.min(a, axis), gl.max(b, axis)
+    else:
+        if COMPILED:
+            return gl.reduce((a, b), axis, _add2)
+        else:
+            return gl.sum(a, axis), gl.sum(b, axis)
+
+
+@jit
+def _max_min_sum(h, g, s, axis: tl.constexpr, COMPILED: tl.constexpr):
+    if COMPILED:
+        return gl.reduce((h, g, s), axis, _max_min_add)
+    else:
+        return gl.max(h, axis), gl.min(g, axis), gl.sum(s, axis)
+
+
+@jit
+def _token_bcast(v):
+    """Token vector [RG, RI] in TB -> [RG, RI, 1, 1, 1] in the tile layout."""
+    return gl.expand_dims(gl.expand_dims(gl.expand_dims(v, 2), 3), 4)
+
+
+@jit
+def _channel_bcast(v):
+    """Channel vector [C2, CG, VEC] in CB -> [1, 1, C2, CG, VEC]."""
+    return gl.expand_dims(gl.expand_dims(v, 0), 1)
+
+
+@jit
+def _to_tokens(a, b, MINMAX: tl.constexpr, LT: tl.constexpr, COMPILED: tl.constexpr):
+    """Reduce two tiles over channels -> two compact token vectors [RG, RI] (layout Slice(2, LT)).
+
+    The channels a thread holds (VEC, C2) are reduced in registers; the conversion to LT then
+    gives each thread all CG partial sums of its token(s), reduced in registers again."""
+    a, b = _pair(a, b, 4, MINMAX, COMPILED)
+    a, b = _pair(a, b, 2, MINMAX, COMPILED)  # [RG, RI, CG]
+    a = gl.convert_layout(a, LT)
+    b = gl.convert_layout(b, LT)
+    return _pair(a, b, 2, MINMAX, COMPILED)
+
+
+@jit
+def _to_channels(a, b, MINMAX: tl.constexpr, LC: tl.constexpr, COMPILED: tl.constexpr):
+    """Reduce two tiles over tokens -> two compact channel vectors [C2, CG, VEC] (Slice(0, LC))."""
+    a, b = _pair(a, b, 1, MINMAX, COMPILED)  # [RG, C2, CG, VEC]: the thread's RI tokens
+    a = gl.convert_layout(a, LC)
+    b = gl.convert_layout(b, LC)
+    return _pair(a, b, 0, MINMAX, COMPILED)
+
+
+@jit
+def _sum_to_tokens(a, LT: tl.constexpr):
+    """Sum a tile over channels -> compact token vector (in registers, transpose, in registers)."""
+    a = gl.sum(gl.sum(a, 4), 2)
+    return gl.sum(gl.convert_layout(a, LT), 2)
+
+
+@jit
+def _sum_to_channels(a, LC: tl.constexpr):
+    """Sum a tile over tokens -> compact channel vector."""
+    return gl.sum(gl.convert_layout(gl.sum(a, 1), LC), 0)
+
+
+@jit
+def _moments_to_tokens(d, LT: tl.constexpr, LT2: tl.constexpr):
+    """(sum d, sum d^2) over channels -> compact token vectors. The two sums travel as one
+    [.., 2] tensor, so the transpose is one shared-memory round trip (one pair of barriers)."""
+    p = gl.join(d, d * d)  # [RG, RI, C2, CG, VEC, 2]
+    p = gl.sum(gl.sum(p, 4), 2)  # in registers -> [RG, RI, CG, 2]
+    p = gl.sum(gl.convert_layout(p, LT2), 2)  # all CG partials of a token in one thread
+    s1, s2 = gl.split(p)
+    TC: tl.constexpr = gl.SliceLayout(2, LT)
+    return gl.convert_layout(s1, TC, assert_trivial=True), gl.convert_layout(s2, TC, assert_trivial=True)
+
+
+@jit
+def _moments_to_channels(d, LC: tl.constexpr, LC2: tl.constexpr):
+    """(sum d, sum d^2) over tokens -> compact channel vectors."""
+    p = gl.join(d, d * d)
+    p = gl.sum(p, 1)  # the thread's RI tokens -> [RG, C2, CG, VEC, 2]
+    p = gl.sum(gl.convert_layout(p, LC2), 0)  # all RG partials of a channel in one thread
+    s1, s2 = gl.split(p)
+    CC: tl.constexpr = gl.SliceLayout(0, LC)
+    return gl.convert_layout(s1, CC, assert_trivial=True), gl.convert_layout(s2, CC, assert_trivial=True)
+
+
+@jit
+def _token_stats(h, s, COMPILED: tl.constexpr):
+    """(max h, min h, sum s) over a compact token vector."""
+    a, b, c = _max_min_sum(h, h, s, 1, COMPILED)
+    return _max_min_sum(a, b, c, 0, COMPILED)
+
+
+@jit
+def _channel_stats(h, s, COMPILED: tl.constexpr):
+    """(max h, min h, sum s) over a compact channel vector; VEC and C2 first (lanes), CG last
+    (lanes and warps: one cross-warp step)."""
+    a, b, c = _max_min_sum(h, h, s, 2, COMPILED)
+    a, b, c = _max_min_sum(a, b, c, 0, COMPILED)
+    return _max_min_sum(a, b, c, 0, COMPILED)
+
+
+@jit
+def _log2(x, COMPILED: tl.constexpr):
+    """log2 on the MUFU unit (~2^-22 relative) on a GPU, instead of the precise polynomial."""
+    if COMPILED:
+        return libdevice.fast_log2f(x)
+    else:
+        return gl.log2(x)
+
+
+@jit
+def _sub_exact(a, b, COMPILED: tl.constexpr):
+    """a - b rounded on its own. A plain subtraction lets ptxas fuse the multiply that produced a
+    into an FMA (b - lo with b = y * s becomes fma(y, s, -lo)): for the row minimum that leaves
+    the product's rounding error instead of 0, which the RTN scale 1 / step (1e10 for a constant
+    row) turns into a wrong code. The reference subtracts rounded values."""
+    if COMPILED:
+        return libdevice.sub_rn(a, b)
+    else:
+        return a - b
+
+
+@jit
+def _half_log2_var(s1, s2, n: tl.constexpr, HALF_LOG2_N1: tl.constexpr, COMPILED: tl.constexpr):
+    """log2 of the unbiased std from (sum d, sum d^2) of n shifted values (see compress_v2)."""
+    return _log2(gl.abs(s2 - s1 * (s1 * (1.0 / n))), COMPILED) * 0.5 - HALF_LOG2_N1
+
+
+@jit
+def _centered_log_std(x, mt_b, mc_b, LT: tl.constexpr, LC: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                      HL_G: tl.constexpr, HL_D: tl.constexpr, COMPILED: tl.constexpr):  # fmt: skip
+    """log2 std of each token and of each channel of the raw tile (the identity state): the
+    reference's two-pass form, sum of squared deviations from the exact mean."""
+    d = x - _token_bcast(mt_b)
+    ht = _log2(_sum_to_tokens(d * d, LT), COMPILED) * 0.5 - HL_D
+    d = x - _channel_bcast(mc_b)
+    hc = _log2(_sum_to_channels(d * d, LC), COMPILED) * 0.5 - HL_G
+    return ht, hc
+
+
+@jit
+def _step(nu, h):
+    """SPEC step on nu = -u / ln 2 (multiplier 2^nu); h = log2 of the current std."""
+    h = gl.minimum(gl.maximum(h, _H_MIN), _H_MAX)
+    return gl.minimum(gl.maximum(nu - h, -_L_MAX), -_L_MIN)
+
+
+@jit
+def _ratio(hmax, hmin):
+    return gl.exp2(hmax - gl.maximum(hmin, _H_FLOOR))
+
+
+@jit
+def _token_log_std(x, chan_mult_b, token_shift_b, LT: tl.constexpr, LT2: tl.constexpr, D: tl.constexpr,
+                   HL_D: tl.constexpr, COMPILED: tl.constexpr):  # fmt: skip
+    """Compact log2 std of each token over channels of x * chan_mult (broadcast operands)."""
+    d = x * _channel_bcast(chan_mult_b) - _token_bcast(token_shift_b)
+    s1, s2 = _moments_to_tokens(d, LT, LT2)
+    return _half_log2_var(s1, s2, D, HL_D, COMPILED)
+
+
+@jit
+def _channel_log_std(x, token_mult_b, chan_shift_b, LC: tl.constexpr, LC2: tl.constexpr, G: tl.constexpr,
+                     HL_G: tl.constexpr, COMPILED: tl.constexpr):  # fmt: skip
+    d = x * _token_bcast(token_mult_b) - _channel_bcast(chan_shift_b)
+    s1, s2 = _moments_to_channels(d, LC, LC2)
+    return _half_log2_var(s1, s2, G, HL_G, COMPILED)
+
+
+@jit
+def _normalize(
+    x, mt_b, mc_b, IS_KEY: tl.constexpr, ITERS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    HL_G: tl.constexpr, HL_D: tl.constexpr, LT: tl.constexpr, LC: tl.constexpr, LT2: tl.constexpr,
+    LC2: tl.constexpr, TB: tl.constexpr, CB: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
+    VEC: tl.constexpr, COMPILED: tl.constexpr,
+):  # fmt: skip
+    """compress_v2._normalize with compact vectors: best log2 multipliers (nt [RG, RI] in
+    Slice(2, LT), nc [C2, CG, VEC] in Slice(0, LC)); mt_b/mc_b are the raw means, broadcast."""
+    TC: tl.constexpr = gl.SliceLayout(2, LT)
+    CC: tl.constexpr = gl.SliceLayout(0, LC)
+    one_t = gl.full([RG, RI], 1.0, gl.float32, layout=TC)
+    one_c = gl.full([C2, CG, VEC], 1.0, gl.float32, layout=CC)
+    nt = gl.zeros([RG, RI], gl.float32, layout=TC)
+    nc = gl.zeros([C2, CG, VEC], gl.float32, layout=CC)
+    ht, hc = _centered_log_std(x, mt_b, mc_b, LT, LC, G, D, HL_G, HL_D, COMPILED)  # identity state
+    # the first step is taken one step ahead so that the sum of its multipliers (the next shift's
+    # factor) rides on the reduction the score needs anyway
+    if IS_KEY:
+        nt_next = _step(nt, ht)
+        st = gl.exp2(nt_next)
+        tmax, tmin, ssum = _token_stats(ht, st, COMPILED)
+        cmax, cmin, _unused = _channel_stats(hc, one_c, COMPILED)
+        st_b = gl.convert_layout(st, TB)
+    else:
+        nc_next = _step(nc, hc)
+        sc = gl.exp2(nc_next)
+        cmax, cmin, ssum = _channel_stats(hc, sc, COMPILED)
+        tmax, tmin, _unused = _token_stats(ht, one_t, COMPILED)
+        sc_b = gl.convert_layout(sc, CB)
+    best = _ratio(tmax, tmin) + _ratio(cmax, cmin)
+    best_nt = nt
+    best_nc = nc
+    for _ in range(ITERS):
+        if IS_KEY:
+            nt = nt_next  # column step (tokens), taken above
+            hc_pre = _channel_log_std(x, st_b, mc_b * (ssum / G), LC, LC2, G, HL_G, COMPILED)
+            nc = _step(nc, hc_pre + nc)  # row step (channels)
+            hc = hc_pre + nc
+            sc = gl.exp2(nc)
+            cmax, cmin, csum = _channel_stats(hc, sc, COMPILED)
+            sc_b = gl.convert_layout(sc, CB)
+            ht = _token_log_std(x, sc_b, mt_b * (csum / D), LT, LT2, D, HL_D, COMPILED) + nt
+            nt_next = _step(nt, ht)
+            st = gl.exp2(nt_next)
+            tmax, tmin, ssum = _token_stats(ht, st, COMPILED)
+            st_b = gl.convert_layout(st, TB)
+        else:
+            nc = nc_next  # column step (channels), taken above
+            ht_pre = _token_log_std(x, sc_b, mt_b * (ssum / D), LT, LT2, D, HL_D, COMPILED)
+            nt = _step(nt, ht_pre + nt)  # row step (tokens)
+            ht = ht_pre + nt
+            st = gl.exp2(nt)
+            tmax, tmin, tsum = _token_stats(ht, st, COMPILED)
+            st_b = gl.convert_layout(st, TB)
+            hc = _channel_log_std(x, st_b, mc_b * (tsum / G), LC, LC2, G, HL_G, COMPILED) + nc
+            nc_next = _step(nc, hc)
+            sc = gl.exp2(nc_next)
+            cmax, cmin, ssum = _channel_stats(hc, sc, COMPILED)
+            sc_b = gl.convert_layout(sc, CB)
+        score = _ratio(tmax, tmin) + _ratio(cmax, cmin)
+        keep = score <= best  # ties go to the later iteration
+        best = gl.where(keep, score, best)
+        best_nt = gl.where(keep, nt, best_nt)
+        best_nc = gl.where(keep, nc, best_nc)
+    return best_nt, best_nc
+
+
+@jit
+def _pack_store(codes, off, shift, base, AXIS: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    """Pack codes [RG, RI, C2, CG, VEC] along tokens (AXIS 1, keys) or channels (AXIS 4, values).
+
+    ``shift`` is each code's bit position in its group's word and ``off`` the group's byte offset,
+    both per element; reshaped alike, the group axis of PER codes is summed (the word) and
+    min-reduced (the offset), so word and offset come out in the same layout, whatever layout Gluon
+    infers for the reshape."""
+    word = codes << shift
+    if AXIS == 1:  # tokens (RG, RI) -> (G / PER, PER): in registers when PER <= RI
+        word = gl.sum(gl.reshape(word, [RG * RI // PER, PER, C2, CG, VEC]), 1)
+        off = gl.min(gl.reshape(off, [RG * RI // PER, PER, C2, CG, VEC]), 1)
+    else:  # channels (C2, CG, VEC) -> (D / PER, PER): in registers when PER <= VEC
+        word = gl.sum(gl.reshape(word, [RG, RI, C2 * CG * VEC // PER, PER]), 3)
+        off = gl.min(gl.reshape(off, [RG, RI, C2 * CG * VEC // PER, PER]), 3)
+    if BITS == 3:
+        gl.store(base + off, (word & 255).to(gl.uint8))
+        gl.store(base + off + 1, ((word >> 8) & 255).to(gl.uint8))
+        gl.store(base + off + 2, ((word >> 16) & 255).to(gl.uint8))
+    else:
+        gl.store(base + off, word.to(gl.uint8))
+
+
+@jit
+def _compress_tile_v3(
+    x_ptr, x_stride_n, x_stride_t, codes_ptr, a_ptr, z_ptr, s_ptr, n,
+    IS_KEY: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ITERS: tl.constexpr,
+    NORMALIZE: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
+    VEC: tl.constexpr, HL_G: tl.constexpr, HL_D: tl.constexpr, L5: tl.constexpr, LT: tl.constexpr,
+    LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, COMPILED: tl.constexpr,
+):  # fmt: skip
+    TB: tl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5)))  # [RG, RI]
+    CB: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L5))  # [C2, CG, VEC]
+    TC: tl.constexpr = gl.SliceLayout(2, LT)
+    CC: tl.constexpr = gl.SliceLayout(0, LC)
+    n64 = n.to(gl.int64)
+    # token / channel index of each element of a vector, in the broadcast and compact layouts
+    tok_b = (gl.expand_dims(gl.arange(0, RG, layout=gl.SliceLayout(1, TB)), 1) * RI
+             + gl.expand_dims(gl.arange(0, RI, layout=gl.SliceLayout(0, TB)), 0))  # fmt: skip
+    tok_c = (gl.expand_dims(gl.arange(0, RG, layout=gl.SliceLayout(1, TC)), 1) * RI
+             + gl.expand_dims(gl.arange(0, RI, layout=gl.SliceLayout(0, TC)), 0))  # fmt: skip
+    CB_C2: tl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, CB))
+    CB_CG: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, CB))
+    CB_CI: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, CB))
+    ch_b = (gl.expand_dims(gl.expand_dims(gl.arange(0, C2, layout=CB_C2), 1), 2) * (CG * VEC)
+            + gl.expand_dims(gl.expand_dims(gl.arange(0, CG, layout=CB_CG), 0), 2) * VEC
+            + gl.expand_dims(gl.expand_dims(gl.arange(0, VEC, layout=CB_CI), 0), 1))  # fmt: skip
+    CC_C2: tl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, CC))
+    CC_CG: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, CC))
+    CC_CI: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, CC))
+    ch_c = (gl.expand_dims(gl.expand_dims(gl.arange(0, C2, layout=CC_C2), 1), 2) * (CG * VEC)
+            + gl.expand_dims(gl.expand_dims(gl.arange(0, CG, layout=CC_CG), 0), 2) * VEC
+            + gl.expand_dims(gl.expand_dims(gl.arange(0, VEC, layout=CC_CI), 0), 1))  # fmt: skip
+    tok = _token_bcast(tok_b)
+    ch = _channel_bcast(ch_b)
+    x = gl.load(x_ptr + n64 * x_stride_n + tok * x_stride_t + ch).to(gl.float32)
+    if NORMALIZE:
+        mt_b = gl.convert_layout(_sum_to_tokens(x, LT) / D, TB)  # raw means: shifts' base
+        mc_b = gl.convert_layout(_sum_to_channels(x, LC) / G, CB)
+        nt, nc = _normalize(
+            x,
+            mt_b,
+            mc_b,
+            IS_KEY,
+            ITERS,
+            G,
+            D,
+            HL_G,
+            HL_D,
+            LT,
+            LC,
+            LT2,
+            LC2,
+            TB,
+            CB,
+            RG,
+            RI,
+            C2,
+            CG,
+            VEC,
+            COMPILED,
+        )
+        st_b = gl.convert_layout(gl.exp2(nt), TB)
+        sc_b = gl.convert_layout(gl.exp2(nc), CB)
+        # B = X / s_col / s_row, column scale first (SPEC columns: tokens for keys, channels for values)
+        if IS_KEY:
+            b = x * _token_bcast(st_b) * _channel_bcast(sc_b)
+        else:
+            b = x * _channel_bcast(sc_b) * _token_bcast(st_b)
+        out_t = gl.exp2(-nt)
+        out_c = gl.exp2(-nc)
+    else:
+        b = x
+        out_t = gl.full([RG, RI], 1.0, gl.float32, layout=TC)
+        out_c = gl.full([C2, CG, VEC], 1.0, gl.float32, layout=CC)
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    md = a_ptr.dtype.element_ty
+    if IS_KEY:
+        # RTN per channel over the tile's tokens; a, z per channel, r per token.
+        lo, hi = _to_channels(b, b, True, LC, COMPILED)
+        step = gl.maximum((hi - lo) / QMAX, _STEP_FLOOR)
+        gl.store(a_ptr + n64 * D + ch_c, (out_c * step).to(md))
+        gl.store(z_ptr + n64 * D + ch_c, (out_c * lo).to(md))
+        gl.store(s_ptr + n64 * G + tok_c, out_t.to(md))
+        lo_b = gl.convert_layout(lo, CB)
+        inv_b = gl.convert_layout(1.0 / step, CB)
+        v = _sub_exact(b, _channel_bcast(lo_b), COMPILED) * _channel_bcast(inv_b)
+    else:
+        lo, hi = _to_tokens(b, b, True, LT, COMPILED)
+        step = gl.maximum((hi - lo) / QMAX, _STEP_FLOOR)
+        gl.store(a_ptr + n64 * G + tok_c, (out_t * step).to(md))
+        gl.store(z_ptr + n64 * G + tok_c, (out_t * lo).to(md))
+        gl.store(s_ptr + n64 * D + ch_c, out_c.to(md))
+        lo_b = gl.convert_layout(lo, TB)
+        inv_b = gl.convert_layout(1.0 / step, TB)
+        v = _sub_exact(b, _token_bcast(lo_b), COMPILED) * _token_bcast(inv_b)
+    # 0 <= v <= QMAX up to rounding, so the reference's clamp is a no-op (see compress_v2)
+    codes = (v + _ROUND_MAGIC).to(gl.int32, bitcast=True) & QMAX
+    if BITS == 3:
+        PER: tl.constexpr = 8
+        BYTES: tl.constexpr = 3
+    else:
+        PER: tl.constexpr = 8 // BITS
+        BYTES: tl.constexpr = 1
+    if IS_KEY:
+        ROW: tl.constexpr = G * BITS // 8  # codes [D, G * bits / 8], packed along tokens
+        off = ch * ROW + (tok // PER) * BYTES
+        shift = (tok % PER) * BITS
+        _pack_store(codes, off, shift, codes_ptr + n64 * (D * ROW), 1, BITS, PER, RG, RI, C2, CG, VEC)
+    else:
+        ROW: tl.constexpr = D * BITS // 8  # codes [G, D * bits / 8], packed along channels
+        off = tok * ROW + (ch // PER) * BYTES
+        shift = (ch % PER) * BITS
+        _pack_store(codes, off, shift, codes_ptr + n64 * (G * ROW), 4, BITS, PER, RG, RI, C2, CG, VEC)
+
+
+@jit
+def _compress_kernel_v3(
+    k_ptr, k_stride_n, k_stride_t, v_ptr, v_stride_n, v_stride_t,
+    kc_ptr, ka_ptr, kz_ptr, kr_ptr, vc_ptr, va_ptr, vz_ptr, vs_ptr,
+    KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ITERS: tl.constexpr,
+    NORMALIZE: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
+    VEC: tl.constexpr, HL_G: tl.constexpr, HL_D: tl.constexpr, L5: tl.constexpr, LT: tl.constexpr,
+    LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, COMPILED: tl.constexpr,
+):  # fmt: skip
+    n = gl.program_id(0)
+    if gl.program_id(1) == 0:
+        _compress_tile_v3(
+            k_ptr, k_stride_n, k_stride_t, kc_ptr, ka_ptr, kz_ptr, kr_ptr, n, True, KB, G, D, ITERS,
+            NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, COMPILED,
+        )  # fmt: skip
+    else:
+        _compress_tile_v3(
+            v_ptr, v_stride_n, v_stride_t, vc_ptr, va_ptr, vz_ptr, vs_ptr, n, False, VB, G, D, ITERS,
+            NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, COMPILED,
+        )  # fmt: skip
+
+
+def _blocked(shape: list[int], lane_dims: list[int], warp_dims: list[int], num_warps: int) -> BlockedLayout:
+    """A blocked layout over ``shape`` that gives the 32 lanes, then the warps, to the listed dims
+    in turn (as many as each dim can take); the rest of each dim stays in the thread's registers.
+    Lanes or warps left over (a small tensor) go to the last listed dim as replicas."""
+    rank = len(shape)
+    rest, tpw, wpc = list(shape), [1] * rank, [1] * rank
+    left = 32
+    for dim in lane_dims:
+        take = min(left, rest[dim])
+        tpw[dim], rest[dim], left = take, rest[dim] // take, left // take
+    tpw[lane_dims[-1]] *= left
+    left = num_warps
+    for dim in warp_dims:
+        take = min(left, rest[dim])
+        wpc[dim], rest[dim], left = take, rest[dim] // take, left // take
+    wpc[warp_dims[-1]] *= left
+    return BlockedLayout(rest, tpw, wpc, list(range(rank - 1, -1, -1)))
+
+
+def kernel_config(g: int, d: int, dtype: torch.dtype, num_warps: int = 4, lanes_per_token: int = 8) -> dict:
+    """Layouts and sizes of one launch (constexpr arguments of ``_compress_kernel_v3`` + num_warps)."""
+    lay = tile_layout(g, d, dtype, num_warps, lanes_per_token)
+    rg, ri, c2, cg, vec, w = lay["RG"], lay["RI"], lay["C2"], lay["CG"], lay["VEC"], lay["num_warps"]
+    tr = rg // w
+    tile = BlockedLayout([1, ri, c2, 1, vec], [tr, 1, 1, cg, 1], [w, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    return {
+        "RG": rg, "RI": ri, "C2": c2, "CG": cg, "VEC": vec, "HL_G": lay["HL_G"], "HL_D": lay["HL_D"],
+        "L5": tile,
+        # compact token layout over [RG, RI, CG]: tokens over lanes, then warps; CG partials in registers
+        "LT": _blocked([rg, ri, cg], [1, 0, 2], [0, 1, 2], w),
+        # compact channel layout over [RG, C2, CG, VEC]: channels over lanes (VEC, C2, then CG) and
+        # warps (CG first, so that a reduction over all channels crosses warps along one axis only);
+        # RG in registers
+        "LC": _blocked([rg, c2, cg, vec], [3, 1, 2, 0], [2, 1, 3, 0], w),
+        # the same with a trailing (sum d, sum d^2) pair axis kept in registers
+        "LT2": _blocked([rg, ri, cg, 2], [1, 0, 2, 3], [0, 1, 2, 3], w),
+        "LC2": _blocked([rg, c2, cg, vec, 2], [3, 1, 2, 0, 4], [2, 1, 3, 0, 4], w),
+        "num_warps": w,
+    }  # fmt: skip
