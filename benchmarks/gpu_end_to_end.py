@@ -28,7 +28,9 @@ it finishes (unbuffered), then one final table:
    needed to enqueue them (close to the wall time = host-bound).
 3. **profile**: one torch.profiler capture of 2 decode steps per cache at the largest context:
    GPU time per step split into attention kernels / matmuls / copies / the rest, top kernels.
-4. **capacity**: bytes per cached token from each cache (allocated bytes: spare tile capacity and
+4. **capacity**: (KVarNCache is given ``cache.reserve(length of the whole run)`` after its prefill:
+   its tile store then holds exactly the tiles the run needs instead of growing by half when it
+   fills.) Bytes per cached token from each cache (allocated bytes: spare tile capacity and
    sink/tail buffers included) -> the most rows that fit at the largest context, predicted as
    ``(free memory after the weights - reserve) / (context x bytes/token x (1 + 1/layers))`` (one
    layer's transient copy: DynamicCache's torch.cat, KVarN's tile-capacity growth); then
@@ -434,6 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
             cache, token, note = prefill(model, kind, args.quant, ids, args.prefill_chunk, device)
             sync(device)
             t_prefill = time.perf_counter() - t0
+            if kind == "kvarn":  # the whole run's length known up front, as generate's caller knows it
+                cache.reserve(ids.shape[1] + len(kernels) * (WARMUP_STEPS + steps) + 16)
             variants = kernels if kind == "kvarn" else [None]
             best = None
             for kernel in variants:

@@ -333,3 +333,34 @@ def test_bad_inputs_raise_clear_errors():
         torch.randn(2, HKV, 3, DIM),
     )
     assert layer.stored_lengths() == [3, 3]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_reserve_preallocates_exactly_and_changes_nothing_else(when):
+    """reserve(tokens) sizes the tile store to exactly the tiles of a row of that length (sink
+    kept), before the first update or after it; decoding up to that length never grows it, and
+    attention and storage equal an unreserved layer's."""
+    quant = KVarNConfig.parse("k4v2", tile_size=TILE)
+    total = sum(CALLS) + 10 * TILE  # room for a longer decode than this test runs
+    want_tiles = (total - TILE) // TILE
+    reserved = KVarNLayer(quant, 0, HKV, DIM)
+    plain = KVarNLayer(quant, 0, HKV, DIM)
+    if when == "before":
+        reserved.reserve(total)
+    gen = torch.Generator().manual_seed(5)
+    module = FakeAttention()
+    for step, length in enumerate(CALLS):
+        q = random_kv((2, HQ, length, DIM), torch.float32, outliers=False, generator=gen)
+        k = random_kv((2, HKV, length, DIM), torch.float32, generator=gen)
+        v = random_kv((2, HKV, length, DIM), torch.float32, generator=gen)
+        if step == 1 and when == "after":
+            reserved.reserve(total)
+        if reserved.store is not None and (when == "before" or step >= 1):
+            assert reserved.store.capacity == want_tiles
+        torch.testing.assert_close(run_call(reserved, module, q, k, v), run_call(plain, module, q, k, v))
+    assert reserved.store.capacity == want_tiles
+    assert plain.store.capacity < want_tiles  # unreserved: grown only as far as needed so far
+    for a, b in zip(reserved.materialize(), plain.materialize(), strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="token count"):
+        reserved.reserve(-1)

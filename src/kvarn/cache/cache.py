@@ -145,6 +145,17 @@ class KVarNCache(Cache):
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def reserve(self, tokens: int) -> None:
+        """Preallocate every KVarN layer's tile storage for rows of up to ``tokens`` tokens.
+
+        E.g. ``cache.reserve(prompt_len + max_new_tokens)`` before ``generate``: the packed tiles
+        then take exactly what they need instead of growing by half when full (at most a third
+        spare); callable before the first update (applied when the layer sees its batch) or
+        after (grows now).
+        """
+        for layer in self.kvarn_layers:
+            layer.reserve(tokens)
+
     # ---- inspection ---------------------------------------------------------------------------------
     @property
     def kvarn_layers(self) -> list[KVarNLayer]:

@@ -93,6 +93,7 @@ class KVarNLayer(CacheLayerMixin):
         # The model config whose `_attn_implementation` must be "kvarn" (transformers keeps it up
         # to date when set_attn_implementation is called).
         self._model_config = model_config
+        self.reserved_tokens = 0  # KVarNCache.reserve: survives clearing, like the configuration
         self._clear()
 
     # ---- state ---------------------------------------------------------------------------------
@@ -132,11 +133,31 @@ class KVarNLayer(CacheLayerMixin):
     sink_len = property(lambda self: None if self._counters is None else self._counters[1])
     tail_len = property(lambda self: None if self._counters is None else self._counters[2])
 
+    def _tiles_for(self, tokens: int) -> int:
+        """Completed tiles of a row holding ``tokens`` real tokens."""
+        sink = self.tile_size if self.quant.keep_sink_tile else 0
+        return max(0, tokens - sink) // self.tile_size
+
+    def reserve(self, tokens: int) -> None:
+        """Preallocate tile storage for rows of up to ``tokens`` real tokens (prompt + new).
+
+        Without it the storage grows by half whenever it fills (amortized appends, up to a third
+        of it spare, and old + new buffers alive while one layer grows); a caller who knows the
+        final length gets exactly the tiles it needs, so a cache sized to the memory stays put.
+        """
+        if not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"reserve takes a token count >= 0, got {tokens!r}")
+        self.reserved_tokens = max(self.reserved_tokens, tokens)
+        if self.store is not None:
+            self.store.reserve(self._tiles_for(self.reserved_tokens), exact=True)
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch = key_states.shape[0]
         b, h, g, d = self.batch, self.num_kv_heads, self.tile_size, self.head_dim
         self.store = TileStore(b, h, d, self.quant, self.device)
+        if self.reserved_tokens:
+            self.store.reserve(self._tiles_for(self.reserved_tokens), exact=True)
         self._sink = torch.zeros((2, b, h, g, d), dtype=self.dtype, device=self.device)
         self._tail = torch.zeros((2, b, h, g, d), dtype=self.dtype, device=self.device)
         self._n_tiles, self._sink_len, self._tail_len = [0] * b, [0] * b, [0] * b

@@ -53,11 +53,12 @@ class TileStore:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in FIELDS}
 
-    def reserve(self, tiles: int) -> None:
-        """Make room for ``tiles`` tiles per row (growing the capacity geometrically)."""
+    def reserve(self, tiles: int, exact: bool = False) -> None:
+        """Make room for ``tiles`` tiles per row: geometrically (amortized appends), or exactly
+        that many when the caller knows the final length (``KVarNCache.reserve``)."""
         if tiles <= self.capacity:
             return
-        new_capacity = max(tiles, int(GROWTH * self.capacity) + 1, MIN_CAPACITY)
+        new_capacity = tiles if exact else max(tiles, int(GROWTH * self.capacity) + 1, MIN_CAPACITY)
         for name in FIELDS:
             grown = self._zeros(name, new_capacity)
             grown[:, :, : self.capacity] = getattr(self, name)
