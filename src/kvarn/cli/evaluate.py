@@ -51,7 +51,8 @@ MethodsOpt = Annotated[
     str,
     typer.Option(
         "--methods",
-        help="comma-separated METHOD[:PRESET] (e.g. none,kvarn:k4v2,kivi:k2v2,fp8_e4m3; all:k4v2 = every method)",
+        help="comma-separated METHOD[:PRESET] (e.g. none,kvarn:k4v2,kivi:k2v2,fp8_e4m3; all:k4v2 = every kvarn "
+        "method; hf_quanto:k4v4 / hf_quanto:k2v2 = transformers' QuantizedCache with optimum-quanto)",
     ),
 ]
 
@@ -99,11 +100,21 @@ def _print_summary(result, written: list[Path], seconds: float) -> None:
     )
 
 
-def _prepare(model: str | None, methods: str, no_sink: bool, tile_size: int | None, needed: int | None):
-    """Checks that need no weights: methods, model path, and the length against the model's window."""
+def _prepare(
+    model: str | None,
+    methods: str,
+    no_sink: bool,
+    tile_size: int | None,
+    needed: int | None,
+    check_methods: Callable[[list], None] | None = None,
+):
+    """Checks that need no weights: methods (and the suite's ``check_methods``), model path, and the
+    length against the model's window."""
     from kvarn.eval.common import check_context, check_model_path, parse_methods, peek_window
 
     configs = parse_methods(methods, keep_sink_tile=not no_sink, tile_size=tile_size)
+    if check_methods is not None:
+        check_methods(configs)
     check_model_path(model)
     if needed is not None:
         check_context(needed, peek_window(model), "this run")
@@ -137,8 +148,9 @@ def register(app: typer.Typer) -> None:
         def work(out_dir: Path):
             from kvarn.eval.accumulation import run_accumulation
             from kvarn.eval.common import check_positive, load_model_for_eval, seed_everything
+            from kvarn.eval.hf_quantized import reject_in_accumulation
 
-            configs = _prepare(model, methods, no_sink, tile_size, n)
+            configs = _prepare(model, methods, no_sink, tile_size, n, reject_in_accumulation)
             check_positive(n, "--max-tokens", 2)
             seed_everything(seed)
             return run_accumulation(

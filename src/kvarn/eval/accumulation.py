@@ -43,6 +43,7 @@ from kvarn.eval.common import (
     progress,
 )
 from kvarn.eval.corpus import corpus_tokens
+from kvarn.eval.hf_quantized import reject_in_accumulation
 from kvarn.eval.io import Figure, SuiteResult, Table
 from kvarn.eval.recording import recording, sdpa
 from kvarn.eval.simulated_cache import SimulatedQuantizedCache
@@ -199,6 +200,7 @@ def run_accumulation(
     corpus: str = "stdlib-code",
     seed: int = 0,
 ) -> SuiteResult:
+    reject_in_accumulation(methods)
     check_context(num_tokens, loaded.window, "accumulation")
     started = time.time()
     text = corpus_tokens(loaded.tokenizer, num_tokens, corpus)
@@ -226,7 +228,7 @@ def run_accumulation(
     figures = make_figures(sums, ends, names, out)
     settings = {
         "model": loaded.describe(),
-        "methods": method_settings(methods),
+        "methods": method_settings(methods, loaded),
         "tokens": num_tokens,
         "chunk_tokens": chunk_size(methods),
         "quantize_timing": "decode (a tile is quantized when the chunk after it enters)",

@@ -18,9 +18,9 @@ import statistics
 import time
 from pathlib import Path
 
-from kvarn.config import KVarNConfig
 from kvarn.eval import plots
 from kvarn.eval.common import (
+    EvalMethod,
     LoadedModel,
     check_context,
     environment,
@@ -52,7 +52,7 @@ def agreement(reference: list[int], other: list[int]) -> float:
 
 def run_divergence(
     loaded: LoadedModel,
-    methods: list[KVarNConfig],
+    methods: list[EvalMethod],
     max_new_tokens: int,
     out_dir: str | Path,
     num_prompts: int = 8,
@@ -107,7 +107,7 @@ def run_divergence(
     figures = make_figures(survival_lengths, max_new_tokens, out)
     settings = {
         "model": loaded.describe(),
-        "methods": method_settings(methods),
+        "methods": method_settings(methods, loaded),
         "prompts": len(prompts),
         "prompt_tokens": prompt_tokens,
         "max_new_tokens": max_new_tokens,

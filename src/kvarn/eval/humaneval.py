@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from kvarn.config import KVarNConfig
 from kvarn.eval import plots
 from kvarn.eval.common import (
     EvalInputError,
+    EvalMethod,
     LoadedModel,
     check_context,
     environment,
@@ -100,7 +100,7 @@ def build_program(problem: dict, completion: str, style: str = "completion") -> 
 def complete(
     loaded: LoadedModel,
     prompt: str,
-    configs: list[KVarNConfig],
+    configs: list[EvalMethod],
     max_new_tokens: int,
     stop_ids: set[int],
     rows_per_batch: int = 16,
@@ -122,7 +122,7 @@ def complete(
 
 def run_humaneval(
     loaded: LoadedModel,
-    methods: list[KVarNConfig],
+    methods: list[EvalMethod],
     max_new_tokens: int,
     out_dir: str | Path,
     limit: int | None = None,
@@ -183,7 +183,7 @@ def run_humaneval(
     figures = make_figures(summary_rows, out)
     settings = {
         "model": loaded.describe(),
-        "methods": method_settings(methods),
+        "methods": method_settings(methods, loaded),
         "problems": len(problems),
         "max_new_tokens": max_new_tokens,
         "prompt_style": style,

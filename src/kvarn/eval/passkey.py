@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from kvarn.config import KVarNConfig
 from kvarn.eval import plots
 from kvarn.eval.common import (
     EvalInputError,
+    EvalMethod,
     LoadedModel,
     check_context,
     environment,
@@ -108,7 +108,7 @@ def default_lengths(max_length: int) -> list[int]:
 
 def run_passkey(
     loaded: LoadedModel,
-    methods: list[KVarNConfig],
+    methods: list[EvalMethod],
     lengths: list[int],
     out_dir: str | Path,
     depths: tuple[float, ...] = DEFAULT_DEPTHS,
@@ -165,7 +165,7 @@ def run_passkey(
     figures = make_figures(accuracy_rows, lengths, out)
     settings = {
         "model": loaded.describe(),
-        "methods": method_settings(methods),
+        "methods": method_settings(methods, loaded),
         "lengths": lengths,
         "depths": list(depths),
         "trials_per_depth": trials,
