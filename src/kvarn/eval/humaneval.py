@@ -18,6 +18,7 @@ problem is the fraction of problems whose program passes.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -34,9 +35,9 @@ from kvarn.eval.common import (
     greedy_generate_methods,
     method_settings,
     none_config,
-    progress,
 )
 from kvarn.eval.io import Figure, SuiteResult, Table
+from kvarn.eval.parallel import check_workers, map_with_model
 from kvarn.eval.sandbox import Sandbox
 
 STOP_SEQUENCES: tuple[str, ...] = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -120,6 +121,32 @@ def complete(
     return [(truncate_at_stop(tokenizer.decode(tokens), stops), len(tokens)) for tokens in rows]
 
 
+def generate_completions(
+    loaded: LoadedModel,
+    inputs: list[str],
+    configs: list[EvalMethod],
+    max_new_tokens: int,
+    stop_ids: set[int],
+    rows_per_batch: int = 16,
+    stops: tuple[str, ...] = STOP_SEQUENCES,
+    workers: int = 1,
+) -> list[list[tuple[str, int]]]:
+    """:func:`complete` for every input, in input order; ``workers > 1`` spreads the inputs over that
+    many processes, each with its own copy of the model on the same device (same results)."""
+    work = functools.partial(
+        complete, configs=configs, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+        rows_per_batch=rows_per_batch, stops=stops,
+    )  # fmt: skip
+    return map_with_model(loaded, work, inputs, workers, desc="humaneval problems", unit="problem")
+
+
+def run_programs(sandbox: Sandbox, programs: list[str]) -> list:
+    """Sandbox results for ``programs``, each distinct program run once (most completions agree)."""
+    distinct = list(dict.fromkeys(programs))
+    outcome = dict(zip(distinct, sandbox.run_many(distinct), strict=True))
+    return [outcome[program] for program in programs]
+
+
 def run_humaneval(
     loaded: LoadedModel,
     methods: list[EvalMethod],
@@ -130,7 +157,9 @@ def run_humaneval(
     seed: int = 0,
     rows_per_batch: int = 16,
     prompt_style: str = "auto",
+    workers: int = 1,
 ) -> SuiteResult:
+    check_workers(workers)
     problems = load_problems(limit)
     tokenizer = loaded.tokenizer
     style = resolve_style(prompt_style, tokenizer)
@@ -145,16 +174,19 @@ def run_humaneval(
     completions: dict[str, list[str]] = {label: [] for label in labels}
     lengths: dict[str, list[int]] = {label: [] for label in labels}
     configs = [none_config(methods), *methods]  # row 0: the 16-bit reference
-    for text in progress(inputs, desc="humaneval problems", unit="problem"):
-        rows = complete(loaded, text, configs, max_new_tokens, stop_ids, rows_per_batch, stops)
+    generated = generate_completions(
+        loaded, inputs, configs, max_new_tokens, stop_ids, rows_per_batch, stops, workers
+    )
+    for rows in generated:
         for label, (text, n) in zip(labels, rows, strict=True):
             completions[label].append(text)
             lengths[label].append(n)
+    generation_seconds = time.time() - started
 
     programs = [
         build_program(p, completions[label][i], style) for label in labels for i, p in enumerate(problems)
     ]
-    executed = sandbox.run_many(programs)
+    executed = run_programs(sandbox, programs)
     outcome = {label: executed[k * len(problems) : (k + 1) * len(problems)] for k, label in enumerate(labels)}
 
     summary_rows, problem_rows = [], []
@@ -191,6 +223,9 @@ def run_humaneval(
         "by side in one batch",
         "stop_sequences": list(stops),
         "sandbox": sandbox.describe(),
+        "distinct_programs": len(set(programs)),
+        "workers": workers,
+        "generation_seconds": generation_seconds,
         "seed": seed,
         "environment": environment(),
         "wall_seconds": time.time() - started,
