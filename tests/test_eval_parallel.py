@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvarn.eval.common import EvalInputError, eos_ids, load_model_for_eval, parse_methods
+from kvarn.eval.common import EvalInputError, load_model_for_eval, parse_methods
 from kvarn.eval.humaneval import STOP_SEQUENCES, generate_completions, load_problems, run_programs
 from kvarn.eval.parallel import check_workers
 from kvarn.eval.sandbox import Sandbox
@@ -22,11 +22,11 @@ def test_two_workers_give_the_serial_completions(tiny_model_dir):  # noqa: F811
         pass
     configs = parse_methods(",".join(methods), tile_size=32)
     inputs = [p["prompt"] for p in load_problems(4)]
-    args = (loaded, inputs, configs, 32, eos_ids(loaded.tokenizer, loaded.model), 16, STOP_SEQUENCES)
+    args = (loaded, inputs, configs, 32, 16, STOP_SEQUENCES)
     serial = generate_completions(*args, workers=1)
     parallel = generate_completions(*args, workers=2)
     assert parallel == serial
-    assert len(serial) == 4 and all(len(rows) == len(configs) for rows in serial)
+    assert len(serial) == 4 and all(len(rows) == len(configs) + 1 for rows in serial)
     assert len({text for rows in serial for text, _ in rows}) > 4, (
         "completions all alike: the test proves little"
     )

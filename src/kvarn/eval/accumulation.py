@@ -38,9 +38,8 @@ from kvarn.eval.common import (
     check_context,
     chunk_bounds,
     chunk_size,
-    environment,
-    method_settings,
     progress,
+    run_settings,
 )
 from kvarn.eval.corpus import corpus_tokens
 from kvarn.eval.hf_quantized import reject_in_accumulation
@@ -226,18 +225,17 @@ def run_accumulation(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = make_figures(sums, ends, names, out)
-    settings = {
-        "model": loaded.describe(),
-        "methods": method_settings(methods, loaded),
-        "tokens": num_tokens,
-        "chunk_tokens": chunk_size(methods),
-        "quantize_timing": "decode (a tile is quantized when the chunk after it enters)",
-        "error_on": "attention output before o_proj, every layer, element-weighted",
-        "seed": seed,
-        "text": text.describe(),
-        "environment": environment(),
-        "wall_seconds": time.time() - started,
-    }
+    settings = run_settings(
+        loaded,
+        methods,
+        seed,
+        started,
+        tokens=num_tokens,
+        chunk_tokens=chunk_size(methods),
+        quantize_timing="decode (a tile is quantized when the chunk after it enters)",
+        error_on="attention output before o_proj, every layer, element-weighted",
+        text=text.describe(),
+    )
     tables = [
         Table(
             "summary",

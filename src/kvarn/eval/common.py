@@ -322,6 +322,18 @@ def method_settings(methods: list[EvalMethod], loaded: LoadedModel | None = None
     ]
 
 
+def run_settings(loaded: LoadedModel, methods: list[EvalMethod], seed: int, started: float, **suite) -> dict:
+    """A result's settings: the model and methods, the suite's own settings, seed, machine, wall time."""
+    return {
+        "model": loaded.describe(),
+        "methods": method_settings(methods, loaded),
+        **suite,
+        "seed": seed,
+        "environment": environment(),
+        "wall_seconds": time.time() - started,
+    }
+
+
 # ---- forwards ---------------------------------------------------------------------------------------------------
 
 
@@ -443,6 +455,22 @@ def greedy_generate_methods(
             results[index] = tokens
         del cache
     return results
+
+
+def generate_with_reference(
+    loaded: LoadedModel,
+    prompt_ids: torch.Tensor,
+    methods: list[EvalMethod],
+    max_new_tokens: int,
+    should_stop: Callable[[list[int]], bool] | None = None,
+    rows_per_batch: int = 16,
+) -> list[list[int]]:
+    """Greedy tokens of the 16-bit reference (first) and of every method, decoded side by side from one
+    16-bit prefill (:func:`greedy_generate_methods`), stopping at the model's eos ids."""
+    return greedy_generate_methods(
+        loaded.model, prompt_ids, [none_config(methods), *methods], max_new_tokens,
+        eos_ids(loaded.tokenizer, loaded.model), should_stop=should_stop, rows_per_batch=rows_per_batch,
+    )  # fmt: skip
 
 
 def _decode_rows(

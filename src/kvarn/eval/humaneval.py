@@ -30,11 +30,8 @@ from kvarn.eval.common import (
     EvalMethod,
     LoadedModel,
     check_context,
-    environment,
-    eos_ids,
-    greedy_generate_methods,
-    method_settings,
-    none_config,
+    generate_with_reference,
+    run_settings,
 )
 from kvarn.eval.io import Figure, SuiteResult, Table
 from kvarn.eval.parallel import check_workers, map_with_model
@@ -101,13 +98,13 @@ def build_program(problem: dict, completion: str, style: str = "completion") -> 
 def complete(
     loaded: LoadedModel,
     prompt: str,
-    configs: list[EvalMethod],
+    methods: list[EvalMethod],
     max_new_tokens: int,
-    stop_ids: set[int],
     rows_per_batch: int = 16,
     stops: tuple[str, ...] = STOP_SEQUENCES,
 ) -> list[tuple[str, int]]:
-    """Greedy completions of ``prompt`` under each config, cut at the stop sequences: (completion, tokens)."""
+    """Greedy completions of ``prompt`` by the 16-bit reference (first) and each method, cut at the stop
+    sequences: (completion, tokens)."""
     tokenizer = loaded.tokenizer
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
 
@@ -115,8 +112,8 @@ def complete(
         text = tokenizer.decode(generated)
         return truncate_at_stop(text, stops) != text
 
-    rows = greedy_generate_methods(
-        loaded.model, ids, configs, max_new_tokens, stop_ids, should_stop=stop, rows_per_batch=rows_per_batch
+    rows = generate_with_reference(
+        loaded, ids, methods, max_new_tokens, should_stop=stop, rows_per_batch=rows_per_batch
     )
     return [(truncate_at_stop(tokenizer.decode(tokens), stops), len(tokens)) for tokens in rows]
 
@@ -124,9 +121,8 @@ def complete(
 def generate_completions(
     loaded: LoadedModel,
     inputs: list[str],
-    configs: list[EvalMethod],
+    methods: list[EvalMethod],
     max_new_tokens: int,
-    stop_ids: set[int],
     rows_per_batch: int = 16,
     stops: tuple[str, ...] = STOP_SEQUENCES,
     workers: int = 1,
@@ -134,9 +130,8 @@ def generate_completions(
     """:func:`complete` for every input, in input order; ``workers > 1`` spreads the inputs over that
     many processes, each with its own copy of the model on the same device (same results)."""
     work = functools.partial(
-        complete, configs=configs, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-        rows_per_batch=rows_per_batch, stops=stops,
-    )  # fmt: skip
+        complete, methods=methods, max_new_tokens=max_new_tokens, rows_per_batch=rows_per_batch, stops=stops
+    )
     return map_with_model(loaded, work, inputs, workers, desc="humaneval problems", unit="problem")
 
 
@@ -169,14 +164,10 @@ def run_humaneval(
     check_context(longest + max_new_tokens, loaded.window, "humaneval (longest prompt + --max-tokens)")
     sandbox = sandbox or Sandbox()
     started = time.time()
-    stop_ids = eos_ids(tokenizer, loaded.model)
     labels = [REFERENCE, *[c.name for c in methods]]
     completions: dict[str, list[str]] = {label: [] for label in labels}
     lengths: dict[str, list[int]] = {label: [] for label in labels}
-    configs = [none_config(methods), *methods]  # row 0: the 16-bit reference
-    generated = generate_completions(
-        loaded, inputs, configs, max_new_tokens, stop_ids, rows_per_batch, stops, workers
-    )
+    generated = generate_completions(loaded, inputs, methods, max_new_tokens, rows_per_batch, stops, workers)
     for rows in generated:
         for label, (text, n) in zip(labels, rows, strict=True):
             completions[label].append(text)
@@ -213,23 +204,22 @@ def run_humaneval(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = make_figures(summary_rows, out)
-    settings = {
-        "model": loaded.describe(),
-        "methods": method_settings(methods, loaded),
-        "problems": len(problems),
-        "max_new_tokens": max_new_tokens,
-        "prompt_style": style,
-        "decoding": "greedy, stops at eos or a stop sequence; the 16-bit reference and every method decode side "
+    settings = run_settings(
+        loaded,
+        methods,
+        seed,
+        started,
+        problems=len(problems),
+        max_new_tokens=max_new_tokens,
+        prompt_style=style,
+        decoding="greedy, stops at eos or a stop sequence; the 16-bit reference and every method decode side "
         "by side in one batch",
-        "stop_sequences": list(stops),
-        "sandbox": sandbox.describe(),
-        "distinct_programs": len(set(programs)),
-        "workers": workers,
-        "generation_seconds": generation_seconds,
-        "seed": seed,
-        "environment": environment(),
-        "wall_seconds": time.time() - started,
-    }
+        stop_sequences=list(stops),
+        sandbox=sandbox.describe(),
+        distinct_programs=len(set(programs)),
+        workers=workers,
+        generation_seconds=generation_seconds,
+    )
     tables = [
         Table(
             "summary",

@@ -35,13 +35,12 @@ from kvarn.eval.common import (
     check_context,
     chunk_bounds,
     chunk_size,
-    environment,
     forward_chunk,
     forward_method,
-    method_settings,
     new_cache,
     prefilled_cache,
     progress,
+    run_settings,
 )
 from kvarn.eval.corpus import corpus_tokens
 from kvarn.eval.io import Figure, SuiteResult, Table
@@ -200,20 +199,19 @@ def run_perplexity(
                 arrays[f"{mode}_{field}_{i}"] = getattr(results[mode][1][name], field)
     np.savez_compressed(out / "perplexity_positions.npz", method_names=np.array(names), **arrays)
     figures = make_figures(bucket_rows, summary_rows, names, modes, out)
-    settings = {
-        "model": loaded.describe(),
-        "methods": method_settings(methods, loaded),
-        "tokens": num_tokens,
-        "modes": list(modes),
-        "prefill_context": context,
-        "chunk_tokens": chunk,
-        "bucket_tokens": bucket_tokens,
-        "quantize_timing": "decode (a tile is quantized when the chunk after it enters)",
-        "seed": seed,
-        "text": text.describe(),
-        "environment": environment(),
-        "wall_seconds": time.time() - started,
-    }
+    settings = run_settings(
+        loaded,
+        methods,
+        seed,
+        started,
+        tokens=num_tokens,
+        modes=list(modes),
+        prefill_context=context,
+        chunk_tokens=chunk,
+        bucket_tokens=bucket_tokens,
+        quantize_timing="decode (a tile is quantized when the chunk after it enters)",
+        text=text.describe(),
+    )
     columns = ["ppl", "ΔPPL", "mean KL", "top-1 agreement"]
     tables = [
         Table(
