@@ -70,17 +70,22 @@ def runs(app, tiny_model_dir, tmp_path_factory):  # noqa: F811
     common = ["--model", tiny_model_dir, "--quick", "--tile-size", "32"]
     commands = {
         "accumulation": ["--methods", "none,kvarn:k2v2,kivi:k2v2,per_token_rtn:k2v2", "--max-tokens", "256"],
-        "perplexity": ["--methods", "none,kvarn:k2v2,kivi:k4v2,fp8_e4m3", "--max-tokens", "320"],
+        "perplexity": [
+            "--methods",
+            "none,kvarn:k2v2,kivi:k4v2,fp8_e4m3,hf_quanto:k2v2",
+            "--max-tokens",
+            "320",
+        ],
         "divergence": [
             "--methods",
-            "none,kvarn:k2v2,kivi:k2v2",
+            "none,kvarn:k2v2,kivi:k2v2,hf_quanto:k2v2",
             "--prompt-tokens",
             "96",
             "--max-tokens",
             "24",
         ],
-        "humaneval": ["--methods", "none,kivi:k2v2", "--limit", "2", "--max-tokens", "24"],
-        "passkey": ["--methods", "kvarn:k2v2", "--lengths", "200,400", "--depths", "2"],
+        "humaneval": ["--methods", "none,kivi:k2v2,hf_quanto:k4v4", "--limit", "2", "--max-tokens", "24"],
+        "passkey": ["--methods", "kvarn:k2v2,hf_quanto:k2v2", "--lengths", "200,400", "--depths", "2"],
     }
     outputs, seconds = {}, {}
     for suite, args in commands.items():
@@ -189,6 +194,12 @@ def no_model_loading(monkeypatch):
         (["passkey", "--lengths", "12,x"], "comma-separated integers"),
         (["accumulation", "--tile-size", "48"], "tile_size=48"),
         (["humaneval", "--prompt-style", "poem"], "--prompt-style 'poem'"),
+        (["accumulation", "--methods", "kvarn:k2v2,hf_quanto:k2v2"], "cannot run hf_quanto:k2v2"),
+        (["perplexity", "--methods", "hf_quanto:k4v2"], "hf_quanto:k4v4, hf_quanto:k2v2"),
+        (["humaneval", "--limit", "0"], "--limit must be >= 1"),
+        (["humaneval", "--workers", "0"], "--workers must be an integer >= 1"),
+        (["divergence", "--prompts", "0"], "--prompts must be >= 1"),
+        (["perplexity", "--max-tokens", "0"], "--max-tokens must be >= 4"),
     ],
 )
 def test_bad_input_fails_fast_with_a_clear_message(app, tiny_model_dir, no_model_loading, args, message):  # noqa: F811

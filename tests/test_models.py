@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +62,58 @@ def test_cache_dir_key_changes_with_file_and_honours_env(tmp_path, monkeypatch):
     gguf.write_bytes(b"a" * 11)
     assert models.converted_model_dir(gguf) != first
     assert models.converted_model_dir(gguf, cache_dir=tmp_path / "other").parent == tmp_path / "other"
+
+
+def fake_conversions(monkeypatch) -> list[Path]:
+    """Replace the GGUF de-quantization by writing a config.json; returns the files converted."""
+    converted = []
+
+    def fake_save(gguf_path, directory):
+        converted.append(gguf_path)
+        (directory / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_save_converted", fake_save)
+    return converted
+
+
+def test_new_conversion_prunes_older_versions_of_the_same_file(tmp_path, monkeypatch):
+    converted = fake_conversions(monkeypatch)
+    cache = tmp_path / "cache"
+    gguf = tmp_path / "pkg" / "m.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"a" * 10)
+    first = models.resolve_model_dir(gguf, cache)
+    assert models.resolve_model_dir(gguf, cache) == first and len(converted) == 1  # cached: no conversion
+    record = json.loads((first / models.SOURCE_RECORD).read_text())
+    assert record["path"] == str(gguf.resolve()) and record["size"] == 10
+
+    # Neighbours: a legacy entry without a record, another live file of the same name, a file whose
+    # source is gone, a half-written entry of a concurrent converter, and another model.
+    legacy = cache / "m-0123456789abcdef"
+    legacy.mkdir()
+    other_gguf = tmp_path / "elsewhere" / "m.gguf"
+    other_gguf.parent.mkdir()
+    other_gguf.write_bytes(b"b" * 7)
+    other = models.resolve_model_dir(other_gguf, cache)  # converting it prunes `legacy`, keeps `first`
+    assert not legacy.exists() and first.is_dir() and other.is_dir()
+    gone_gguf = tmp_path / "gone" / "m.gguf"
+    gone_gguf.parent.mkdir()
+    gone_gguf.write_bytes(b"c" * 5)
+    gone = models.resolve_model_dir(gone_gguf, cache)
+    gone_gguf.unlink()
+    staging = cache / "m-fedcba9876543210.tmp-abc"
+    staging.mkdir()
+    unrelated = cache / "n-0123456789abcdef"
+    unrelated.mkdir()
+
+    gguf.write_bytes(b"a" * 12)  # a reinstall: same path, new size and mtime
+    second = models.resolve_model_dir(gguf, cache)
+    assert second != first and len(converted) == 4
+    assert not first.exists() and not gone.exists()
+    assert other.is_dir() and staging.is_dir() and unrelated.is_dir() and (second / "config.json").is_file()
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [second.name, other.name, staging.name, unrelated.name]
+    )
 
 
 @pytest.mark.parametrize("architecture", models.TINY_ARCHITECTURES)

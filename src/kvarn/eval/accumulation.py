@@ -38,11 +38,11 @@ from kvarn.eval.common import (
     check_context,
     chunk_bounds,
     chunk_size,
-    environment,
-    method_settings,
     progress,
+    run_settings,
 )
 from kvarn.eval.corpus import corpus_tokens
+from kvarn.eval.hf_quantized import reject_in_accumulation
 from kvarn.eval.io import Figure, SuiteResult, Table
 from kvarn.eval.recording import recording, sdpa
 from kvarn.eval.simulated_cache import SimulatedQuantizedCache
@@ -199,6 +199,7 @@ def run_accumulation(
     corpus: str = "stdlib-code",
     seed: int = 0,
 ) -> SuiteResult:
+    reject_in_accumulation(methods)
     check_context(num_tokens, loaded.window, "accumulation")
     started = time.time()
     text = corpus_tokens(loaded.tokenizer, num_tokens, corpus)
@@ -224,18 +225,17 @@ def run_accumulation(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = make_figures(sums, ends, names, out)
-    settings = {
-        "model": loaded.describe(),
-        "methods": method_settings(methods),
-        "tokens": num_tokens,
-        "chunk_tokens": chunk_size(methods),
-        "quantize_timing": "decode (a tile is quantized when the chunk after it enters)",
-        "error_on": "attention output before o_proj, every layer, element-weighted",
-        "seed": seed,
-        "text": text.describe(),
-        "environment": environment(),
-        "wall_seconds": time.time() - started,
-    }
+    settings = run_settings(
+        loaded,
+        methods,
+        seed,
+        started,
+        tokens=num_tokens,
+        chunk_tokens=chunk_size(methods),
+        quantize_timing="decode (a tile is quantized when the chunk after it enters)",
+        error_on="attention output before o_proj, every layer, element-weighted",
+        text=text.describe(),
+    )
     tables = [
         Table(
             "summary",

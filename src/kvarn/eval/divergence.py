@@ -3,7 +3,7 @@
 Each prompt is a real piece of standard-library code that ends right after a ``def ...:`` line
 (:func:`kvarn.eval.corpus.code_prompts`). The 16-bit model and the model with each method's
 :class:`SimulatedQuantizedCache` continue it greedily, side by side as rows of one batch
-(:func:`kvarn.eval.common.greedy_generate_methods`); the prompt is prefilled once in 16 bits (its
+(:func:`kvarn.eval.common.generate_with_reference`); the prompt is prefilled once in 16 bits (its
 tiles are quantized when decoding starts) and then tokens enter one by one.
 
 Reported per method: the first step at which the tokens differ from 16-bit decoding (a generation
@@ -18,17 +18,14 @@ import statistics
 import time
 from pathlib import Path
 
-from kvarn.config import KVarNConfig
 from kvarn.eval import plots
 from kvarn.eval.common import (
+    EvalMethod,
     LoadedModel,
     check_context,
-    environment,
-    eos_ids,
-    greedy_generate_methods,
-    method_settings,
-    none_config,
+    generate_with_reference,
     progress,
+    run_settings,
 )
 from kvarn.eval.corpus import code_prompts
 from kvarn.eval.io import Figure, SuiteResult, Table
@@ -52,7 +49,7 @@ def agreement(reference: list[int], other: list[int]) -> float:
 
 def run_divergence(
     loaded: LoadedModel,
-    methods: list[KVarNConfig],
+    methods: list[EvalMethod],
     max_new_tokens: int,
     out_dir: str | Path,
     num_prompts: int = 8,
@@ -62,8 +59,7 @@ def run_divergence(
 ) -> SuiteResult:
     check_context(prompt_tokens + max_new_tokens, loaded.window, "divergence (prompt + generated tokens)")
     started = time.time()
-    model, tokenizer = loaded.model, loaded.tokenizer
-    stop_ids = eos_ids(tokenizer, model)
+    tokenizer = loaded.tokenizer
     prompts = code_prompts(tokenizer, num_prompts, prompt_tokens)
     names = [c.name for c in methods]
     per_prompt_rows, generations = [], []
@@ -73,10 +69,9 @@ def run_divergence(
     survival_lengths: dict[str, list[tuple[int | None, int]]] = {n: [] for n in names}
     for prompt in progress(prompts, desc="divergence prompts", unit="prompt"):
         # Row 0 is the 16-bit reference (method none), decoded in the same batch as the methods.
-        reference, *others = greedy_generate_methods(
-            model, prompt.input_ids, [none_config(methods), *methods], max_new_tokens, stop_ids,
-            rows_per_batch=rows_per_batch,
-        )  # fmt: skip
+        reference, *others = generate_with_reference(
+            loaded, prompt.input_ids, methods, max_new_tokens, rows_per_batch=rows_per_batch
+        )
         record = {"source": prompt.source, "def": prompt.text_tail, "16-bit": tokenizer.decode(reference)}
         for config, tokens in zip(methods, others, strict=True):
             step = first_divergence(reference, tokens)
@@ -105,18 +100,17 @@ def run_divergence(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = make_figures(survival_lengths, max_new_tokens, out)
-    settings = {
-        "model": loaded.describe(),
-        "methods": method_settings(methods),
-        "prompts": len(prompts),
-        "prompt_tokens": prompt_tokens,
-        "max_new_tokens": max_new_tokens,
-        "decoding": "greedy, stops at eos; the 16-bit reference and every method decode side by side in one batch",
-        "quantize_timing": "decode (prompt tiles quantized when decoding starts; later tiles as the next token enters)",
-        "seed": seed,
-        "environment": environment(),
-        "wall_seconds": time.time() - started,
-    }
+    settings = run_settings(
+        loaded,
+        methods,
+        seed,
+        started,
+        prompts=len(prompts),
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        decoding="greedy, stops at eos; the 16-bit reference and every method decode side by side in one batch",
+        quantize_timing="decode (prompt tiles quantized when decoding starts; later tiles as the next token enters)",
+    )
     tables = [
         Table(
             "summary",

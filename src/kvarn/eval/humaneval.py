@@ -18,25 +18,23 @@ problem is the fraction of problems whose program passes.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 import torch
 
-from kvarn.config import KVarNConfig
 from kvarn.eval import plots
 from kvarn.eval.common import (
     EvalInputError,
+    EvalMethod,
     LoadedModel,
     check_context,
-    environment,
-    eos_ids,
-    greedy_generate_methods,
-    method_settings,
-    none_config,
-    progress,
+    generate_with_reference,
+    run_settings,
 )
 from kvarn.eval.io import Figure, SuiteResult, Table
+from kvarn.eval.parallel import check_workers, map_with_model
 from kvarn.eval.sandbox import Sandbox
 
 STOP_SEQUENCES: tuple[str, ...] = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -100,13 +98,13 @@ def build_program(problem: dict, completion: str, style: str = "completion") -> 
 def complete(
     loaded: LoadedModel,
     prompt: str,
-    configs: list[KVarNConfig],
+    methods: list[EvalMethod],
     max_new_tokens: int,
-    stop_ids: set[int],
     rows_per_batch: int = 16,
     stops: tuple[str, ...] = STOP_SEQUENCES,
 ) -> list[tuple[str, int]]:
-    """Greedy completions of ``prompt`` under each config, cut at the stop sequences: (completion, tokens)."""
+    """Greedy completions of ``prompt`` by the 16-bit reference (first) and each method, cut at the stop
+    sequences: (completion, tokens)."""
     tokenizer = loaded.tokenizer
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
 
@@ -114,15 +112,39 @@ def complete(
         text = tokenizer.decode(generated)
         return truncate_at_stop(text, stops) != text
 
-    rows = greedy_generate_methods(
-        loaded.model, ids, configs, max_new_tokens, stop_ids, should_stop=stop, rows_per_batch=rows_per_batch
+    rows = generate_with_reference(
+        loaded, ids, methods, max_new_tokens, should_stop=stop, rows_per_batch=rows_per_batch
     )
     return [(truncate_at_stop(tokenizer.decode(tokens), stops), len(tokens)) for tokens in rows]
 
 
+def generate_completions(
+    loaded: LoadedModel,
+    inputs: list[str],
+    methods: list[EvalMethod],
+    max_new_tokens: int,
+    rows_per_batch: int = 16,
+    stops: tuple[str, ...] = STOP_SEQUENCES,
+    workers: int = 1,
+) -> list[list[tuple[str, int]]]:
+    """:func:`complete` for every input, in input order; ``workers > 1`` spreads the inputs over that
+    many processes, each with its own copy of the model on the same device (same results)."""
+    work = functools.partial(
+        complete, methods=methods, max_new_tokens=max_new_tokens, rows_per_batch=rows_per_batch, stops=stops
+    )
+    return map_with_model(loaded, work, inputs, workers, desc="humaneval problems", unit="problem")
+
+
+def run_programs(sandbox: Sandbox, programs: list[str]) -> list:
+    """Sandbox results for ``programs``, each distinct program run once (most completions agree)."""
+    distinct = list(dict.fromkeys(programs))
+    outcome = dict(zip(distinct, sandbox.run_many(distinct), strict=True))
+    return [outcome[program] for program in programs]
+
+
 def run_humaneval(
     loaded: LoadedModel,
-    methods: list[KVarNConfig],
+    methods: list[EvalMethod],
     max_new_tokens: int,
     out_dir: str | Path,
     limit: int | None = None,
@@ -130,7 +152,9 @@ def run_humaneval(
     seed: int = 0,
     rows_per_batch: int = 16,
     prompt_style: str = "auto",
+    workers: int = 1,
 ) -> SuiteResult:
+    check_workers(workers)
     problems = load_problems(limit)
     tokenizer = loaded.tokenizer
     style = resolve_style(prompt_style, tokenizer)
@@ -140,21 +164,20 @@ def run_humaneval(
     check_context(longest + max_new_tokens, loaded.window, "humaneval (longest prompt + --max-tokens)")
     sandbox = sandbox or Sandbox()
     started = time.time()
-    stop_ids = eos_ids(tokenizer, loaded.model)
     labels = [REFERENCE, *[c.name for c in methods]]
     completions: dict[str, list[str]] = {label: [] for label in labels}
     lengths: dict[str, list[int]] = {label: [] for label in labels}
-    configs = [none_config(methods), *methods]  # row 0: the 16-bit reference
-    for text in progress(inputs, desc="humaneval problems", unit="problem"):
-        rows = complete(loaded, text, configs, max_new_tokens, stop_ids, rows_per_batch, stops)
+    generated = generate_completions(loaded, inputs, methods, max_new_tokens, rows_per_batch, stops, workers)
+    for rows in generated:
         for label, (text, n) in zip(labels, rows, strict=True):
             completions[label].append(text)
             lengths[label].append(n)
+    generation_seconds = time.time() - started
 
     programs = [
         build_program(p, completions[label][i], style) for label in labels for i, p in enumerate(problems)
     ]
-    executed = sandbox.run_many(programs)
+    executed = run_programs(sandbox, programs)
     outcome = {label: executed[k * len(problems) : (k + 1) * len(problems)] for k, label in enumerate(labels)}
 
     summary_rows, problem_rows = [], []
@@ -181,20 +204,22 @@ def run_humaneval(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = make_figures(summary_rows, out)
-    settings = {
-        "model": loaded.describe(),
-        "methods": method_settings(methods),
-        "problems": len(problems),
-        "max_new_tokens": max_new_tokens,
-        "prompt_style": style,
-        "decoding": "greedy, stops at eos or a stop sequence; the 16-bit reference and every method decode side "
+    settings = run_settings(
+        loaded,
+        methods,
+        seed,
+        started,
+        problems=len(problems),
+        max_new_tokens=max_new_tokens,
+        prompt_style=style,
+        decoding="greedy, stops at eos or a stop sequence; the 16-bit reference and every method decode side "
         "by side in one batch",
-        "stop_sequences": list(stops),
-        "sandbox": sandbox.describe(),
-        "seed": seed,
-        "environment": environment(),
-        "wall_seconds": time.time() - started,
-    }
+        stop_sequences=list(stops),
+        sandbox=sandbox.describe(),
+        distinct_programs=len(set(programs)),
+        workers=workers,
+        generation_seconds=generation_seconds,
+    )
     tables = [
         Table(
             "summary",

@@ -21,18 +21,15 @@ from pathlib import Path
 
 import torch
 
-from kvarn.config import KVarNConfig
 from kvarn.eval import plots
 from kvarn.eval.common import (
     EvalInputError,
+    EvalMethod,
     LoadedModel,
     check_context,
-    environment,
-    eos_ids,
-    greedy_generate_methods,
-    method_settings,
-    none_config,
+    generate_with_reference,
     progress,
+    run_settings,
 )
 from kvarn.eval.io import Figure, SuiteResult, Table
 
@@ -108,7 +105,7 @@ def default_lengths(max_length: int) -> list[int]:
 
 def run_passkey(
     loaded: LoadedModel,
-    methods: list[KVarNConfig],
+    methods: list[EvalMethod],
     lengths: list[int],
     out_dir: str | Path,
     depths: tuple[float, ...] = DEFAULT_DEPTHS,
@@ -125,8 +122,7 @@ def run_passkey(
     if trials < 1:
         raise EvalInputError(f"--trials must be >= 1, got {trials}")
     started = time.time()
-    model, tokenizer = loaded.model, loaded.tokenizer
-    stop_ids = eos_ids(tokenizer, model)
+    tokenizer = loaded.tokenizer
     rng = random.Random(seed)
     labels = ["16-bit", *[c.name for c in methods]]
     cases = [
@@ -143,14 +139,7 @@ def run_passkey(
     trials_and_prompts = list(zip(cases, prompts, strict=True))
     for (length, depth, key), ids in progress(trials_and_prompts, desc="passkey trials", unit="trial"):
         counts[length] += 1
-        rows = greedy_generate_methods(
-            model,
-            ids,
-            [none_config(methods), *methods],
-            ANSWER_TOKENS,
-            stop_ids,
-            rows_per_batch=rows_per_batch,
-        )
+        rows = generate_with_reference(loaded, ids, methods, ANSWER_TOKENS, rows_per_batch=rows_per_batch)
         for label, tokens in zip(labels, rows, strict=True):
             answer = tokenizer.decode(tokens)
             correct = first_number(answer) == key
@@ -163,18 +152,17 @@ def run_passkey(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = make_figures(accuracy_rows, lengths, out)
-    settings = {
-        "model": loaded.describe(),
-        "methods": method_settings(methods),
-        "lengths": lengths,
-        "depths": list(depths),
-        "trials_per_depth": trials,
-        "answer_tokens": ANSWER_TOKENS,
-        "decoding": "greedy",
-        "seed": seed,
-        "environment": environment(),
-        "wall_seconds": time.time() - started,
-    }
+    settings = run_settings(
+        loaded,
+        methods,
+        seed,
+        started,
+        lengths=lengths,
+        depths=list(depths),
+        trials_per_depth=trials,
+        answer_tokens=ANSWER_TOKENS,
+        decoding="greedy",
+    )
     tables = [
         Table(
             "accuracy",

@@ -27,22 +27,24 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from kvarn.config import KVarNConfig
 from kvarn.eval import plots
 from kvarn.eval.common import (
     EvalInputError,
+    EvalMethod,
     LoadedModel,
     check_context,
     chunk_bounds,
     chunk_size,
-    environment,
     forward_chunk,
-    method_settings,
+    forward_method,
+    new_cache,
+    prefilled_cache,
     progress,
+    run_settings,
 )
 from kvarn.eval.corpus import corpus_tokens
 from kvarn.eval.io import Figure, SuiteResult, Table
-from kvarn.eval.simulated_cache import SimulatedQuantizedCache, exact_layers
+from kvarn.eval.simulated_cache import exact_layers
 
 MODES = ("decode", "prefill")
 
@@ -70,7 +72,7 @@ def score(
 
 @torch.no_grad()
 def run_mode(
-    model, input_ids: torch.Tensor, methods: list[KVarNConfig], mode: str, context: int
+    model, input_ids: torch.Tensor, methods: list[EvalMethod], mode: str, context: int
 ) -> tuple[Scores, dict[str, Scores]]:
     """Reference and per-method scores for one mode. ``context`` is the prefill length (prefill mode)."""
     if mode not in MODES:
@@ -88,7 +90,7 @@ def run_mode(
         )
         last_logits = last.logits[0].float()
         prefilled = exact_layers(ref_cache)
-        caches = {c.name: SimulatedQuantizedCache.from_prefill(prefilled, c) for c in methods}
+        caches = {c.name: prefilled_cache(c, prefilled, model.config) for c in methods}
         target = input_ids[0, context : context + 1]
         nll, _, _ = score(last_logits, last_logits, target)
         reference.nll[context] = nll[0]
@@ -96,7 +98,7 @@ def run_mode(
             scores.nll[context], scores.kl[context], scores.agree[context] = nll[0], 0.0, 1.0
         start = context
     else:
-        caches = {c.name: SimulatedQuantizedCache(c) for c in methods}
+        caches = {c.name: new_cache(c, model.config) for c in methods}
     for s, e in progress(list(chunk_bounds(start, n_tokens, chunk)), desc=f"perplexity {mode}", unit="chunk"):
         ids = input_ids[:, s:e]
         targets = input_ids[0, s + 1 : e + 1]
@@ -105,7 +107,7 @@ def run_mode(
         ref_nll, _, _ = score(ref_logits, ref_logits, targets)
         reference.nll[s + 1 : s + 1 + m] = ref_nll
         for config in methods:
-            logits = forward_chunk(model, ids, caches[config.name])[:m]
+            logits = forward_method(config, model, ids, caches[config.name])[:m]
             scores = per_method[config.name]
             nll, kl, agree = score(ref_logits, logits, targets)
             scores.nll[s + 1 : s + 1 + m], scores.kl[s + 1 : s + 1 + m], scores.agree[s + 1 : s + 1 + m] = (
@@ -138,7 +140,7 @@ def default_context(num_tokens: int, chunk: int) -> int:
 
 def run_perplexity(
     loaded: LoadedModel,
-    methods: list[KVarNConfig],
+    methods: list[EvalMethod],
     num_tokens: int,
     out_dir: str | Path,
     modes: tuple[str, ...] = MODES,
@@ -197,20 +199,19 @@ def run_perplexity(
                 arrays[f"{mode}_{field}_{i}"] = getattr(results[mode][1][name], field)
     np.savez_compressed(out / "perplexity_positions.npz", method_names=np.array(names), **arrays)
     figures = make_figures(bucket_rows, summary_rows, names, modes, out)
-    settings = {
-        "model": loaded.describe(),
-        "methods": method_settings(methods),
-        "tokens": num_tokens,
-        "modes": list(modes),
-        "prefill_context": context,
-        "chunk_tokens": chunk,
-        "bucket_tokens": bucket_tokens,
-        "quantize_timing": "decode (a tile is quantized when the chunk after it enters)",
-        "seed": seed,
-        "text": text.describe(),
-        "environment": environment(),
-        "wall_seconds": time.time() - started,
-    }
+    settings = run_settings(
+        loaded,
+        methods,
+        seed,
+        started,
+        tokens=num_tokens,
+        modes=list(modes),
+        prefill_context=context,
+        chunk_tokens=chunk,
+        bucket_tokens=bucket_tokens,
+        quantize_timing="decode (a tile is quantized when the chunk after it enters)",
+        text=text.describe(),
+    )
     columns = ["ppl", "ΔPPL", "mean KL", "top-1 agreement"]
     tables = [
         Table(

@@ -18,6 +18,7 @@ METHOD_COLOURS = {
     "varn_norot": "#9467bd",
     "per_token_rtn": "#8c564b",
     "fp8_e4m3": "#ff7f0e",
+    "hf_quanto": "#e377c2",
     "none": "#7f7f7f",
     "16-bit": "#000000",
 }

@@ -192,6 +192,7 @@ class Sandbox:
             "timeout_s": self.timeout,
             "memory_mb": self.memory_mb,
             "max_file_mb": self.max_file_mb,
+            "workers": self.workers,
             "network": "unshare -rn (new network namespace) + audit hook"
             if self.network_namespace
             else "audit hook only (unshare -rn unavailable)",

