@@ -66,19 +66,20 @@ def test_decode_tc_matches_reference(group, nq, d, g, kb, vb, dtype, nt, sl, tl)
 # variant="words" needs key word planes of >= 16 tokens (tile_size * key_bits >= 256).
 WORDS_CASES = [
     # group, L, head_dim, tile, kb, vb, dtype, n_tiles, sink_len, tail_len, meta_ahead
-    (4, 1, 64, 64, 4, 2, torch.bfloat16, [3, 0], [64, 7], [5, 63], False),
-    (1, 2, 64, 128, 2, 4, torch.float16, [2, 1], [128, 0], [3, 9], True),
-    (2, 1, 128, 32, 8, 8, torch.float16, [2, 1], [32, 32], [0, 4], False),
-    (4, 3, 64, 64, 4, 2, torch.float16, [1, 3], [11, 64], [1, 9], True),
-    (8, 1, 64, 64, 4, 8, torch.bfloat16, [2, 2], [64, 64], [17, 0], True),
-    (2, 1, 256, 64, 4, 2, torch.bfloat16, [2, 1], [64, 64], [6, 0], False),
+    (4, 1, 64, 64, 4, 2, torch.bfloat16, [3, 0], [64, 7], [5, 63], 0),
+    (1, 2, 64, 128, 2, 4, torch.float16, [2, 1], [128, 0], [3, 9], 2),
+    (2, 1, 128, 32, 8, 8, torch.float16, [2, 1], [32, 32], [0, 4], 1),
+    (4, 3, 64, 64, 4, 2, torch.float16, [1, 2], [11, 64], [1, 9], 2),
+    (8, 1, 64, 64, 4, 8, torch.bfloat16, [2, 2], [64, 64], [17, 0], 1),
+    (2, 1, 256, 64, 4, 2, torch.bfloat16, [2, 1], [64, 64], [6, 0], 0),
 ]
 
 
 @pytest.mark.parametrize("group,nq,d,g,kb,vb,dtype,nt,sl,tl,meta_ahead", WORDS_CASES)
 def test_decode_tc_words_variant_matches_reference(group, nq, d, g, kb, vb, dtype, nt, sl, tl, meta_ahead):
-    """variant="words" (key codes as 16-bit words, one softmax step per tile, metadata optionally
-    one tile ahead): bits 2/4/8 for keys and values, D 64/128/256, GQA, multi-query, odd lengths."""
+    """variant="words" (key codes as 16-bit words, one softmax step per tile; meta_ahead 0 / 1 / 2:
+    none / key channel / all metadata one tile ahead): bits 2/4/8 for keys and values, D 64/128/256,
+    GQA, multi-query, odd lengths."""
     cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=g)
     kw = random_layer_storage(
         batch=len(nt), kv_heads=2, group=group, num_queries=nq, head_dim=d, config=cfg,
@@ -87,19 +88,19 @@ def test_decode_tc_words_variant_matches_reference(group, nq, d, g, kb, vb, dtyp
     _check(kw, num_splits=2, variant="words", meta_ahead=meta_ahead)
 
 
-@pytest.mark.parametrize("num_splits,meta_ahead", [(1, True), (3, False), (8, True)])
+@pytest.mark.parametrize("num_splits,meta_ahead", [(1, 2), (8, 1)])
 def test_decode_tc_words_split_count_and_row_blocks(num_splits, meta_ahead):
     """variant="words": empty splits, runs of one tile (the look-ahead masked off at once), and
-    group 2 x 16 queries = two row blocks."""
+    group 2 x 9 queries = two row blocks."""
     cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=64, metadata_dtype=torch.float32)
     kw = random_layer_storage(
-        batch=2, kv_heads=1, group=2, num_queries=16, head_dim=64, config=cfg,
-        n_tiles=[5, 2], sink_len=[64, 64], tail_len=[3, 60], capacity=6, dtype=torch.float16,
+        batch=2, kv_heads=1, group=2, num_queries=9, head_dim=64, config=cfg,
+        n_tiles=[4, 1], sink_len=[64, 64], tail_len=[3, 60], capacity=5, dtype=torch.float16,
     )  # fmt: skip
     _check(kw, num_splits=num_splits, variant="words", meta_ahead=meta_ahead)
 
 
-def test_decode_tc_words_variant_rejects_small_planes_and_unknown_variants():
+def test_decode_tc_words_variant_rejects_small_planes_and_bad_options():
     cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32)
     kw = random_layer_storage(
         batch=1, kv_heads=1, group=2, num_queries=1, head_dim=64, config=cfg,
@@ -109,6 +110,8 @@ def test_decode_tc_words_variant_rejects_small_planes_and_unknown_variants():
         decode_tc.quantized_decode_attention(**kw, variant="words")
     with pytest.raises(ValueError, match="variant="):
         decode_tc.quantized_decode_attention(**kw, variant="bytes")
+    with pytest.raises(ValueError, match="meta_ahead="):
+        decode_tc.quantized_decode_attention(**kw, meta_ahead=3)
 
 
 @pytest.mark.parametrize("num_splits,prefetch", [(1, False), (3, True), (8, False), (8, True)])

@@ -469,22 +469,28 @@ def _add_pairs(a0, b0, a1, b1):
 
 
 @triton.jit
-def _tile_meta(
-    j, ok, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
-    D: tl.constexpr, G: tl.constexpr, NPV: tl.constexpr,
-):  # fmt: skip
-    """Tile j's metadata in the storage dtype (zeros where not ``ok``): key channel scale / zero,
-    key token scale, value token scale / zero, value channel scales per value plane."""
+def _key_meta(j, ok, ka_base, ska_n, kz_base, skz_n, D: tl.constexpr):
+    """Tile j's key channel scale and zero ``[D]`` in the storage dtype (zeros where not ``ok``)."""
     j64 = j.to(tl.int64)
     d = tl.arange(0, D)
-    t = tl.arange(0, G)
-    dv = tl.arange(0, D // NPV) * NPV
     ka = tl.load(ka_base + j64 * ska_n + d, mask=ok, other=0.0)
     kz = tl.load(kz_base + j64 * skz_n + d, mask=ok, other=0.0)
+    return ka, kz
+
+
+@triton.jit
+def _token_meta(
+    j, ok, kr_base, skr_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+    D: tl.constexpr, G: tl.constexpr, NPV: tl.constexpr,
+):  # fmt: skip
+    """Tile j's key token scale, value token scale / zero ``[G]`` and value channel scales per
+    value plane ``[D / NPV]``, in the storage dtype (zeros where not ``ok``)."""
+    j64 = j.to(tl.int64)
+    t = tl.arange(0, G)
     r = tl.load(kr_base + j64 * skr_n + t, mask=ok, other=0.0)
     va = tl.load(va_base + j64 * sva_n + t, mask=ok, other=0.0)
     vz = tl.load(vz_base + j64 * svz_n + t, mask=ok, other=0.0)
-    cs = vs_base + j64 * svs_n + dv
+    cs = vs_base + j64 * svs_n + tl.arange(0, D // NPV) * NPV
     c0 = tl.load(cs, mask=ok, other=0.0)
     c1 = c0
     c2 = c0
@@ -494,14 +500,14 @@ def _tile_meta(
     if NPV >= 4:
         c2 = tl.load(cs + 2, mask=ok, other=0.0)
         c3 = tl.load(cs + 3, mask=ok, other=0.0)
-    return ka, kz, r, va, vz, c0, c1, c2, c3
+    return r, va, vz, c0, c1, c2, c3
 
 
 @triton.jit
 def _value_plane_update(acc, pa, pa_lo, vrows, c: tl.constexpr, cv, pz, al, VB: tl.constexpr,
                         ASM: tl.constexpr, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     """acc * alpha + ((p * a_v) @ value plane c + p . z_v) * c_v (channels NPV*i + c)."""
-    pv = _pv(pa, pa_lo, _code_plane(vrows, c, VB, ASM), PA_SPLIT, INTERPRET)
+    pv = _pv(pa, pa_lo, _word_field(vrows, c, VB, ASM), PA_SPLIT, INTERPRET)
     return acc * al + (pv + pz) * cv.to(tl.float32)[None, :]
 
 
@@ -514,7 +520,7 @@ def _attend_tile_words(
     """Online-softmax update with one quantized tile in ONE step (variant "words").
 
     ``kwords``: the tile's key codes as 16-bit words ``[D, G*kb/16]``; ``vrows``: its value codes
-    ``[G, D*vb/8]``; metadata from ``_tile_meta``. All G scores first (``_tile_scores``, token
+    ``[G, D*vb/8]``; metadata from ``_key_meta`` / ``_token_meta``. All G scores first (``_tile_scores``, token
     order), then one max, one joint reduction for the row sum and p . z_v, one rescale, then the
     value planes over all G tokens at once.
     """
@@ -549,6 +555,39 @@ def _attend_tile_words(
 
 
 @triton.jit
+def _words_iteration(
+    j, end, qs, m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3,
+    kw_base, skw_n, kw_off, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+    vc_base, svc_n, vc_off, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+    D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
+    PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr, META_AHEAD: tl.constexpr,
+):  # fmt: skip
+    """Tile j of ``_words_loop``. The metadata passed in is tile j's where loaded ahead; the
+    metadata returned is what the next iteration gets."""
+    NPV: tl.constexpr = 8 // VB
+    KEY_AHEAD: tl.constexpr = 1 if META_AHEAD >= 1 else 0
+    TOKEN_AHEAD: tl.constexpr = 1 if META_AHEAD >= 2 else 0
+    nka, nkz = _key_meta(j + KEY_AHEAD, j + KEY_AHEAD < end, ka_base, ska_n, kz_base, skz_n, D)
+    nr, nva, nvz, nc0, nc1, nc2, nc3 = _token_meta(
+        j + TOKEN_AHEAD, j + TOKEN_AHEAD < end, kr_base, skr_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+        D, G, NPV,
+    )  # fmt: skip
+    if KEY_AHEAD == 0:
+        ka, kz = nka, nkz
+    if TOKEN_AHEAD == 0:
+        r, va, vz, c0, c1, c2, c3 = nr, nva, nvz, nc0, nc1, nc2, nc3
+    j64 = j.to(tl.int64)
+    kwords = tl.load(kw_base + j64 * skw_n + kw_off)
+    # each value byte widened once to 16 bits: field c of it is then one lop3 + one fma per 2 codes
+    vrows = tl.load(vc_base + j64 * svc_n + vc_off).to(tl.uint16)
+    m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile_words(
+        qs, m_i, l_i, acc0, acc1, acc2, acc3, kwords, vrows, ka, kz, r, va, vz, c0, c1, c2, c3,
+        KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET,
+    )  # fmt: skip
+    return m_i, l_i, acc0, acc1, acc2, acc3, nka, nkz, nr, nva, nvz, nc0, nc1, nc2, nc3
+
+
+@triton.jit
 def _words_loop(
     qs, m_i, l_i, acc0, acc1, acc2, acc3, start, end,
     kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
@@ -556,9 +595,14 @@ def _words_loop(
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr, META_AHEAD: tl.constexpr,
 ):  # fmt: skip
-    """Tiles [start, end) with variant "words": the key codes read as 16-bit words. META_AHEAD
-    loads each tile's metadata one tile ahead, so those small loads' latency overlaps the
-    previous tile (sm_90 compile, K4V2 D=128: 206 registers uncapped instead of 162)."""
+    """Tiles [start, end) with variant "words": the key codes read as 16-bit words.
+
+    The codes are software-pipelined by Triton (``num_stages``); the small metadata loads are
+    not, so their latency stalls each tile unless loaded one tile ahead: META_AHEAD = 0 none,
+    1 the key channel scale / zero (needed first, by ``q * a_k``), 2 all of it. Registers
+    (sm_90 compile, K4V2 D=128 bf16, uncapped): 202 / 206 / 206; under the 168 cap: 166 / 168 /
+    168 + 8 bytes of stack.
+    """
     NPV: tl.constexpr = 8 // VB
     KW: tl.constexpr = G * KB // 16
     VROW: tl.constexpr = D * VB // 8
@@ -566,48 +610,31 @@ def _words_loop(
     skw_n = skc_n // 2
     kw_off = tl.arange(0, D)[:, None] * KW + tl.arange(0, KW)[None, :]
     vc_off = tl.arange(0, G)[:, None] * VROW + tl.arange(0, VROW)[None, :]
-    AHEAD: tl.constexpr = 1 if META_AHEAD else 0
-    ka, kz, r, va, vz, c0, c1, c2, c3 = _tile_meta(
-        start, (start < end) & META_AHEAD, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n, va_base, sva_n, vz_base, svz_n,
-        vs_base, svs_n, D, G, NPV,
+    # Tile `start`'s metadata for the first iteration (masked off where not loaded ahead).
+    ka, kz = _key_meta(start, (start < end) & (META_AHEAD >= 1), ka_base, ska_n, kz_base, skz_n, D)
+    r, va, vz, c0, c1, c2, c3 = _token_meta(
+        start, (start < end) & (META_AHEAD >= 2), kr_base, skr_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+        D, G, NPV,
     )  # fmt: skip
     if INTERPRET:
         # The interpreter cannot take a loaded scalar as a range() bound under numpy 2.
         j = start
         while j < end:
-            # META_AHEAD: tile j + 1's metadata now (used next iteration); else tile j's
-            nka, nkz, nr, nva, nvz, nc0, nc1, nc2, nc3 = _tile_meta(
-                j + AHEAD, j + AHEAD < end, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n, va_base, sva_n,
-                vz_base, svz_n, vs_base, svs_n, D, G, NPV,
+            m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3 = _words_iteration(
+                j, end, qs, m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3,
+                kw_base, skw_n, kw_off, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+                vc_base, svc_n, vc_off, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+                D, G, KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, META_AHEAD,
             )  # fmt: skip
-            if not META_AHEAD:
-                ka, kz, r, va, vz, c0, c1, c2, c3 = nka, nkz, nr, nva, nvz, nc0, nc1, nc2, nc3
-            j64 = j.to(tl.int64)
-            kwords = tl.load(kw_base + j64 * skw_n + kw_off)
-            vrows = tl.load(vc_base + j64 * svc_n + vc_off)
-            m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile_words(
-                qs, m_i, l_i, acc0, acc1, acc2, acc3, kwords, vrows, ka, kz, r, va, vz, c0, c1, c2, c3,
-                KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET,
-            )  # fmt: skip
-            ka, kz, r, va, vz, c0, c1, c2, c3 = nka, nkz, nr, nva, nvz, nc0, nc1, nc2, nc3
             j += 1
     else:
         for j in range(start, end):
-            # META_AHEAD: tile j + 1's metadata now (used next iteration); else tile j's
-            nka, nkz, nr, nva, nvz, nc0, nc1, nc2, nc3 = _tile_meta(
-                j + AHEAD, j + AHEAD < end, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n, va_base, sva_n,
-                vz_base, svz_n, vs_base, svs_n, D, G, NPV,
+            m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3 = _words_iteration(
+                j, end, qs, m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3,
+                kw_base, skw_n, kw_off, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+                vc_base, svc_n, vc_off, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+                D, G, KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, META_AHEAD,
             )  # fmt: skip
-            if not META_AHEAD:
-                ka, kz, r, va, vz, c0, c1, c2, c3 = nka, nkz, nr, nva, nvz, nc0, nc1, nc2, nc3
-            j64 = j.to(tl.int64)
-            kwords = tl.load(kw_base + j64 * skw_n + kw_off)
-            vrows = tl.load(vc_base + j64 * svc_n + vc_off)
-            m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile_words(
-                qs, m_i, l_i, acc0, acc1, acc2, acc3, kwords, vrows, ka, kz, r, va, vz, c0, c1, c2, c3,
-                KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET,
-            )  # fmt: skip
-            ka, kz, r, va, vz, c0, c1, c2, c3 = nka, nkz, nr, nva, nvz, nc0, nc1, nc2, nc3
     return m_i, l_i, acc0, acc1, acc2, acc3
 
 
@@ -872,7 +899,7 @@ def quantized_decode_attention(
     num_splits: int | None = None, m_block: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool | None = None,
     prefetch: bool = False, unpack_asm: bool = True, pa_split: bool | None = None,
-    maxnreg: int | None | str = "auto", variant: str = "planes", meta_ahead: bool = False,
+    maxnreg: int | None | str = "auto", variant: str = "planes", meta_ahead: int = 0,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -891,6 +918,10 @@ def quantized_decode_attention(
     ``"auto"`` caps at ``MAXNREG_D128`` for head_dim 128 with 4 warps, None never caps.
     Defaults (PTX unpack, one key operand, the cap) are the fastest measured on an H100 whose
     errors stay at the output rounding (scripts/gpu_check.py).
+    ``variant="words"`` (needs ``tile_size * key_bits >= 256``) reads the key codes as 16-bit words
+    (ldmatrix instead of byte loads) and takes one online-softmax step per tile (``VARIANTS``;
+    docs/gpu_decode_notes.md); ``meta_ahead`` (words only: 0, 1 or 2) loads none / the key channel
+    / all metadata one tile ahead. ``prefetch`` applies to "planes" only.
     """
     if query.ndim != 4:
         raise ValueError(f"query must be [B, Hq, L, D], got shape {tuple(query.shape)}")
@@ -943,6 +974,8 @@ def quantized_decode_attention(
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
     words = variant == "words"
+    if meta_ahead not in (0, 1, 2):
+        raise ValueError(f"meta_ahead={meta_ahead!r}: expected 0 (none), 1 (key channel metadata) or 2 (all)")
     if words and g * key_bits // 16 < 16:
         raise ValueError(
             f"variant='words' needs key word planes of >= 16 tokens; tile_size={g} at {key_bits}-bit keys "
@@ -999,7 +1032,7 @@ def quantized_decode_attention(
     _TILE_LAUNCH(
         (bsz * hkv, 1, n_mb), args,
         {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp, "WORDS": False,
-         "META_AHEAD": False},
+         "META_AHEAD": 0},
         num_warps=4, num_stages=1,
     )  # fmt: skip
     tile_options = {"num_warps": num_warps, "num_stages": num_stages}
@@ -1008,7 +1041,7 @@ def quantized_decode_attention(
     LAST_LAUNCH[0] = _TILE_LAUNCH(
         (bsz * hkv, num_splits, n_mb), args,
         {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp, "INTERPRET": interp,
-         "WORDS": words, "META_AHEAD": words and meta_ahead},
+         "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0},
         **tile_options,
     )  # fmt: skip
     _MERGE_LAUNCH(
