@@ -63,6 +63,57 @@ def test_decode_tc_matches_reference(group, nq, d, g, kb, vb, dtype, nt, sl, tl)
     _check(kw, num_splits=2)
 
 
+# variant="words" needs key word planes of >= 16 tokens (tile_size * key_bits >= 256).
+WORDS_CASES = [
+    # group, L, head_dim, tile, kb, vb, dtype, n_tiles, sink_len, tail_len, meta_ahead
+    (4, 1, 64, 64, 4, 2, torch.bfloat16, [3, 0], [64, 7], [5, 63], 0),
+    (1, 2, 64, 128, 2, 4, torch.float16, [2, 1], [128, 0], [3, 9], 2),
+    (2, 1, 128, 32, 8, 8, torch.float16, [2, 1], [32, 32], [0, 4], 1),
+    (4, 3, 64, 64, 4, 2, torch.float16, [1, 2], [11, 64], [1, 9], 2),
+    (8, 1, 64, 64, 4, 8, torch.bfloat16, [2, 2], [64, 64], [17, 0], 1),
+    (2, 1, 256, 64, 4, 2, torch.bfloat16, [2, 1], [64, 64], [6, 0], 0),
+]
+
+
+@pytest.mark.parametrize("group,nq,d,g,kb,vb,dtype,nt,sl,tl,meta_ahead", WORDS_CASES)
+def test_decode_tc_words_variant_matches_reference(group, nq, d, g, kb, vb, dtype, nt, sl, tl, meta_ahead):
+    """variant="words" (key codes as 16-bit words, one softmax step per tile; meta_ahead 0 / 1 / 2:
+    none / key channel / all metadata one tile ahead): bits 2/4/8 for keys and values, D 64/128/256,
+    GQA, multi-query, odd lengths."""
+    cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=g)
+    kw = random_layer_storage(
+        batch=len(nt), kv_heads=2, group=group, num_queries=nq, head_dim=d, config=cfg,
+        n_tiles=nt, sink_len=sl, tail_len=tl, capacity=max(nt) + 1, dtype=dtype,
+    )  # fmt: skip
+    _check(kw, num_splits=2, variant="words", meta_ahead=meta_ahead)
+
+
+@pytest.mark.parametrize("num_splits,meta_ahead", [(1, 2), (8, 1)])
+def test_decode_tc_words_split_count_and_row_blocks(num_splits, meta_ahead):
+    """variant="words": empty splits, runs of one tile (the look-ahead masked off at once), and
+    group 2 x 9 queries = two row blocks."""
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=64, metadata_dtype=torch.float32)
+    kw = random_layer_storage(
+        batch=2, kv_heads=1, group=2, num_queries=9, head_dim=64, config=cfg,
+        n_tiles=[4, 1], sink_len=[64, 64], tail_len=[3, 60], capacity=5, dtype=torch.float16,
+    )  # fmt: skip
+    _check(kw, num_splits=num_splits, variant="words", meta_ahead=meta_ahead)
+
+
+def test_decode_tc_words_variant_rejects_small_planes_and_bad_options():
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32)
+    kw = random_layer_storage(
+        batch=1, kv_heads=1, group=2, num_queries=1, head_dim=64, config=cfg,
+        n_tiles=[1], sink_len=[32], tail_len=[0], dtype=torch.float16,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="word planes of >= 16 tokens"):
+        decode_tc.quantized_decode_attention(**kw, variant="words")
+    with pytest.raises(ValueError, match="variant="):
+        decode_tc.quantized_decode_attention(**kw, variant="bytes")
+    with pytest.raises(ValueError, match="meta_ahead="):
+        decode_tc.quantized_decode_attention(**kw, meta_ahead=3)
+
+
 @pytest.mark.parametrize("num_splits,prefetch", [(1, False), (3, True), (8, False), (8, True)])
 def test_decode_tc_split_count_does_not_change_result(num_splits, prefetch):
     """More splits than tiles leaves empty splits; they must merge away cleanly. With prefetch the
@@ -195,3 +246,33 @@ def test_plane_asm_constants_decode_every_byte(bits):
             lane = (byte & mask) | 0x6400  # lop3 (a & b) | c with the byte in a 16-bit lane
             value = np.float32(f16(lane)) * np.float32(f16(scale)) + np.float32(f16(bias))
             assert np.float16(value) == (byte >> (bits * j)) & ((1 << bits) - 1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_word_asm_constants_decode_every_word(bits):
+    """The PTX word-field extraction (GPU only) emulated on its own constants for both 16-bit
+    lanes of a register: every field j of every 16-bit word gives its code exactly."""
+    import re
+    import struct
+
+    import numpy as np
+
+    def f16(h: int) -> np.float16:
+        return np.frombuffer(struct.pack("<H", h), dtype=np.float16)[0]
+
+    words = np.arange(1 << 16, dtype=np.uint32)
+    for j in range(16 // bits):
+        text = decode_tc._word_asm_text(bits, j)
+        mask = int(re.search(r"lop3\.b32 t, (?:t|\$1), 0x([0-9A-F]{8})", text).group(1), 16)
+        scale = int(re.search(r"mov\.b32 s, 0x([0-9A-F]{8})", text).group(1), 16) & 0xFFFF
+        bias = int(re.search(r"mov\.b32 c, 0x([0-9A-F]{8})", text).group(1), 16) & 0xFFFF
+        shifted = "shr.b32 t, $1, 8;" in text
+        # the word in the low lane, a different word (its bitwise complement) in the high lane
+        reg = words | ((~words & 0xFFFF) << 16)
+        if shifted:
+            reg = reg >> 8
+        lanes = (reg & mask) | 0x64006400
+        for lane, word in ((lanes & 0xFFFF, words), (lanes >> 16, ~words & 0xFFFF)):
+            halves = lane.astype(np.uint16).view(np.float16).astype(np.float32)
+            got = halves * np.float32(f16(scale)) + np.float32(f16(bias))
+            assert np.array_equal(got, (word >> (bits * j)) & ((1 << bits) - 1)), (bits, j)

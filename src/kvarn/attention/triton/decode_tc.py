@@ -50,6 +50,9 @@ MAX_SPLITS = 160
 # of 2, a few spilled bytes; other head dims spill hundreds of bytes under it, so no cap there).
 MAXNREG_D128 = 168
 KERNEL_BITS = (2, 4, 8)
+# Tile-loop variants (launch option ``variant``): "planes" = byte planes, one online-softmax step
+# per key plane; "words" = key codes as 16-bit words, one online-softmax step per tile.
+VARIANTS = ("planes", "words")
 # Set by scripts/gpu_check.py: fill the split-K workspace with NaN before each launch.
 POISON_WORKSPACE = False
 # The last compiled launch (registers, spills) for benchmark diagnostics.
@@ -150,6 +153,138 @@ def _code_plane(packed, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
         return _plane_asm(packed, j, BITS)
     else:
         return _plane(packed, j, BITS)
+
+
+def _word_asm_text(bits: int, j: int) -> str:
+    """PTX for field j of 2 packed 16-bit words -> 2 float16 codes (one f16x2 register), exactly.
+
+    Fields ending at or below bit 10 are masked in place (``lane & mask | 0x6400`` is float16
+    ``1024 + code * 2**shift``); higher fields are first shifted down by 8 (the other word's
+    bits that move in are masked off). One fma with ``2**-shift`` and ``-1024 * 2**-shift``
+    leaves the code. 2 instructions per 2 codes (3 for the shifted fields).
+    """
+    import struct
+
+    shift = bits * j
+    pre, src = "", "$1"
+    if shift + bits > 10:
+        shift -= 8
+        pre, src = "shr.b32 t, $1, 8;\n", "t"
+    mask = ((1 << bits) - 1) << shift
+    scale = 2.0**-shift
+
+    def f16x2(x: float) -> str:
+        h = struct.unpack("<H", struct.pack("<e", x))[0]
+        return f"0x{h:04X}{h:04X}"
+
+    return (
+        "{\n.reg .b32 t, s, c;\n"
+        f"mov.b32 s, {f16x2(scale)};\n"
+        f"mov.b32 c, {f16x2(-1024.0 * scale)};\n"
+        + pre
+        + f"lop3.b32 t, {src}, 0x{mask:04X}{mask:04X}, 0x64006400, 0xea;\n"
+        "fma.rn.f16x2 $0, t, s, c;\n}"
+    )
+
+
+# One PTX text per (bits, field): 8-bit keys have 2 fields per word, 4-bit 4, 2-bit 8.
+_WASM_8_0, _WASM_8_1 = (tl.constexpr(_word_asm_text(8, j)) for j in range(2))
+_WASM_4_0, _WASM_4_1, _WASM_4_2, _WASM_4_3 = (tl.constexpr(_word_asm_text(4, j)) for j in range(4))
+_WASM_2_0, _WASM_2_1, _WASM_2_2, _WASM_2_3 = (tl.constexpr(_word_asm_text(2, j)) for j in range(4))
+_WASM_2_4, _WASM_2_5, _WASM_2_6, _WASM_2_7 = (tl.constexpr(_word_asm_text(2, j)) for j in range(4, 8))
+
+
+@triton.jit
+def _word_field_asm(words, j: tl.constexpr, BITS: tl.constexpr):
+    """``_word_field`` in PTX on pairs of 16-bit words. GPU only."""
+    if BITS == 8:
+        if j == 0:
+            text: tl.constexpr = _WASM_8_0
+        else:
+            text: tl.constexpr = _WASM_8_1
+    elif BITS == 4:
+        if j == 0:
+            text: tl.constexpr = _WASM_4_0
+        elif j == 1:
+            text: tl.constexpr = _WASM_4_1
+        elif j == 2:
+            text: tl.constexpr = _WASM_4_2
+        else:
+            text: tl.constexpr = _WASM_4_3
+    else:
+        if j == 0:
+            text: tl.constexpr = _WASM_2_0
+        elif j == 1:
+            text: tl.constexpr = _WASM_2_1
+        elif j == 2:
+            text: tl.constexpr = _WASM_2_2
+        elif j == 3:
+            text: tl.constexpr = _WASM_2_3
+        elif j == 4:
+            text: tl.constexpr = _WASM_2_4
+        elif j == 5:
+            text: tl.constexpr = _WASM_2_5
+        elif j == 6:
+            text: tl.constexpr = _WASM_2_6
+        else:
+            text: tl.constexpr = _WASM_2_7
+    return tl.inline_asm_elementwise(text, "=r,r", [words], dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _word_field(words, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """Field j of every little-endian 16-bit word of codes (uint16) as float16, exactly: the
+    code of token ``(16 / BITS) * n + j`` for word n of a key channel row."""
+    if ASM:
+        return _word_field_asm(words, j, BITS)
+    else:
+        code = ((words >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.int16)
+        return (code | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _plane_scores(qa, qa_lo, kwords, j: tl.constexpr, KB: tl.constexpr, QA_SPLIT: tl.constexpr,
+                  ASM: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """(q * a_k) @ key word-plane j: scores of tokens NPW*n + j, [M, G/NPW]."""
+    kp = _word_field(kwords, j, KB, ASM)
+    s = _dot(qa, kp, INTERPRET)
+    if QA_SPLIT:
+        s += _dot(qa_lo, kp, INTERPRET)
+    return s
+
+
+@triton.jit
+def _tile_scores(qa, qa_lo, kwords, KB: tl.constexpr, QA_SPLIT: tl.constexpr, ASM: tl.constexpr,
+                 INTERPRET: tl.constexpr):  # fmt: skip
+    """Raw scores ``(q * a_k) @ codes`` of all G tokens of a tile, in token order.
+
+    Word n of channel row d holds tokens NPW*n .. NPW*n + NPW-1 (NPW = 16 / KB), so field j of
+    every word is a [D, G/NPW] operand (tokens NPW*n + j); the NPW products are interleaved back
+    into token order (register-only reshapes), so the softmax and the value products see one
+    [M, G] tile.
+    """
+    NPW: tl.constexpr = 16 // KB
+    s0 = _plane_scores(qa, qa_lo, kwords, 0, KB, QA_SPLIT, ASM, INTERPRET)
+    s1 = _plane_scores(qa, qa_lo, kwords, 1, KB, QA_SPLIT, ASM, INTERPRET)
+    if NPW == 2:
+        s = tl.interleave(s0, s1)
+    else:
+        s2 = _plane_scores(qa, qa_lo, kwords, 2, KB, QA_SPLIT, ASM, INTERPRET)
+        s3 = _plane_scores(qa, qa_lo, kwords, 3, KB, QA_SPLIT, ASM, INTERPRET)
+        if NPW == 4:
+            # interleave(a, b)[2m + k] = (a, b)[k][m]: token 4n + 2k + k' from plane 2k + k'
+            s = tl.interleave(tl.interleave(s0, s2), tl.interleave(s1, s3))
+        else:
+            s4 = _plane_scores(qa, qa_lo, kwords, 4, KB, QA_SPLIT, ASM, INTERPRET)
+            s5 = _plane_scores(qa, qa_lo, kwords, 5, KB, QA_SPLIT, ASM, INTERPRET)
+            s6 = _plane_scores(qa, qa_lo, kwords, 6, KB, QA_SPLIT, ASM, INTERPRET)
+            s7 = _plane_scores(qa, qa_lo, kwords, 7, KB, QA_SPLIT, ASM, INTERPRET)
+            # token 8n + 4k + 2k' + k'' from plane 4k + 2k' + k''
+            s = tl.interleave(
+                tl.interleave(tl.interleave(s0, s4), tl.interleave(s2, s6)),
+                tl.interleave(tl.interleave(s1, s5), tl.interleave(s3, s7)),
+            )
+    return s
 
 
 @triton.jit
@@ -261,7 +396,7 @@ def _value_planes(acc0, acc1, acc2, acc3, alpha, p, pa, pa_lo, vz, vrows, cs_ptr
 @triton.jit
 def _attend_tile(
     qs, m_i, l_i, acc0, acc1, acc2, acc3, j, kbytes,
-    kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+    ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
     vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr,
@@ -329,6 +464,181 @@ def _attend_tile(
 
 
 @triton.jit
+def _add_pairs(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _key_meta(j, ok, ka_base, ska_n, kz_base, skz_n, D: tl.constexpr):
+    """Tile j's key channel scale and zero ``[D]`` in the storage dtype (zeros where not ``ok``)."""
+    j64 = j.to(tl.int64)
+    d = tl.arange(0, D)
+    ka = tl.load(ka_base + j64 * ska_n + d, mask=ok, other=0.0)
+    kz = tl.load(kz_base + j64 * skz_n + d, mask=ok, other=0.0)
+    return ka, kz
+
+
+@triton.jit
+def _token_meta(
+    j, ok, kr_base, skr_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+    D: tl.constexpr, G: tl.constexpr, NPV: tl.constexpr,
+):  # fmt: skip
+    """Tile j's key token scale, value token scale / zero ``[G]`` and value channel scales per
+    value plane ``[D / NPV]``, in the storage dtype (zeros where not ``ok``)."""
+    j64 = j.to(tl.int64)
+    t = tl.arange(0, G)
+    r = tl.load(kr_base + j64 * skr_n + t, mask=ok, other=0.0)
+    va = tl.load(va_base + j64 * sva_n + t, mask=ok, other=0.0)
+    vz = tl.load(vz_base + j64 * svz_n + t, mask=ok, other=0.0)
+    cs = vs_base + j64 * svs_n + tl.arange(0, D // NPV) * NPV
+    c0 = tl.load(cs, mask=ok, other=0.0)
+    c1 = c0
+    c2 = c0
+    c3 = c0
+    if NPV >= 2:
+        c1 = tl.load(cs + 1, mask=ok, other=0.0)
+    if NPV >= 4:
+        c2 = tl.load(cs + 2, mask=ok, other=0.0)
+        c3 = tl.load(cs + 3, mask=ok, other=0.0)
+    return r, va, vz, c0, c1, c2, c3
+
+
+@triton.jit
+def _value_plane_update(acc, pa, pa_lo, vrows, c: tl.constexpr, cv, pz, al, VB: tl.constexpr,
+                        ASM: tl.constexpr, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """acc * alpha + ((p * a_v) @ value plane c + p . z_v) * c_v (channels NPV*i + c)."""
+    pv = _pv(pa, pa_lo, _word_field(vrows, c, VB, ASM), PA_SPLIT, INTERPRET)
+    return acc * al + (pv + pz) * cv.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _attend_tile_words(
+    qs, m_i, l_i, acc0, acc1, acc2, acc3, kwords, vrows, ka, kz, r, va, vz, c0, c1, c2, c3,
+    KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
+    PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update with one quantized tile in ONE step (variant "words").
+
+    ``kwords``: the tile's key codes as 16-bit words ``[D, G*kb/16]``; ``vrows``: its value codes
+    ``[G, D*vb/8]``; metadata from ``_key_meta`` / ``_token_meta``. All G scores first (``_tile_scores``, token
+    order), then one max, one joint reduction for the row sum and p . z_v, one rescale, then the
+    value planes over all G tokens at once.
+    """
+    NPV: tl.constexpr = 8 // VB
+    qa32 = qs * ka.to(tl.float32)[None, :]
+    qa = qa32.to(tl.float16)
+    qa_lo = qa
+    if QA_SPLIT:  # the rounding remainder as a second operand: ~22 significant bits in q * a_k
+        qa_lo = (qa32 - qa.to(tl.float32)).to(tl.float16)
+    qz = tl.sum(qs * kz.to(tl.float32)[None, :], axis=1)
+    s = _tile_scores(qa, qa_lo, kwords, KB, QA_SPLIT, ASM, INTERPRET)
+    s = (s + qz[:, None]) * r.to(tl.float32)[None, :]
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    p_sum, pz = tl.reduce((p, p * vz.to(tl.float32)[None, :]), 1, _add_pairs)
+    l_i = l_i * alpha + p_sum
+    pa32 = p * va.to(tl.float32)[None, :]
+    pa = pa32.to(tl.float16)
+    pa_lo = pa
+    if PA_SPLIT:
+        pa_lo = (pa32 - pa.to(tl.float32)).to(tl.float16)
+    al = alpha[:, None]
+    pz = pz[:, None]
+    acc0 = _value_plane_update(acc0, pa, pa_lo, vrows, 0, c0, pz, al, VB, ASM, PA_SPLIT, INTERPRET)
+    if NPV >= 2:
+        acc1 = _value_plane_update(acc1, pa, pa_lo, vrows, 1, c1, pz, al, VB, ASM, PA_SPLIT, INTERPRET)
+    if NPV >= 4:
+        acc2 = _value_plane_update(acc2, pa, pa_lo, vrows, 2, c2, pz, al, VB, ASM, PA_SPLIT, INTERPRET)
+        acc3 = _value_plane_update(acc3, pa, pa_lo, vrows, 3, c3, pz, al, VB, ASM, PA_SPLIT, INTERPRET)
+    return m_new, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _words_iteration(
+    j, end, qs, m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3,
+    kw_base, skw_n, kw_off, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+    vc_base, svc_n, vc_off, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+    D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
+    PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr, META_AHEAD: tl.constexpr,
+):  # fmt: skip
+    """Tile j of ``_words_loop``. The metadata passed in is tile j's where loaded ahead; the
+    metadata returned is what the next iteration gets."""
+    NPV: tl.constexpr = 8 // VB
+    KEY_AHEAD: tl.constexpr = 1 if META_AHEAD >= 1 else 0
+    TOKEN_AHEAD: tl.constexpr = 1 if META_AHEAD >= 2 else 0
+    nka, nkz = _key_meta(j + KEY_AHEAD, j + KEY_AHEAD < end, ka_base, ska_n, kz_base, skz_n, D)
+    nr, nva, nvz, nc0, nc1, nc2, nc3 = _token_meta(
+        j + TOKEN_AHEAD, j + TOKEN_AHEAD < end, kr_base, skr_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+        D, G, NPV,
+    )  # fmt: skip
+    if KEY_AHEAD == 0:
+        ka, kz = nka, nkz
+    if TOKEN_AHEAD == 0:
+        r, va, vz, c0, c1, c2, c3 = nr, nva, nvz, nc0, nc1, nc2, nc3
+    j64 = j.to(tl.int64)
+    kwords = tl.load(kw_base + j64 * skw_n + kw_off)
+    # each value byte widened once to 16 bits: field c of it is then one lop3 + one fma per 2 codes
+    vrows = tl.load(vc_base + j64 * svc_n + vc_off).to(tl.uint16)
+    m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile_words(
+        qs, m_i, l_i, acc0, acc1, acc2, acc3, kwords, vrows, ka, kz, r, va, vz, c0, c1, c2, c3,
+        KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET,
+    )  # fmt: skip
+    return m_i, l_i, acc0, acc1, acc2, acc3, nka, nkz, nr, nva, nvz, nc0, nc1, nc2, nc3
+
+
+@triton.jit
+def _words_loop(
+    qs, m_i, l_i, acc0, acc1, acc2, acc3, start, end,
+    kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+    D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
+    PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr, META_AHEAD: tl.constexpr,
+):  # fmt: skip
+    """Tiles [start, end) with variant "words": the key codes read as 16-bit words.
+
+    The codes are software-pipelined by Triton (``num_stages``); the small metadata loads are
+    not, so their latency stalls each tile unless loaded one tile ahead: META_AHEAD = 0 none,
+    1 the key channel scale / zero (needed first, by ``q * a_k``), 2 all of it. Registers
+    (sm_90 compile, K4V2 D=128 bf16, uncapped): 202 / 206 / 206; under the 168 cap: 166 / 168 /
+    168 + 8 bytes of stack.
+    """
+    NPV: tl.constexpr = 8 // VB
+    KW: tl.constexpr = G * KB // 16
+    VROW: tl.constexpr = D * VB // 8
+    kw_base = kc_base.to(tl.pointer_type(tl.uint16))  # byte strides are even (rows >= 16 bytes)
+    skw_n = skc_n // 2
+    kw_off = tl.arange(0, D)[:, None] * KW + tl.arange(0, KW)[None, :]
+    vc_off = tl.arange(0, G)[:, None] * VROW + tl.arange(0, VROW)[None, :]
+    # Tile `start`'s metadata for the first iteration (masked off where not loaded ahead).
+    ka, kz = _key_meta(start, (start < end) & (META_AHEAD >= 1), ka_base, ska_n, kz_base, skz_n, D)
+    r, va, vz, c0, c1, c2, c3 = _token_meta(
+        start, (start < end) & (META_AHEAD >= 2), kr_base, skr_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+        D, G, NPV,
+    )  # fmt: skip
+    if INTERPRET:
+        # The interpreter cannot take a loaded scalar as a range() bound under numpy 2.
+        j = start
+        while j < end:
+            m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3 = _words_iteration(
+                j, end, qs, m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3,
+                kw_base, skw_n, kw_off, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+                vc_base, svc_n, vc_off, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+                D, G, KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, META_AHEAD,
+            )  # fmt: skip
+            j += 1
+    else:
+        for j in range(start, end):
+            m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3 = _words_iteration(
+                j, end, qs, m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3,
+                kw_base, skw_n, kw_off, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+                vc_base, svc_n, vc_off, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+                D, G, KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, META_AHEAD,
+            )  # fmt: skip
+    return m_i, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _decode_tc_kernel(
     q_ptr, sq_b, sq_h, sq_l,
     kc_ptr, skc_b, skc_h, skc_n,
@@ -354,7 +664,7 @@ def _decode_tc_kernel(
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     M_BLOCK: tl.constexpr, DC: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, DENSE: tl.constexpr, PREFETCH: tl.constexpr, UNPACK_ASM: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, WORDS: tl.constexpr, META_AHEAD: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     # Two launches of this kernel: DENSE (split 0 only) and the tiles (splits 1..NUM_SPLITS), so
@@ -412,46 +722,54 @@ def _decode_tc_kernel(
         va_base = va_ptr + b64 * sva_b + h64 * sva_h
         vz_base = vz_ptr + b64 * svz_b + h64 * svz_h
         vs_base = vs_ptr + b64 * svs_b + h64 * svs_h
-        # With PREFETCH the key codes [D, G*kb/8] (two thirds of a K4V2 tile's bytes) are loaded
-        # one tile ahead, so their latency overlaps the previous tile's arithmetic (costs
-        # registers: sm_90 compile, 4 warps: 255 + 288 B spilled; 8 warps: 236, no spills).
-        KROW: tl.constexpr = G * KB // 8
-        kc_off = tl.arange(0, D)[:, None] * KROW + tl.arange(0, KROW)[None, :]
-        if PREFETCH:
-            kbytes = tl.load(kc_base + start.to(tl.int64) * skc_n + kc_off, mask=start < end, other=0)
+        if WORDS:
+            m_i, l_i, acc0, acc1, acc2, acc3 = _words_loop(
+                qs, m_i, l_i, acc0, acc1, acc2, acc3, start, end,
+                kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+                vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+                D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET, META_AHEAD,
+            )  # fmt: skip
         else:
-            kbytes = tl.zeros([D, KROW], tl.uint8)
-        # without PREFETCH the "next" load is of the current tile, issued just before its use
-        AHEAD: tl.constexpr = 1 if PREFETCH else 0
-        if INTERPRET:
-            # The interpreter cannot take a loaded scalar as a range() bound under numpy 2.
-            j = start
-            while j < end:
-                k_next = tl.load(
-                    kc_base + (j + AHEAD).to(tl.int64) * skc_n + kc_off, mask=j + AHEAD < end, other=0
-                )
-                if not PREFETCH:
+            # With PREFETCH the key codes [D, G*kb/8] (two thirds of a K4V2 tile's bytes) are loaded
+            # one tile ahead, so their latency overlaps the previous tile's arithmetic (costs
+            # registers: sm_90 compile, 4 warps: 255 + 288 B spilled; 8 warps: 236, no spills).
+            KROW: tl.constexpr = G * KB // 8
+            kc_off = tl.arange(0, D)[:, None] * KROW + tl.arange(0, KROW)[None, :]
+            if PREFETCH:
+                kbytes = tl.load(kc_base + start.to(tl.int64) * skc_n + kc_off, mask=start < end, other=0)
+            else:
+                kbytes = tl.zeros([D, KROW], tl.uint8)
+            # without PREFETCH the "next" load is of the current tile, issued just before its use
+            AHEAD: tl.constexpr = 1 if PREFETCH else 0
+            if INTERPRET:
+                # The interpreter cannot take a loaded scalar as a range() bound under numpy 2.
+                j = start
+                while j < end:
+                    k_next = tl.load(
+                        kc_base + (j + AHEAD).to(tl.int64) * skc_n + kc_off, mask=j + AHEAD < end, other=0
+                    )
+                    if not PREFETCH:
+                        kbytes = k_next
+                    m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile(
+                        qs, m_i, l_i, acc0, acc1, acc2, acc3, j, kbytes,
+                        ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+                        vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET,
+                    )  # fmt: skip
                     kbytes = k_next
-                m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile(
-                    qs, m_i, l_i, acc0, acc1, acc2, acc3, j, kbytes,
-                    kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
-                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET,
-                )  # fmt: skip
-                kbytes = k_next
-                j += 1
-        else:
-            for j in range(start, end):
-                k_next = tl.load(
-                    kc_base + (j + AHEAD).to(tl.int64) * skc_n + kc_off, mask=j + AHEAD < end, other=0
-                )
-                if not PREFETCH:
+                    j += 1
+            else:
+                for j in range(start, end):
+                    k_next = tl.load(
+                        kc_base + (j + AHEAD).to(tl.int64) * skc_n + kc_off, mask=j + AHEAD < end, other=0
+                    )
+                    if not PREFETCH:
+                        kbytes = k_next
+                    m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile(
+                        qs, m_i, l_i, acc0, acc1, acc2, acc3, j, kbytes,
+                        ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+                        vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET,
+                    )  # fmt: skip
                     kbytes = k_next
-                m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile(
-                    qs, m_i, l_i, acc0, acc1, acc2, acc3, j, kbytes,
-                    kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
-                    vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET,
-                )  # fmt: skip
-                kbytes = k_next
         tl.store(pm_ptr + slot, m_i, mask=row_ok)
         tl.store(pl_ptr + slot, l_i, mask=row_ok)
         # Accumulator c holds channels NPV*i + c.
@@ -581,7 +899,7 @@ def quantized_decode_attention(
     num_splits: int | None = None, m_block: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool | None = None,
     prefetch: bool = False, unpack_asm: bool = True, pa_split: bool | None = None,
-    maxnreg: int | None | str = "auto",
+    maxnreg: int | None | str = "auto", variant: str = "planes", meta_ahead: int = 0,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -600,6 +918,10 @@ def quantized_decode_attention(
     ``"auto"`` caps at ``MAXNREG_D128`` for head_dim 128 with 4 warps, None never caps.
     Defaults (PTX unpack, one key operand, the cap) are the fastest measured on an H100 whose
     errors stay at the output rounding (scripts/gpu_check.py).
+    ``variant="words"`` (needs ``tile_size * key_bits >= 256``) reads the key codes as 16-bit words
+    (ldmatrix instead of byte loads) and takes one online-softmax step per tile (``VARIANTS``;
+    docs/gpu_decode_notes.md); ``meta_ahead`` (words only: 0, 1 or 2) loads none / the key channel
+    / all metadata one tile ahead. ``prefetch`` applies to "planes" only.
     """
     if query.ndim != 4:
         raise ValueError(f"query must be [B, Hq, L, D], got shape {tuple(query.shape)}")
@@ -649,6 +971,16 @@ def quantized_decode_attention(
     if pa_split is None:  # below bf16's output rounding without it; not below float16's
         pa_split = query.dtype == torch.float16
     num_stages = num_stages or 2
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
+    words = variant == "words"
+    if meta_ahead not in (0, 1, 2):
+        raise ValueError(f"meta_ahead={meta_ahead!r}: expected 0 (none), 1 (key channel metadata) or 2 (all)")
+    if words and g * key_bits // 16 < 16:
+        raise ValueError(
+            f"variant='words' needs key word planes of >= 16 tokens; tile_size={g} at {key_bits}-bit keys "
+            f"gives {g * key_bits // 16}"
+        )
 
     # The kernel indexes the leading dims by stride (capacity slices stay views) and assumes the
     # innermost dims dense.
@@ -698,7 +1030,9 @@ def quantized_decode_attention(
         DC=min(g, 32), QA_SPLIT=qa_split, PA_SPLIT=pa_split,
     )  # fmt: skip
     _TILE_LAUNCH(
-        (bsz * hkv, 1, n_mb), args, {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp},
+        (bsz * hkv, 1, n_mb), args,
+        {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp, "WORDS": False,
+         "META_AHEAD": 0},
         num_warps=4, num_stages=1,
     )  # fmt: skip
     tile_options = {"num_warps": num_warps, "num_stages": num_stages}
@@ -706,7 +1040,8 @@ def quantized_decode_attention(
         tile_options["maxnreg"] = maxnreg
     LAST_LAUNCH[0] = _TILE_LAUNCH(
         (bsz * hkv, num_splits, n_mb), args,
-        {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp, "INTERPRET": interp},
+        {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp, "INTERPRET": interp,
+         "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0},
         **tile_options,
     )  # fmt: skip
     _MERGE_LAUNCH(
