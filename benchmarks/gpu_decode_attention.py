@@ -45,13 +45,13 @@ KB, VB = 4, 2
 
 # tc launch variants for --sweep (splits are swept separately: a run-time argument, no recompile).
 VARIANTS = [
-    dict(),  # defaults: PTX unpack, one key operand (bf16), 168-register cap at D = 128, 4 warps, 2 stages
-    dict(num_stages=3),
-    dict(num_stages=4),
-    dict(maxnreg=144),
-    dict(maxnreg=128),
-    dict(qa_split=True),
-    dict(maxnreg=None, unpack_asm=False, qa_split=True),  # the first GPU-run defaults
+    dict(),  # defaults: planes, PTX unpack, one key operand (bf16), 168-register cap at D = 128
+    dict(variant="words"),  # key codes as 16-bit words, one softmax step per tile
+    dict(variant="words", meta_ahead=1),
+    dict(variant="words", meta_ahead=2),
+    dict(variant="words", meta_ahead=1, num_stages=3),
+    dict(variant="words", maxnreg=128),
+    dict(variant="words", meta_ahead=1, maxnreg=None),
 ]
 
 

@@ -228,10 +228,11 @@ def _check_decode_once(mod, launch, label, dtype, d, g, group, batch, nq, kb, vb
         FAILURES.append(label)
 
 
-def check_cuda_graph(kernel: str = "tc") -> None:
+def check_cuda_graph(kernel: str = "tc", launch: dict | None = None) -> None:
     """Capture one decode call, then change lengths and tokens in place and replay."""
     mod = KERNELS[kernel]
-    label = f"decode[{kernel}] CUDA graph capture + replay with changed lengths"
+    launch = launch or {}
+    label = f"decode[{kernel}] CUDA graph capture + replay with changed lengths{' ' + str(launch) if launch else ''}"
     try:
         dev = torch.device(DEVICE)
         cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=128)
@@ -247,11 +248,11 @@ def check_cuda_graph(kernel: str = "tc") -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            mod.quantized_decode_attention(**kw, out=out)  # warm-up compiles outside capture
+            mod.quantized_decode_attention(**kw, out=out, **launch)  # warm-up compiles outside capture
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            mod.quantized_decode_attention(**kw, out=out)
+            mod.quantized_decode_attention(**kw, out=out, **launch)
         errs = []
         for n_tiles, tail in (([10, 3, 0, 7], [5, 0, 0, 127]), ([12, 4, 1, 7], [0, 9, 3, 1])):
             kw["n_tiles"].copy_(torch.tensor(n_tiles, dtype=torch.int32))
@@ -370,6 +371,27 @@ def main() -> int:
         (f16, 128, 64, 4, 3, 3, 2, 4, 20, {"tc_launch": {"maxnreg": 128, "prefetch": True}}),
         (bf, 128, 64, 8, 2, 1, 8, 8, 20, {"tc_launch": {"num_warps": 8, "maxnreg": 128}}),
         (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"splits": 160}),
+        # tc variant "words" (key codes as 16-bit words, one softmax step per tile)
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"variant": "words"}}),
+        (f16, 128, 128, 4, 3, 2, 4, 2, 40, {"tc_launch": {"variant": "words", "meta_ahead": 1}}),
+        (
+            bf,
+            128,
+            128,
+            4,
+            3,
+            1,
+            4,
+            2,
+            40,
+            {"tc_launch": {"variant": "words", "meta_ahead": 2, "num_stages": 3}},
+        ),
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"variant": "words", "maxnreg": 128}}),
+        (f16, 64, 64, 8, 3, 4, 4, 2, 40, {"tc_launch": {"variant": "words", "meta_ahead": 2}}),
+        (bf, 256, 128, 2, 2, 1, 2, 2, 20, {"tc_launch": {"variant": "words", "meta_ahead": 1}}),
+        (f16, 128, 32, 1, 3, 16, 8, 8, 40, {"tc_launch": {"variant": "words"}}),
+        (bf, 64, 128, 8, 2, 3, 2, 4, 20, {"tc_launch": {"variant": "words", "maxnreg": None}}),
+        (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"tc_launch": {"variant": "words", "meta_ahead": 1}}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]
@@ -396,6 +418,8 @@ def main() -> int:
     if DEVICE == "cuda":
         for kernel in args.decode_kernels.split(","):
             check_cuda_graph(kernel)
+        if "tc" in args.decode_kernels.split(","):
+            check_cuda_graph("tc", {"variant": "words", "meta_ahead": 1})
     # One verdict line per decode kernel (scripts and dispatch decisions read these).
     for kernel in args.decode_kernels.split(","):
         bad = [f for f in FAILURES if f"[{kernel}]" in f]
