@@ -45,7 +45,8 @@ KB, VB = 4, 2
 
 # tc launch variants for --sweep (splits are swept separately: a run-time argument, no recompile).
 VARIANTS = [
-    dict(),  # defaults: planes, PTX unpack, one key operand (bf16), 168-register cap at D = 128
+    dict(),  # defaults: words + meta_ahead 1 where it applies, PTX unpack, one key operand (bf16), 168-reg cap
+    dict(variant="planes"),
     dict(variant="words"),  # key codes as 16-bit words, one softmax step per tile
     dict(variant="words", meta_ahead=1),
     dict(variant="words", meta_ahead=2),
