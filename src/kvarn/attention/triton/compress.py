@@ -1,5 +1,11 @@
 """Fused tile compression: (optional rotation) + variance normalization + RTN + packing, K and V.
 
+``compress_tiles`` is the entry point for every kernel: v1 (this module: the first kernel, the
+baseline, and the only one that rotates), v2 (``compress_v2.py``: same result, fewer instructions,
+plain Triton) and v3 (``compress_v3.py``: v2's arithmetic in Gluon with hand-chosen layouts). Which
+one runs by default: ``default_kernel()``; docs/gpu_compress.md compares them. The rest of this
+docstring describes v1; v2 and v3 share its contract.
+
 One launch compresses any number of (tile, KV head) pairs, keys and values together: program
 ``(n, 0)`` encodes key tile ``n`` and program ``(n, 1)`` its value tile. Each program keeps its
 tile ``[G, D]`` in registers in float32 and never writes an intermediate to memory. The output is
