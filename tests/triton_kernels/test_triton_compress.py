@@ -274,6 +274,7 @@ def test_v3_layouts_partition_the_tile():
             "LC": [rg, c2, cg, vec],
             "LT2": [rg, ri, cg, 2],
             "LC2": [rg, c2, cg, vec, 2],
+            "KS": [g // 2, c2, cg, vec],  # packed 4-bit keys: two tokens per byte
         }
         for name, shape in shapes.items():
             lay = cfg[name]

@@ -426,7 +426,7 @@ def compress_tiles(
     if n and kernel == "v3" and not rotate:
         from kvarn.attention.triton import compress_v3
 
-        cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps, lanes_per_token or 8)
+        cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps, lanes_per_token or 8, key_bits=kb)
         LAST_LAUNCH[0] = compress_v3._compress_kernel_v3[(n, 2)](
             k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs,
             KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
