@@ -184,6 +184,22 @@ def _token_stats(h, s, COMPILED: tl.constexpr):
 
 
 @jit
+def _broadcast_channel_stats(h, s, CB: tl.constexpr, CB2: tl.constexpr, COMPILED: tl.constexpr):
+    """Broadcast compact channel vectors h and s to every thread that needs them (CB), and reduce
+    (max h, min h, sum s) there: in the broadcast layout each warp holds all D channels, so the
+    reduction needs no other warp (no shared memory, no barrier). h and s travel as one pair, so
+    this is one conversion. Returns (s broadcast, max h, min h, sum s)."""
+    p = gl.convert_layout(gl.join(h, s), CB2)
+    hb, sb = gl.split(p)
+    hb = gl.convert_layout(hb, CB, assert_trivial=True)
+    sb = gl.convert_layout(sb, CB, assert_trivial=True)
+    a, b, c = _max_min_sum(hb, hb, sb, 2, COMPILED)
+    a, b, c = _max_min_sum(a, b, c, 0, COMPILED)
+    a, b, c = _max_min_sum(a, b, c, 0, COMPILED)
+    return sb, a, b, c
+
+
+@jit
 def _channel_stats(h, s, COMPILED: tl.constexpr):
     """(max h, min h, sum s) over a compact channel vector; VEC and C2 first (lanes), CG last
     (lanes and warps: one cross-warp step)."""
@@ -264,7 +280,7 @@ def _channel_log_std(x, token_mult_b, chan_shift_b, LC: tl.constexpr, LC2: tl.co
 def _normalize(
     x, mt_b, mc_b, IS_KEY: tl.constexpr, ITERS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HL_G: tl.constexpr, HL_D: tl.constexpr, LT: tl.constexpr, LC: tl.constexpr, LT2: tl.constexpr,
-    LC2: tl.constexpr, TB: tl.constexpr, CB: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
+    LC2: tl.constexpr, TB: tl.constexpr, CB: tl.constexpr, CB2: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
     VEC: tl.constexpr, COMPILED: tl.constexpr,
 ):  # fmt: skip
     """compress_v2._normalize with compact vectors: best log2 multipliers (nt [RG, RI] in
@@ -286,10 +302,8 @@ def _normalize(
         st_b = gl.convert_layout(st, TB)
     else:
         nc_next = _step(nc, hc)
-        sc = gl.exp2(nc_next)
-        cmax, cmin, ssum = _channel_stats(hc, sc, COMPILED)
+        sc_b, cmax, cmin, ssum = _broadcast_channel_stats(hc, gl.exp2(nc_next), CB, CB2, COMPILED)
         tmax, tmin, _unused = _token_stats(ht, one_t, COMPILED)
-        sc_b = gl.convert_layout(sc, CB)
     best = _ratio(tmax, tmin) + _ratio(cmax, cmin)
     best_nt = nt
     best_nc = nc
@@ -299,9 +313,7 @@ def _normalize(
             hc_pre = _channel_log_std(x, st_b, mc_b * (ssum / G), LC, LC2, G, HL_G, COMPILED)
             nc = _step(nc, hc_pre + nc)  # row step (channels)
             hc = hc_pre + nc
-            sc = gl.exp2(nc)
-            cmax, cmin, csum = _channel_stats(hc, sc, COMPILED)
-            sc_b = gl.convert_layout(sc, CB)
+            sc_b, cmax, cmin, csum = _broadcast_channel_stats(hc, gl.exp2(nc), CB, CB2, COMPILED)
             ht = _token_log_std(x, sc_b, mt_b * (csum / D), LT, LT2, D, HL_D, COMPILED) + nt
             nt_next = _step(nt, ht)
             st = gl.exp2(nt_next)
@@ -317,9 +329,7 @@ def _normalize(
             st_b = gl.convert_layout(st, TB)
             hc = _channel_log_std(x, st_b, mc_b * (tsum / G), LC, LC2, G, HL_G, COMPILED) + nc
             nc_next = _step(nc, hc)
-            sc = gl.exp2(nc_next)
-            cmax, cmin, ssum = _channel_stats(hc, sc, COMPILED)
-            sc_b = gl.convert_layout(sc, CB)
+            sc_b, cmax, cmin, ssum = _broadcast_channel_stats(hc, gl.exp2(nc_next), CB, CB2, COMPILED)
         score = _ratio(tmax, tmin) + _ratio(cmax, cmin)
         keep = score <= best  # ties go to the later iteration
         best = gl.where(keep, score, best)
@@ -408,10 +418,12 @@ def _compress_tile_v3(
     IS_KEY: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ITERS: tl.constexpr,
     NORMALIZE: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
     VEC: tl.constexpr, HL_G: tl.constexpr, HL_D: tl.constexpr, L5: tl.constexpr, LT: tl.constexpr,
-    LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, KS: tl.constexpr, COMPILED: tl.constexpr,
+    LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, L6: tl.constexpr, KS: tl.constexpr,
+    COMPILED: tl.constexpr,
 ):  # fmt: skip
     TB: tl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5)))  # [RG, RI]
     CB: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L5))  # [C2, CG, VEC]
+    CB2: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L6))  # [C2, CG, VEC, 2]: CB with a pair axis
     TC: tl.constexpr = gl.SliceLayout(2, LT)
     CC: tl.constexpr = gl.SliceLayout(0, LC)
     n64 = n.to(gl.int64)
@@ -427,28 +439,9 @@ def _compress_tile_v3(
         mt_b = gl.convert_layout(_sum_to_tokens(x, LT) / D, TB)  # raw means: shifts' base
         mc_b = gl.convert_layout(_sum_to_channels(x, LC) / G, CB)
         nt, nc = _normalize(
-            x,
-            mt_b,
-            mc_b,
-            IS_KEY,
-            ITERS,
-            G,
-            D,
-            HL_G,
-            HL_D,
-            LT,
-            LC,
-            LT2,
-            LC2,
-            TB,
-            CB,
-            RG,
-            RI,
-            C2,
-            CG,
-            VEC,
+            x, mt_b, mc_b, IS_KEY, ITERS, G, D, HL_G, HL_D, LT, LC, LT2, LC2, TB, CB, CB2, RG, RI, C2, CG, VEC,
             COMPILED,
-        )
+        )  # fmt: skip
         st_b = gl.convert_layout(gl.exp2(nt), TB)
         sc_b = gl.convert_layout(gl.exp2(nc), CB)
         # B = X / s_col / s_row, column scale first (SPEC columns: tokens for keys, channels for values)
@@ -498,18 +491,19 @@ def _compress_kernel_v3(
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ITERS: tl.constexpr,
     NORMALIZE: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
     VEC: tl.constexpr, HL_G: tl.constexpr, HL_D: tl.constexpr, L5: tl.constexpr, LT: tl.constexpr,
-    LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, KS: tl.constexpr, COMPILED: tl.constexpr,
+    LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, L6: tl.constexpr, KS: tl.constexpr,
+    COMPILED: tl.constexpr,
 ):  # fmt: skip
     n = gl.program_id(0)
     if gl.program_id(1) == 0:
         _compress_tile_v3(
             k_ptr, k_stride_n, k_stride_t, kc_ptr, ka_ptr, kz_ptr, kr_ptr, n, True, KB, G, D, ITERS,
-            NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, KS, COMPILED,
+            NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
         )  # fmt: skip
     else:
         _compress_tile_v3(
             v_ptr, v_stride_n, v_stride_t, vc_ptr, va_ptr, vz_ptr, vs_ptr, n, False, VB, G, D, ITERS,
-            NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, KS, COMPILED,
+            NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
         )  # fmt: skip
 
 
@@ -546,9 +540,14 @@ def kernel_config(
     rg, ri, c2, cg, vec, w = lay["RG"], lay["RI"], lay["C2"], lay["CG"], lay["VEC"], lay["num_warps"]
     tr = rg // w
     tile = BlockedLayout([1, ri, c2, 1, vec], [tr, 1, 1, cg, 1], [w, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    # the tile layout with a trailing pair axis in registers (to broadcast two channel vectors at once)
+    tile2 = BlockedLayout(
+        [1, ri, c2, 1, vec, 2], [tr, 1, 1, cg, 1, 1], [w, 1, 1, 1, 1, 1], [5, 4, 3, 2, 1, 0]
+    )
     return {
         "RG": rg, "RI": ri, "C2": c2, "CG": cg, "VEC": vec, "HL_G": lay["HL_G"], "HL_D": lay["HL_D"],
         "L5": tile,
+        "L6": tile2,
         # compact token layout over [RG, RI, CG]: tokens over lanes, then warps; CG partials in registers
         "LT": _blocked([rg, ri, cg], [1, 0, 2], [0, 1, 2], w),
         # compact channel layout over [RG, C2, CG, VEC]: channels over lanes (VEC, C2, then CG) and
