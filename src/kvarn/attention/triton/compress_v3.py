@@ -14,7 +14,7 @@ three barriers. v3 writes the same kernel in Gluon (Triton with explicit layouts
   bookkeeping run on the compact vectors (no replicated copies);
 * **broadcast once**: the new multipliers go back to the tile layout with one conversion.
 
-The tile view is v2's 5-D ``[RG, RI, C2, CG, VEC]`` (token ``rg * RI + ri``, channel
+The tile view is v2's split, as the 5-D ``[RG, RI, C2, CG, VEC]`` (token ``rg * RI + ri``, channel
 ``c2 * CG * VEC + cg * VEC + ci``; each thread holds RI consecutive tokens x C2 * VEC channels),
 now as an explicit ``BlockedLayout``. Compact token vectors are ``[RG, RI]`` in ``Slice(2, LT)``,
 compact channel vectors ``[C2, CG, VEC]`` in ``Slice(0, LC)``; ``TB`` and ``CB`` are the layouts
