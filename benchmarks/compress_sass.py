@@ -61,7 +61,7 @@ def _v2(num_warps: int = 4, lanes_per_token: int = 8) -> tuple:
 def _v3(num_warps: int = 4, lanes_per_token: int = 8) -> tuple:
     import torch
 
-    cfg = compress_v3.kernel_config(G, D, torch.bfloat16, num_warps, lanes_per_token)
+    cfg = compress_v3.kernel_config(G, D, torch.bfloat16, num_warps, lanes_per_token, key_bits=KB)
     nw = cfg.pop("num_warps")
     sig = dict(_PTR + _OUT)
     const = dict(KB=KB, VB=VB, G=G, D=D, ITERS=ITERS, NORMALIZE=True, COMPILED=True, **cfg)

@@ -1,5 +1,11 @@
 """Fused tile compression: (optional rotation) + variance normalization + RTN + packing, K and V.
 
+``compress_tiles`` is the entry point for every kernel: v1 (this module: the first kernel, the
+baseline, and the only one that rotates), v2 (``compress_v2.py``: same result, fewer instructions,
+plain Triton) and v3 (``compress_v3.py``: v2's arithmetic in Gluon with hand-chosen layouts). Which
+one runs by default: ``default_kernel()``; docs/gpu_compress.md compares them. The rest of this
+docstring describes v1; v2 and v3 share its contract.
+
 One launch compresses any number of (tile, KV head) pairs, keys and values together: program
 ``(n, 0)`` encodes key tile ``n`` and program ``(n, 1)`` its value tile. Each program keeps its
 tile ``[G, D]`` in registers in float32 and never writes an intermediate to memory. The output is
@@ -420,7 +426,7 @@ def compress_tiles(
     if n and kernel == "v3" and not rotate:
         from kvarn.attention.triton import compress_v3
 
-        cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps, lanes_per_token or 8)
+        cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps, lanes_per_token or 8, key_bits=kb)
         LAST_LAUNCH[0] = compress_v3._compress_kernel_v3[(n, 2)](
             k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs,
             KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,

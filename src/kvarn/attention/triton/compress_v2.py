@@ -6,19 +6,21 @@ squared deviations), and the cross-warp reductions (shared memory + barriers) co
 iteration. v2 changes how the work is laid out and counted, not what is computed:
 
 * **Layout by construction.** The tile ``[G, D]`` is loaded as a 5-D tensor
-  ``[C2, RI, RG, CG, VEC]`` (token ``rg * RI + ri``, channel ``c2 * CG * VEC + cg * VEC + ci``).
-  Triton gives the contiguous axis ``VEC`` (16 bytes) to each thread, then spreads lanes over
-  ``CG`` and ``RG`` and warps over ``RG``; ``RI`` and ``C2`` stay inside the thread. For G = D = 128,
-  bf16, 4 warps and CG = 8 each thread holds 8 consecutive tokens x 16 channels: a per-token
-  reduction crosses 8 lanes (3 shuffle rounds), a per-channel one 4 lanes and the 4 warps.
+  ``[CG, RG, RI, C2, VEC]`` (token ``rg * RI + ri``, channel ``c2 * CG * VEC + cg * VEC + ci``).
+  Triton's coalescing gives the contiguous axis ``VEC`` (16 bytes) to each thread, then lanes to
+  the other axes in increasing index order (CG, then RG, which also takes the warps); ``RI`` and
+  ``C2`` are left inside the thread. For G = D = 128, bf16, 4 warps and CG = 8 each thread holds 8
+  consecutive tokens x 16 channels: a per-token reduction crosses 8 lanes (3 shuffle rounds), a
+  per-channel one 4 lanes and the 4 warps. (The axis order relies on that tie-breaking of
+  equal-contiguity axes; another order changes speed, not results.)
 * **One-pass shifted moments.** Each standard deviation comes from ``sum d`` and ``sum d^2`` of
   ``d = x * s - K`` in one sweep (one FMA, one add, one FMA per element) and one tuple reduction,
   instead of two dependent reductions. ``K`` is the row's mean of the raw tile times the mean of
   the scale vector: close to the row's actual mean, so the subtraction ``sum d^2 - (sum d)^2 / n``
   does not cancel (keys with large per-channel offsets stay exact to float32 rounding).
-* **Log2 domain.** Scales are kept as log2 values; ``log(clamp(std))`` is ``clamp(0.5 * log2(var))``
-  (no square root), and the max/min ratio of the imbalance score is ``2^(max - min)`` of the
-  log2 standard deviations that the scale step computes anyway.
+* **Log2 domain.** Scales are kept as log2 multipliers (``nu = -u / ln 2``); ``log(clamp(std))`` is
+  ``clamp(0.5 * log2(var))`` (no square root; log2 on the MUFU unit), and the max/min ratio of the
+  imbalance score is ``2^(max - min)`` of the log2 standard deviations the step computes anyway.
 * **Two cross-warp reductions per iteration**: the per-channel moments, and one 3-tuple over the
   per-token vector (max and min of log2 std for the score, and the sum of the next token scales
   for the next shift). Everything else stays inside a warp.
@@ -26,7 +28,8 @@ iteration. v2 changes how the work is laid out and counted, not what is computed
 Semantics are SPEC step 3 as in v1 (all iterations, identity competes, ties to the later
 iteration, clamps and clips, unbiased std, float32) with v1's shortcut (a row's std does not
 depend on the row's own scale). Codes match the codec except at rounding ties, metadata within
-float32 rounding; ``tests/triton_kernels/test_triton_compress.py`` runs both kernels.
+float32 rounding; ``tests/triton_kernels/test_triton_compress.py`` runs every kernel against the
+codec. docs/gpu_compress.md has the instruction counts.
 No rotation here: ``compress_tiles(..., rotate=True)`` uses v1.
 """
 

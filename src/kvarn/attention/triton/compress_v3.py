@@ -14,7 +14,7 @@ three barriers. v3 writes the same kernel in Gluon (Triton with explicit layouts
   bookkeeping run on the compact vectors (no replicated copies);
 * **broadcast once**: the new multipliers go back to the tile layout with one conversion.
 
-The tile view is v2's 5-D ``[RG, RI, C2, CG, VEC]`` (token ``rg * RI + ri``, channel
+The tile view is v2's split, as the 5-D ``[RG, RI, C2, CG, VEC]`` (token ``rg * RI + ri``, channel
 ``c2 * CG * VEC + cg * VEC + ci``; each thread holds RI consecutive tokens x C2 * VEC channels),
 now as an explicit ``BlockedLayout``. Compact token vectors are ``[RG, RI]`` in ``Slice(2, LT)``,
 compact channel vectors ``[C2, CG, VEC]`` in ``Slice(0, LC)``; ``TB`` and ``CB`` are the layouts
@@ -184,6 +184,22 @@ def _token_stats(h, s, COMPILED: tl.constexpr):
 
 
 @jit
+def _broadcast_channel_stats(h, s, CB: tl.constexpr, CB2: tl.constexpr, COMPILED: tl.constexpr):
+    """Broadcast compact channel vectors h and s to every thread that needs them (CB), and reduce
+    (max h, min h, sum s) there: in the broadcast layout each warp holds all D channels, so the
+    reduction needs no other warp (no shared memory, no barrier). h and s travel as one pair, so
+    this is one conversion. Returns (s broadcast, max h, min h, sum s)."""
+    p = gl.convert_layout(gl.join(h, s), CB2)
+    hb, sb = gl.split(p)
+    hb = gl.convert_layout(hb, CB, assert_trivial=True)
+    sb = gl.convert_layout(sb, CB, assert_trivial=True)
+    a, b, c = _max_min_sum(hb, hb, sb, 2, COMPILED)
+    a, b, c = _max_min_sum(a, b, c, 0, COMPILED)
+    a, b, c = _max_min_sum(a, b, c, 0, COMPILED)
+    return sb, a, b, c
+
+
+@jit
 def _channel_stats(h, s, COMPILED: tl.constexpr):
     """(max h, min h, sum s) over a compact channel vector; VEC and C2 first (lanes), CG last
     (lanes and warps: one cross-warp step)."""
@@ -264,7 +280,7 @@ def _channel_log_std(x, token_mult_b, chan_shift_b, LC: tl.constexpr, LC2: tl.co
 def _normalize(
     x, mt_b, mc_b, IS_KEY: tl.constexpr, ITERS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HL_G: tl.constexpr, HL_D: tl.constexpr, LT: tl.constexpr, LC: tl.constexpr, LT2: tl.constexpr,
-    LC2: tl.constexpr, TB: tl.constexpr, CB: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
+    LC2: tl.constexpr, TB: tl.constexpr, CB: tl.constexpr, CB2: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
     VEC: tl.constexpr, COMPILED: tl.constexpr,
 ):  # fmt: skip
     """compress_v2._normalize with compact vectors: best log2 multipliers (nt [RG, RI] in
@@ -286,10 +302,8 @@ def _normalize(
         st_b = gl.convert_layout(st, TB)
     else:
         nc_next = _step(nc, hc)
-        sc = gl.exp2(nc_next)
-        cmax, cmin, ssum = _channel_stats(hc, sc, COMPILED)
+        sc_b, cmax, cmin, ssum = _broadcast_channel_stats(hc, gl.exp2(nc_next), CB, CB2, COMPILED)
         tmax, tmin, _unused = _token_stats(ht, one_t, COMPILED)
-        sc_b = gl.convert_layout(sc, CB)
     best = _ratio(tmax, tmin) + _ratio(cmax, cmin)
     best_nt = nt
     best_nc = nc
@@ -299,9 +313,7 @@ def _normalize(
             hc_pre = _channel_log_std(x, st_b, mc_b * (ssum / G), LC, LC2, G, HL_G, COMPILED)
             nc = _step(nc, hc_pre + nc)  # row step (channels)
             hc = hc_pre + nc
-            sc = gl.exp2(nc)
-            cmax, cmin, csum = _channel_stats(hc, sc, COMPILED)
-            sc_b = gl.convert_layout(sc, CB)
+            sc_b, cmax, cmin, csum = _broadcast_channel_stats(hc, gl.exp2(nc), CB, CB2, COMPILED)
             ht = _token_log_std(x, sc_b, mt_b * (csum / D), LT, LT2, D, HL_D, COMPILED) + nt
             nt_next = _step(nt, ht)
             st = gl.exp2(nt_next)
@@ -317,9 +329,7 @@ def _normalize(
             st_b = gl.convert_layout(st, TB)
             hc = _channel_log_std(x, st_b, mc_b * (tsum / G), LC, LC2, G, HL_G, COMPILED) + nc
             nc_next = _step(nc, hc)
-            sc = gl.exp2(nc_next)
-            cmax, cmin, ssum = _channel_stats(hc, sc, COMPILED)
-            sc_b = gl.convert_layout(sc, CB)
+            sc_b, cmax, cmin, ssum = _broadcast_channel_stats(hc, gl.exp2(nc_next), CB, CB2, COMPILED)
         score = _ratio(tmax, tmin) + _ratio(cmax, cmin)
         keep = score <= best  # ties go to the later iteration
         best = gl.where(keep, score, best)
@@ -329,21 +339,44 @@ def _normalize(
 
 
 @jit
-def _pack_store(codes, off, shift, base, AXIS: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
-    """Pack codes [RG, RI, C2, CG, VEC] along tokens (AXIS 1, keys) or channels (AXIS 4, values).
+def _pack_store(codes, base, AXIS: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr, VEC: tl.constexpr,
+                L5: tl.constexpr, KS: tl.constexpr):  # fmt: skip
+    """Pack codes [RG, RI, C2, CG, VEC] (token rg * RI + ri, channel c2 * CG * VEC + cg * VEC + ci)
+    along tokens (AXIS 1, keys: codes [D, G * bits / 8]) or channels (AXIS 4, values: [G, D * bits / 8])
+    and store them.
 
-    ``shift`` is each code's bit position in its group's word and ``off`` the group's byte offset,
-    both per element; reshaped alike, the group axis of PER codes is summed (the word) and
-    min-reduced (the offset), so word and offset come out in the same layout, whatever layout Gluon
-    infers for the reshape."""
-    word = codes << shift
+    The codes of one byte (PER of them; 8 codes in 3 bytes for 3 bits) are reshaped onto their own
+    axis and summed after shifting each into place, in registers when they are in one thread.
+    Values are stored from there: a warp's lanes cover consecutive bytes of a few token rows. Key
+    bytes of one thread belong to 16 different channel rows, 64 B apart, so the packed keys are
+    first moved (one small shared-memory round trip) to ``KS``, which gives consecutive byte groups
+    of a channel row to consecutive lanes: a warp then writes whole rows instead of touching 32
+    sectors per store instruction."""
+    if BITS == 3:
+        PER: tl.constexpr = 8
+        BYTES: tl.constexpr = 3
+    else:
+        PER: tl.constexpr = 8 // BITS
+        BYTES: tl.constexpr = 1
+    TB: tl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5)))
+    CB: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L5))
+    tok = _token_bcast(_token_index(RG, RI, TB))
+    chan = _channel_bcast(_channel_index(C2, CG, VEC, CB))
     if AXIS == 1:  # tokens (RG, RI) -> (G / PER, PER): in registers when PER <= RI
-        word = gl.sum(gl.reshape(word, [RG * RI // PER, PER, C2, CG, VEC]), 1)
-        off = gl.min(gl.reshape(off, [RG * RI // PER, PER, C2, CG, VEC]), 1)
+        ROW: tl.constexpr = G * BITS // 8
+        word = codes << ((tok % PER) * BITS)
+        word = gl.sum(gl.reshape(word, [G // PER, PER, C2, CG, VEC]), 1)
+        word = gl.convert_layout(word, KS)
+        grp = gl.arange(0, G // PER, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, KS))))
+        grp = gl.expand_dims(gl.expand_dims(gl.expand_dims(grp, 1), 2), 3)
+        off = _channel_bcast_to(_channel_index(C2, CG, VEC, gl.SliceLayout(0, KS))) * ROW + grp * BYTES
     else:  # channels (C2, CG, VEC) -> (D / PER, PER): in registers when PER <= VEC
-        word = gl.sum(gl.reshape(word, [RG, RI, C2 * CG * VEC // PER, PER]), 3)
-        off = gl.min(gl.reshape(off, [RG, RI, C2 * CG * VEC // PER, PER]), 3)
+        ROW: tl.constexpr = D * BITS // 8
+        word = codes << ((chan % PER) * BITS)
+        off = tok * ROW + (chan // PER) * BYTES
+        word = gl.sum(gl.reshape(word, [RG, RI, D // PER, PER]), 3)
+        off = gl.min(gl.reshape(off, [RG, RI, D // PER, PER]), 3)  # the group's first byte
     if BITS == 3:
         gl.store(base + off, (word & 255).to(gl.uint8))
         gl.store(base + off + 1, ((word >> 8) & 255).to(gl.uint8))
@@ -353,35 +386,52 @@ def _pack_store(codes, off, shift, base, AXIS: tl.constexpr, BITS: tl.constexpr,
 
 
 @jit
+def _token_index(RG: tl.constexpr, RI: tl.constexpr, layout: tl.constexpr):
+    """Token index rg * RI + ri of a [RG, RI] vector in ``layout``."""
+    rg = gl.arange(0, RG, layout=gl.SliceLayout(1, layout))
+    ri = gl.arange(0, RI, layout=gl.SliceLayout(0, layout))
+    return gl.expand_dims(rg, 1) * RI + gl.expand_dims(ri, 0)
+
+
+@jit
+def _channel_index(C2: tl.constexpr, CG: tl.constexpr, VEC: tl.constexpr, layout: tl.constexpr):
+    """Channel index c2 * CG * VEC + cg * VEC + ci of a [C2, CG, VEC] vector in ``layout``."""
+    c2 = gl.arange(0, C2, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    cg = gl.arange(0, CG, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+    ci = gl.arange(0, VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    return (
+        gl.expand_dims(gl.expand_dims(c2, 1), 2) * (CG * VEC)
+        + gl.expand_dims(gl.expand_dims(cg, 0), 2) * VEC
+        + gl.expand_dims(gl.expand_dims(ci, 0), 1)
+    )
+
+
+@jit
+def _channel_bcast_to(v):
+    """Channel vector [C2, CG, VEC] in Slice(0, KS) -> [1, C2, CG, VEC] (the packed keys' shape)."""
+    return gl.expand_dims(v, 0)
+
+
+@jit
 def _compress_tile_v3(
     x_ptr, x_stride_n, x_stride_t, codes_ptr, a_ptr, z_ptr, s_ptr, n,
     IS_KEY: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ITERS: tl.constexpr,
     NORMALIZE: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
     VEC: tl.constexpr, HL_G: tl.constexpr, HL_D: tl.constexpr, L5: tl.constexpr, LT: tl.constexpr,
-    LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, COMPILED: tl.constexpr,
+    LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, L6: tl.constexpr, KS: tl.constexpr,
+    COMPILED: tl.constexpr,
 ):  # fmt: skip
     TB: tl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5)))  # [RG, RI]
     CB: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L5))  # [C2, CG, VEC]
+    CB2: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L6))  # [C2, CG, VEC, 2]: CB with a pair axis
     TC: tl.constexpr = gl.SliceLayout(2, LT)
     CC: tl.constexpr = gl.SliceLayout(0, LC)
     n64 = n.to(gl.int64)
     # token / channel index of each element of a vector, in the broadcast and compact layouts
-    tok_b = (gl.expand_dims(gl.arange(0, RG, layout=gl.SliceLayout(1, TB)), 1) * RI
-             + gl.expand_dims(gl.arange(0, RI, layout=gl.SliceLayout(0, TB)), 0))  # fmt: skip
-    tok_c = (gl.expand_dims(gl.arange(0, RG, layout=gl.SliceLayout(1, TC)), 1) * RI
-             + gl.expand_dims(gl.arange(0, RI, layout=gl.SliceLayout(0, TC)), 0))  # fmt: skip
-    CB_C2: tl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, CB))
-    CB_CG: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, CB))
-    CB_CI: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, CB))
-    ch_b = (gl.expand_dims(gl.expand_dims(gl.arange(0, C2, layout=CB_C2), 1), 2) * (CG * VEC)
-            + gl.expand_dims(gl.expand_dims(gl.arange(0, CG, layout=CB_CG), 0), 2) * VEC
-            + gl.expand_dims(gl.expand_dims(gl.arange(0, VEC, layout=CB_CI), 0), 1))  # fmt: skip
-    CC_C2: tl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, CC))
-    CC_CG: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, CC))
-    CC_CI: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, CC))
-    ch_c = (gl.expand_dims(gl.expand_dims(gl.arange(0, C2, layout=CC_C2), 1), 2) * (CG * VEC)
-            + gl.expand_dims(gl.expand_dims(gl.arange(0, CG, layout=CC_CG), 0), 2) * VEC
-            + gl.expand_dims(gl.expand_dims(gl.arange(0, VEC, layout=CC_CI), 0), 1))  # fmt: skip
+    tok_b = _token_index(RG, RI, TB)
+    tok_c = _token_index(RG, RI, TC)
+    ch_b = _channel_index(C2, CG, VEC, CB)
+    ch_c = _channel_index(C2, CG, VEC, CC)
     tok = _token_bcast(tok_b)
     ch = _channel_bcast(ch_b)
     x = gl.load(x_ptr + n64 * x_stride_n + tok * x_stride_t + ch).to(gl.float32)
@@ -389,28 +439,9 @@ def _compress_tile_v3(
         mt_b = gl.convert_layout(_sum_to_tokens(x, LT) / D, TB)  # raw means: shifts' base
         mc_b = gl.convert_layout(_sum_to_channels(x, LC) / G, CB)
         nt, nc = _normalize(
-            x,
-            mt_b,
-            mc_b,
-            IS_KEY,
-            ITERS,
-            G,
-            D,
-            HL_G,
-            HL_D,
-            LT,
-            LC,
-            LT2,
-            LC2,
-            TB,
-            CB,
-            RG,
-            RI,
-            C2,
-            CG,
-            VEC,
+            x, mt_b, mc_b, IS_KEY, ITERS, G, D, HL_G, HL_D, LT, LC, LT2, LC2, TB, CB, CB2, RG, RI, C2, CG, VEC,
             COMPILED,
-        )
+        )  # fmt: skip
         st_b = gl.convert_layout(gl.exp2(nt), TB)
         sc_b = gl.convert_layout(gl.exp2(nc), CB)
         # B = X / s_col / s_row, column scale first (SPEC columns: tokens for keys, channels for values)
@@ -447,22 +478,10 @@ def _compress_tile_v3(
         v = _sub_exact(b, _token_bcast(lo_b), COMPILED) * _token_bcast(inv_b)
     # 0 <= v <= QMAX up to rounding, so the reference's clamp is a no-op (see compress_v2)
     codes = (v + _ROUND_MAGIC).to(gl.int32, bitcast=True) & QMAX
-    if BITS == 3:
-        PER: tl.constexpr = 8
-        BYTES: tl.constexpr = 3
-    else:
-        PER: tl.constexpr = 8 // BITS
-        BYTES: tl.constexpr = 1
     if IS_KEY:
-        ROW: tl.constexpr = G * BITS // 8  # codes [D, G * bits / 8], packed along tokens
-        off = ch * ROW + (tok // PER) * BYTES
-        shift = (tok % PER) * BITS
-        _pack_store(codes, off, shift, codes_ptr + n64 * (D * ROW), 1, BITS, PER, RG, RI, C2, CG, VEC)
+        _pack_store(codes, codes_ptr + n64 * (D * G * BITS // 8), 1, BITS, G, D, RG, RI, C2, CG, VEC, L5, KS)
     else:
-        ROW: tl.constexpr = D * BITS // 8  # codes [G, D * bits / 8], packed along channels
-        off = tok * ROW + (ch // PER) * BYTES
-        shift = (ch % PER) * BITS
-        _pack_store(codes, off, shift, codes_ptr + n64 * (G * ROW), 4, BITS, PER, RG, RI, C2, CG, VEC)
+        _pack_store(codes, codes_ptr + n64 * (G * D * BITS // 8), 4, BITS, G, D, RG, RI, C2, CG, VEC, L5, KS)
 
 
 @jit
@@ -472,22 +491,29 @@ def _compress_kernel_v3(
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ITERS: tl.constexpr,
     NORMALIZE: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
     VEC: tl.constexpr, HL_G: tl.constexpr, HL_D: tl.constexpr, L5: tl.constexpr, LT: tl.constexpr,
-    LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, COMPILED: tl.constexpr,
+    LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, L6: tl.constexpr, KS: tl.constexpr,
+    COMPILED: tl.constexpr,
 ):  # fmt: skip
     n = gl.program_id(0)
     if gl.program_id(1) == 0:
         _compress_tile_v3(
             k_ptr, k_stride_n, k_stride_t, kc_ptr, ka_ptr, kz_ptr, kr_ptr, n, True, KB, G, D, ITERS,
-            NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, COMPILED,
+            NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
         )  # fmt: skip
     else:
         _compress_tile_v3(
             v_ptr, v_stride_n, v_stride_t, vc_ptr, va_ptr, vz_ptr, vs_ptr, n, False, VB, G, D, ITERS,
-            NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, COMPILED,
+            NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
         )  # fmt: skip
 
 
-def _blocked(shape: list[int], lane_dims: list[int], warp_dims: list[int], num_warps: int) -> BlockedLayout:
+def _blocked(
+    shape: list[int],
+    lane_dims: list[int],
+    warp_dims: list[int],
+    num_warps: int,
+    order: list[int] | None = None,
+) -> BlockedLayout:
     """A blocked layout over ``shape`` that gives the 32 lanes, then the warps, to the listed dims
     in turn (as many as each dim can take); the rest of each dim stays in the thread's registers.
     Lanes or warps left over (a small tensor) go to the last listed dim as replicas."""
@@ -503,18 +529,25 @@ def _blocked(shape: list[int], lane_dims: list[int], warp_dims: list[int], num_w
         take = min(left, rest[dim])
         wpc[dim], rest[dim], left = take, rest[dim] // take, left // take
     wpc[warp_dims[-1]] *= left
-    return BlockedLayout(rest, tpw, wpc, list(range(rank - 1, -1, -1)))
+    return BlockedLayout(rest, tpw, wpc, order or list(range(rank - 1, -1, -1)))
 
 
-def kernel_config(g: int, d: int, dtype: torch.dtype, num_warps: int = 4, lanes_per_token: int = 8) -> dict:
+def kernel_config(
+    g: int, d: int, dtype: torch.dtype, num_warps: int = 4, lanes_per_token: int = 8, key_bits: int = 4
+) -> dict:
     """Layouts and sizes of one launch (constexpr arguments of ``_compress_kernel_v3`` + num_warps)."""
     lay = tile_layout(g, d, dtype, num_warps, lanes_per_token)
     rg, ri, c2, cg, vec, w = lay["RG"], lay["RI"], lay["C2"], lay["CG"], lay["VEC"], lay["num_warps"]
     tr = rg // w
     tile = BlockedLayout([1, ri, c2, 1, vec], [tr, 1, 1, cg, 1], [w, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    # the tile layout with a trailing pair axis in registers (to broadcast two channel vectors at once)
+    tile2 = BlockedLayout(
+        [1, ri, c2, 1, vec, 2], [tr, 1, 1, cg, 1, 1], [w, 1, 1, 1, 1, 1], [5, 4, 3, 2, 1, 0]
+    )
     return {
         "RG": rg, "RI": ri, "C2": c2, "CG": cg, "VEC": vec, "HL_G": lay["HL_G"], "HL_D": lay["HL_D"],
         "L5": tile,
+        "L6": tile2,
         # compact token layout over [RG, RI, CG]: tokens over lanes, then warps; CG partials in registers
         "LT": _blocked([rg, ri, cg], [1, 0, 2], [0, 1, 2], w),
         # compact channel layout over [RG, C2, CG, VEC]: channels over lanes (VEC, C2, then CG) and
@@ -524,5 +557,9 @@ def kernel_config(g: int, d: int, dtype: torch.dtype, num_warps: int = 4, lanes_
         # the same with a trailing (sum d, sum d^2) pair axis kept in registers
         "LT2": _blocked([rg, ri, cg, 2], [1, 0, 2, 3], [0, 1, 2, 3], w),
         "LC2": _blocked([rg, c2, cg, vec, 2], [3, 1, 2, 0, 4], [2, 1, 3, 0, 4], w),
+        # packed key bytes [G / PER, C2, CG, VEC]: lanes along a channel row's bytes first, and those
+        # bytes first in registers, so stores are whole rows (and vectors where a thread holds more)
+        "KS": _blocked([g // (8 if key_bits == 3 else 8 // key_bits), c2, cg, vec], [0, 3, 2, 1], [2, 1, 3, 0], w,
+                       order=[0, 3, 2, 1]),  # fmt: skip
         "num_warps": w,
     }  # fmt: skip
