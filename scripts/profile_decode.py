@@ -18,14 +18,8 @@ from gpu_decode_attention import HQ, D, G, make_storage  # noqa: E402
 
 from kvarn.attention.triton import decode_tc  # noqa: E402
 
-
-def parse_value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v.lower(), v)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sm90_report import parse_value  # noqa: E402
 
 
 def main() -> None:
