@@ -7,8 +7,10 @@ Workload: a 32k-token prefill of a Llama-3-8B-shaped model (32 layers x 8 KV hea
 bf16), i.e. 65,536 (tile, head) pairs of 128 tokens, keys and values, KVarN K4V2 (8 normalization
 iterations, bf16 metadata): 4.29 GB read, 0.91 GB written. Target: <= 10 ms on an H100.
 
-A variant is ``kernel[:wN][:lN]``: kernel v1 (baseline), v2 (Triton) or v3 (Gluon), N warps per
-program (default 4), N lanes per token (v2/v3, default 8). Each variant is first checked on
+A variant is ``kernel[:wN][:lN][:pN][:f][:rN]``: kernel v1 (baseline), v2 (Triton) or v3 (Gluon),
+N warps per program (default 4), N lanes per token (v2/v3, default 8); v3 launch options: pN a
+persistent grid of N programs per SM looping over the tiles, f (with pN) an L2 prefetch of each
+program's next tile, rN at most N registers per thread (ptxas maxnreg). Each variant is first checked on
 ``--check-pairs`` pairs against ``kvarn.codec.encode_tiles`` (float32 metadata, outputs poisoned):
 codes must be identical except at rounding ties (a mismatch off by one step, at a value within 1e-3
 of a .5 boundary, under 1e-3 of all codes); metadata and reconstruction differences are printed
@@ -40,7 +42,8 @@ TARGET_MS = 10.0
 
 
 def parse_variant(spec: str) -> dict:
-    """'v3:w8:l16' -> {'kernel': 'v3', 'num_warps': 8, 'lanes_per_token': 16}."""
+    """'v3:w8:l16:p2:f:r128' -> {'kernel': 'v3', 'num_warps': 8, 'lanes_per_token': 16,
+    'persistent': 2, 'prefetch': True, 'max_registers': 128}."""
     kernel, *opts = spec.strip().split(":")
     kw = {"kernel": kernel}
     for opt in opts:
@@ -48,8 +51,17 @@ def parse_variant(spec: str) -> dict:
             kw["num_warps"] = int(opt[1:])
         elif opt[:1] == "l":
             kw["lanes_per_token"] = int(opt[1:])
+        elif opt[:1] == "p":
+            kw["persistent"] = int(opt[1:])
+        elif opt == "f":
+            kw["prefetch"] = True
+        elif opt[:1] == "r":
+            kw["max_registers"] = int(opt[1:])
         else:
-            raise ValueError(f"variant {spec!r}: unknown option {opt!r} (wN: warps, lN: lanes per token)")
+            raise ValueError(
+                f"variant {spec!r}: unknown option {opt!r} (wN: warps, lN: lanes per token, pN: persistent "
+                "programs per SM, f: prefetch, rN: max registers)"
+            )
     if kernel not in tcompress.KERNELS:
         raise ValueError(f"variant {spec!r}: kernel must be one of {tcompress.KERNELS}")
     return kw

@@ -284,3 +284,27 @@ def test_v3_layouts_partition_the_tile():
             assert math.prod(lay.threads_per_warp) == 32 and math.prod(lay.warps_per_cta) == w, (label, name)
             per_dim = zip(lay.size_per_thread, lay.threads_per_warp, lay.warps_per_cta, strict=True)
             assert [s * t * u for s, t, u in per_dim] == shape, (label, name)
+
+
+def test_v3_persistent_launch_matches_codec():
+    """v3's persistent grid (programs looping over tiles; prefetch and register cap are GPU-only
+    hints, accepted here): 5 pairs on 2 programs per axis, so programs take 3 and 2 tiles."""
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32, metadata_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    k = _outlier_tiles((5, 32, 64), torch.bfloat16, gen)
+    v = _outlier_tiles((5, 32, 64), torch.bfloat16, gen)
+    got = compress.compress_tiles(k, v, cfg, kernel="v3", persistent=2, prefetch=True, max_registers=128)
+    _assert_matches_codec(got, k, v, cfg)
+
+
+def test_v3_launch_options_reject_bad_values():
+    cfg = KVarNConfig(tile_size=32)
+    x = torch.randn(1, 32, 64)
+    with pytest.raises(ValueError, match="v3 launch options"):
+        compress.compress_tiles(x, x, cfg, kernel="v1", persistent=2)
+    with pytest.raises(ValueError, match="persistent=0"):
+        compress.compress_tiles(x, x, cfg, kernel="v3", persistent=0)
+    with pytest.raises(ValueError, match="prefetch needs a persistent"):
+        compress.compress_tiles(x, x, cfg, kernel="v3", prefetch=True)
+    with pytest.raises(ValueError, match="max_registers=300"):
+        compress.compress_tiles(x, x, cfg, kernel="v3", max_registers=300)

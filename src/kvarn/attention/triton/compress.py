@@ -353,6 +353,9 @@ def compress_tiles(
     kernel: str | None = None,
     num_warps: int | None = None,
     lanes_per_token: int | None = None,
+    persistent: int | None = None,
+    prefetch: bool = False,
+    max_registers: int | None = None,
 ) -> QuantizedTiles:
     """Quantize matching key and value tiles ``[..., G, D]`` with one fused launch.
 
@@ -366,6 +369,11 @@ def compress_tiles(
         kernel: "v3", "v2" or "v1" (see ``KERNELS``); None: ``default_kernel()``. With
             ``rotate=True`` v1 runs whatever is asked (v2 and v3 do not rotate).
         num_warps, lanes_per_token: launch options for benchmarks (v2, v3: lanes that share a token).
+        persistent, prefetch, max_registers: v3 launch options for benchmarks. ``persistent=R``
+            launches R programs per SM (half keys, half values) that loop over the tiles instead of
+            one program per tile; ``prefetch`` (with ``persistent``) has each program ask L2 for
+            its next tile before encoding the current one; ``max_registers`` caps registers per
+            thread (ptxas ``maxnreg``; spills instead), e.g. 128 for two 8-warp programs per SM.
 
     Returns:
         :class:`QuantizedTiles` with the codec's layout and ``config.metadata_dtype`` metadata.
@@ -422,6 +430,8 @@ def compress_tiles(
     kernel = kernel or default_kernel()
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+    if kernel != "v3" and (persistent or prefetch or max_registers):
+        raise ValueError("persistent, prefetch and max_registers are v3 launch options")
     if num_warps is None:
         # 128 tile elements per thread (4 warps for 128 x 128): the tile stays in registers
         num_warps = max(1, min(8, g * d // 4096))
@@ -429,8 +439,10 @@ def compress_tiles(
         from kvarn.attention.triton import compress_v3
 
         cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps, lanes_per_token or 8, key_bits=kb)
-        LAST_LAUNCH[0] = compress_v3._compress_kernel_v3[(n, 2)](
-            k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs,
+        cfg.update(compress_v3.launch_options(n, k, persistent, prefetch, max_registers, cfg["num_warps"]))
+        programs = cfg.pop("programs")
+        LAST_LAUNCH[0] = compress_v3._compress_kernel_v3[(programs, 2)](
+            k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs, n, programs,
             KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
             COMPILED=not interpreting(), **cfg,
         )  # fmt: skip
