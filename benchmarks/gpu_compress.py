@@ -11,7 +11,7 @@ A variant is ``kernel[:wN][:lN][:pN][:f][:rN]``: kernel v1 (baseline), v2 (Trito
 N warps per program (default 4), N lanes per token (v2/v3, default 8); v3 launch options: pN a
 persistent grid of N programs per SM looping over the tiles, f (with pN) an L2 prefetch of each
 program's next tile, rN at most N registers per thread (ptxas maxnreg). Each variant is first checked on
-``--check-pairs`` pairs against ``kvarn.codec.encode_tiles`` (float32 metadata, outputs poisoned):
+``--check-pairs`` pairs (and 16 pairs of constant tiles) against ``kvarn.codec.encode_tiles`` (float32 metadata, outputs poisoned):
 codes must be identical except at rounding ties (a mismatch off by one step, at a value within 1e-3
 of a .5 boundary, under 1e-3 of all codes); metadata and reconstruction differences are printed
 for information (near-tied imbalance scores may pick a neighbouring state; see docs/gpu_compress.md).
@@ -85,8 +85,22 @@ def poisoned_out(n: int, cfg: KVarNConfig, dev) -> QuantizedTiles:
     return QuantizedTiles(keys, values)
 
 
-def check_against_codec(kw: dict, k: torch.Tensor, v: torch.Tensor, cfg: KVarNConfig) -> dict:
-    """Codes vs the codec (tie-tolerant), metadata and reconstruction differences (float32 metadata)."""
+def constant_tiles(n: int, dtype, dev, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """n key and n value tiles each of one random non-zero value: their normalized rows are exactly
+    constant, the codec's codes all 0. A kernel whose ``b - lo`` the compiler fused with b's
+    multiply (an FMA keeps the product's rounding error, times 1 / STEP_FLOOR) writes QMAX there."""
+    c = torch.randn(2, n, 1, 1, generator=gen, device=dev) * 3.0
+    c = torch.where(c.abs() < 0.1, c + 0.5, c)
+    t = c.expand(2, n, G, D).to(dtype)
+    return t[0], t[1]
+
+
+def check_against_codec(
+    kw: dict, k: torch.Tensor, v: torch.Tensor, cfg: KVarNConfig, meta_pairs: int
+) -> dict:
+    """Codes vs the codec (tie-tolerant), metadata and reconstruction differences (float32 metadata;
+    metadata of the first ``meta_pairs`` pairs only: constant tiles tie every state, so their
+    metadata may differ by a common factor, e^0.3, with identical codes)."""
     cfg32 = cfg.replace(metadata_dtype=torch.float32)
     got = compress_tiles(k, v, cfg32, out=poisoned_out(k.shape[0], cfg32, k.device), **kw)
     ref = encode_tiles(k, v, cfg32)
@@ -121,6 +135,7 @@ def check_against_codec(kw: dict, k: torch.Tensor, v: torch.Tensor, cfg: KVarNCo
             if not torch.isfinite(x).all():
                 res["ok"] = False
                 res["worst"] += f"{part}.{name} has non-finite values; "
+            x, y = x[:meta_pairs], y[:meta_pairs]
             rel = max(rel, ((x - y).abs() / y.abs().clamp_min(1e-6)).max().item())
     res["meta_rel"] = rel
     kg, vg = decode_tiles(got)
@@ -167,13 +182,15 @@ def main() -> None:
         f"{cfg.iterations} iterations: {n} (tile, head) pairs, K and V; "
         f"{in_bytes / 1e9:.2f} GB read, {out_bytes / 1e9:.2f} GB written"
     )
-    kc, vc = k[: args.check_pairs], v[: args.check_pairs]
+    # the checked pairs: random ones and 16 constant tiles (see constant_tiles)
+    ck, cv = constant_tiles(16, torch.bfloat16, dev, gen)
+    kc, vc = torch.cat([k[: args.check_pairs], ck]), torch.cat([v[: args.check_pairs], cv])
     rows = []
     for spec in args.variants.split(","):
         kw = parse_variant(spec)
         t0 = time.time()
         try:
-            chk = check_against_codec(kw, kc, vc, cfg)
+            chk = check_against_codec(kw, kc, vc, cfg, meta_pairs=kc.shape[0] - ck.shape[0])
         except Exception as exc:  # a variant that fails to compile or run is reported, not fatal
             print(f"{spec}: FAILED to run: {type(exc).__name__}: {str(exc)[:300]}")
             rows.append({"variant": spec, "check": "ERROR", "ms": float("nan")})

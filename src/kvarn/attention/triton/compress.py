@@ -33,6 +33,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from kvarn.attention.triton import interpreting
 from kvarn.codec import QuantizedKeys, QuantizedTiles, QuantizedValues
@@ -139,8 +140,19 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _round_codes(x, lo, inv_step, QMAX: tl.constexpr):
-    v = (x - lo) * inv_step
+def _round_codes(x, lo, inv_step, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
+    """RTN codes of x [.., ..] with per-row lo and 1 / step (broadcast operands).
+
+    ``x - lo`` is rounded on its own (``sub_rn``): a plain subtraction lets the compiler fuse the
+    multiply that produced x (x = y * s) into an FMA, fma(y, s, -lo), which for a constant row
+    leaves the product's rounding error instead of 0; times 1 / step (1 / STEP_FLOOR there) that
+    is a code of QMAX where the reference has 0, and on rows spanning a few float32 ulps, codes off
+    by several steps (the decoded values stay within an ulp either way). The reference subtracts
+    rounded values. The interpreter has no libdevice and never fuses."""
+    if INTERPRET:
+        v = (x - lo) * inv_step
+    else:
+        v = libdevice.sub_rn(x, lo) * inv_step
     v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
     return tl.minimum(tl.maximum(v, 0.0), QMAX).to(tl.int32)
 
@@ -251,7 +263,7 @@ def _compress_one(
         # RTN per channel over the tile's tokens; a, z per channel, r per token.
         lo = tl.min(b, axis=0)
         step = tl.maximum((tl.max(b, axis=0) - lo) / QMAX, _STEP_FLOOR)
-        codes = _round_codes(b, lo[None, :], (1.0 / step)[None, :], QMAX)
+        codes = _round_codes(b, lo[None, :], (1.0 / step)[None, :], QMAX, INTERPRET)
         ROW: tl.constexpr = G * BITS // 8
         _pack_store(codes, codes_ptr + n64 * (D * ROW), ROW, 0, BITS, G, D)
         tl.store(a_ptr + n64 * D + d, (s_c * step).to(md))
@@ -261,7 +273,7 @@ def _compress_one(
         # RTN per token over channels; a, z per token, c per channel.
         lo = tl.min(b, axis=1)
         step = tl.maximum((tl.max(b, axis=1) - lo) / QMAX, _STEP_FLOOR)
-        codes = _round_codes(b, lo[:, None], (1.0 / step)[:, None], QMAX)
+        codes = _round_codes(b, lo[:, None], (1.0 / step)[:, None], QMAX, INTERPRET)
         ROW: tl.constexpr = D * BITS // 8
         _pack_store(codes, codes_ptr + n64 * (G * ROW), ROW, 1, BITS, G, D)
         tl.store(a_ptr + n64 * G + t, (s_t * step).to(md))
