@@ -58,14 +58,19 @@ def _v2(num_warps: int = 4, lanes_per_token: int = 8) -> tuple:
     return compress_v2._compress_kernel_v2, sig, const, nw
 
 
-def _v3(num_warps: int = 4, lanes_per_token: int = 8) -> tuple:
+def _v3(num_warps: int = 4, lanes_per_token: int = 8, persistent: int | None = None, prefetch: bool = False,
+        max_registers: int | None = None) -> tuple:  # fmt: skip
     import torch
 
     cfg = compress_v3.kernel_config(G, D, torch.bfloat16, num_warps, lanes_per_token, key_bits=KB)
     nw = cfg.pop("num_warps")
-    sig = dict(_PTR + _OUT)
-    const = dict(KB=KB, VB=VB, G=G, D=D, ITERS=ITERS, NORMALIZE=True, COMPILED=True, **cfg)
-    return compress_v3._compress_kernel_v3, sig, const, nw
+    x = torch.empty(1, G, D, dtype=torch.bfloat16)
+    opts = compress_v3.launch_options(TILES // 2, x, persistent, prefetch, max_registers, nw)
+    opts.pop("programs")
+    maxnreg = opts.pop("maxnreg", None)
+    sig = dict(_PTR + _OUT + [("n_tiles", "i32"), ("n_programs", "i32")])
+    const = dict(KB=KB, VB=VB, G=G, D=D, ITERS=ITERS, NORMALIZE=True, COMPILED=True, **cfg, **opts)
+    return compress_v3._compress_kernel_v3, sig, const, nw, maxnreg
 
 
 VARIANTS = {
@@ -80,22 +85,35 @@ VARIANTS = {
     "v3-cg4": lambda: _v3(4, 4),
     "v3-w8": lambda: _v3(8, 8),
     "v3-w2": lambda: _v3(2, 8),
+    # launch options (compress_tiles persistent=, prefetch=, max_registers=)
+    "v3-p2": lambda: _v3(4, 8, persistent=2),
+    "v3-p2f": lambda: _v3(4, 8, persistent=2, prefetch=True),
+    "v3-r168": lambda: _v3(4, 8, max_registers=168),
+    "v3-w8-r128": lambda: _v3(8, 8, max_registers=128),
+    "v3-w8-r128-p2f": lambda: _v3(8, 8, persistent=2, prefetch=True, max_registers=128),
 }
 
 
-def compile_sm90(fn, sig: dict, const: dict, num_warps: int):
+def compile_sm90(fn, sig: dict, const: dict, num_warps: int, maxnreg: int | None = None):
     sig = dict(sig)
     for name in const:
         sig[name] = "constexpr"
     # what the JIT specializes for 16-byte aligned pointers and strides divisible by 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if sig[name] in _ALIGNED_TYPES}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(sig)
+        if sig[name] in _ALIGNED_TYPES and name not in ("n_tiles", "n_programs")
+    }
     if getattr(fn, "is_gluon", lambda: False)():
         from triton.experimental.gluon._runtime import GluonASTSource
 
         src = GluonASTSource(fn, sig, const, attrs)
     else:
         src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 _ALIGNED_TYPES = {"*bf16", "*u8", "*fp32", "i32"}
@@ -126,14 +144,15 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
 
 
 def loops(instrs) -> list[tuple[int, int]]:
-    """(start, end) addresses of backward branches' ranges, outermost only."""
+    """(start, end) addresses of backward branches' ranges, innermost only (the normalization
+    loop; a persistent launch's tile loop around it is left out)."""
     spans = []
     for addr, op, args in instrs:
         if op == "BRA":
             m = re.search(r"0x([0-9a-f]+)", args)
             if m and int(m.group(1), 16) < addr:
                 spans.append((int(m.group(1), 16), addr))
-    return [s for s in spans if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in spans)]
+    return [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
 
 
 CLASSES = {
@@ -156,8 +175,8 @@ def classify(ops: collections.Counter) -> dict:
 
 
 def analyze(name: str, dump: str | None) -> dict:
-    fn, sig, const, nw = VARIANTS[name]()
-    k = compile_sm90(fn, sig, const, nw)
+    fn, sig, const, nw, *maxnreg = VARIANTS[name]()
+    k = compile_sm90(fn, sig, const, nw, *maxnreg)
     if dump:
         os.makedirs(dump, exist_ok=True)
         for ext in ("ttgir", "ptx"):

@@ -7,9 +7,11 @@ Workload: a 32k-token prefill of a Llama-3-8B-shaped model (32 layers x 8 KV hea
 bf16), i.e. 65,536 (tile, head) pairs of 128 tokens, keys and values, KVarN K4V2 (8 normalization
 iterations, bf16 metadata): 4.29 GB read, 0.91 GB written. Target: <= 10 ms on an H100.
 
-A variant is ``kernel[:wN][:lN]``: kernel v1 (baseline), v2 (Triton) or v3 (Gluon), N warps per
-program (default 4), N lanes per token (v2/v3, default 8). Each variant is first checked on
-``--check-pairs`` pairs against ``kvarn.codec.encode_tiles`` (float32 metadata, outputs poisoned):
+A variant is ``kernel[:wN][:lN][:pN][:f][:rN]``: kernel v1 (baseline), v2 (Triton) or v3 (Gluon),
+N warps per program (default 4), N lanes per token (v2/v3, default 8); v3 launch options: pN a
+persistent grid of N programs per SM looping over the tiles, f (with pN) an L2 prefetch of each
+program's next tile, rN at most N registers per thread (ptxas maxnreg). Each variant is first checked on
+``--check-pairs`` pairs (and 16 pairs of constant tiles) against ``kvarn.codec.encode_tiles`` (float32 metadata, outputs poisoned):
 codes must be identical except at rounding ties (a mismatch off by one step, at a value within 1e-3
 of a .5 boundary, under 1e-3 of all codes); metadata and reconstruction differences are printed
 for information (near-tied imbalance scores may pick a neighbouring state; see docs/gpu_compress.md).
@@ -40,7 +42,8 @@ TARGET_MS = 10.0
 
 
 def parse_variant(spec: str) -> dict:
-    """'v3:w8:l16' -> {'kernel': 'v3', 'num_warps': 8, 'lanes_per_token': 16}."""
+    """'v3:w8:l16:p2:f:r128' -> {'kernel': 'v3', 'num_warps': 8, 'lanes_per_token': 16,
+    'persistent': 2, 'prefetch': True, 'max_registers': 128}."""
     kernel, *opts = spec.strip().split(":")
     kw = {"kernel": kernel}
     for opt in opts:
@@ -48,8 +51,17 @@ def parse_variant(spec: str) -> dict:
             kw["num_warps"] = int(opt[1:])
         elif opt[:1] == "l":
             kw["lanes_per_token"] = int(opt[1:])
+        elif opt[:1] == "p":
+            kw["persistent"] = int(opt[1:])
+        elif opt == "f":
+            kw["prefetch"] = True
+        elif opt[:1] == "r":
+            kw["max_registers"] = int(opt[1:])
         else:
-            raise ValueError(f"variant {spec!r}: unknown option {opt!r} (wN: warps, lN: lanes per token)")
+            raise ValueError(
+                f"variant {spec!r}: unknown option {opt!r} (wN: warps, lN: lanes per token, pN: persistent "
+                "programs per SM, f: prefetch, rN: max registers)"
+            )
     if kernel not in tcompress.KERNELS:
         raise ValueError(f"variant {spec!r}: kernel must be one of {tcompress.KERNELS}")
     return kw
@@ -73,8 +85,22 @@ def poisoned_out(n: int, cfg: KVarNConfig, dev) -> QuantizedTiles:
     return QuantizedTiles(keys, values)
 
 
-def check_against_codec(kw: dict, k: torch.Tensor, v: torch.Tensor, cfg: KVarNConfig) -> dict:
-    """Codes vs the codec (tie-tolerant), metadata and reconstruction differences (float32 metadata)."""
+def constant_tiles(n: int, dtype, dev, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """n key and n value tiles each of one random non-zero value: their normalized rows are exactly
+    constant, the codec's codes all 0. A kernel whose ``b - lo`` the compiler fused with b's
+    multiply (an FMA keeps the product's rounding error, times 1 / STEP_FLOOR) writes QMAX there."""
+    c = torch.randn(2, n, 1, 1, generator=gen, device=dev) * 3.0
+    c = torch.where(c.abs() < 0.1, c + 0.5, c)
+    t = c.expand(2, n, G, D).to(dtype)
+    return t[0], t[1]
+
+
+def check_against_codec(
+    kw: dict, k: torch.Tensor, v: torch.Tensor, cfg: KVarNConfig, meta_pairs: int
+) -> dict:
+    """Codes vs the codec (tie-tolerant), metadata and reconstruction differences (float32 metadata;
+    metadata of the first ``meta_pairs`` pairs only: constant tiles tie every state, so their
+    metadata may differ by a common factor, e^0.3, with identical codes)."""
     cfg32 = cfg.replace(metadata_dtype=torch.float32)
     got = compress_tiles(k, v, cfg32, out=poisoned_out(k.shape[0], cfg32, k.device), **kw)
     ref = encode_tiles(k, v, cfg32)
@@ -109,6 +135,7 @@ def check_against_codec(kw: dict, k: torch.Tensor, v: torch.Tensor, cfg: KVarNCo
             if not torch.isfinite(x).all():
                 res["ok"] = False
                 res["worst"] += f"{part}.{name} has non-finite values; "
+            x, y = x[:meta_pairs], y[:meta_pairs]
             rel = max(rel, ((x - y).abs() / y.abs().clamp_min(1e-6)).max().item())
     res["meta_rel"] = rel
     kg, vg = decode_tiles(got)
@@ -155,13 +182,15 @@ def main() -> None:
         f"{cfg.iterations} iterations: {n} (tile, head) pairs, K and V; "
         f"{in_bytes / 1e9:.2f} GB read, {out_bytes / 1e9:.2f} GB written"
     )
-    kc, vc = k[: args.check_pairs], v[: args.check_pairs]
+    # the checked pairs: random ones and 16 constant tiles (see constant_tiles)
+    ck, cv = constant_tiles(16, torch.bfloat16, dev, gen)
+    kc, vc = torch.cat([k[: args.check_pairs], ck]), torch.cat([v[: args.check_pairs], cv])
     rows = []
     for spec in args.variants.split(","):
         kw = parse_variant(spec)
         t0 = time.time()
         try:
-            chk = check_against_codec(kw, kc, vc, cfg)
+            chk = check_against_codec(kw, kc, vc, cfg, meta_pairs=kc.shape[0] - ck.shape[0])
         except Exception as exc:  # a variant that fails to compile or run is reported, not fatal
             print(f"{spec}: FAILED to run: {type(exc).__name__}: {str(exc)[:300]}")
             rows.append({"variant": spec, "check": "ERROR", "ms": float("nan")})

@@ -222,6 +222,31 @@ def test_compress_constant_and_zero_rows(kernel):
     assert err_got <= 1.25 * err_want + 1e-6, (err_got, err_want)
 
 
+@pytest.mark.parametrize(
+    "kernel,dtype", [("v1", torch.float32), ("v2", torch.bfloat16), ("v3", torch.float16)]
+)
+def test_compress_constant_nonzero_tiles(kernel, dtype):
+    """Whole tiles of one non-zero value: every std is 0, the normalization's scales are uniform
+    but not powers of two, so the normalized tile b = x * s_c * s_t is one rounded product and its
+    rows are exactly constant. The reference's codes are then all 0 (b - lo = 0) and step is the
+    floor. A kernel that let the compiler fuse b's multiply into b - lo (an FMA keeps the product's
+    rounding error, times 1 / STEP_FLOOR) would write QMAX codes instead: on a GPU, not here (the
+    interpreter never fuses), so this pins the expected result and benchmarks/gpu_compress.py
+    checks the same tiles on the GPU."""
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32, metadata_dtype=torch.float32)
+    k = torch.full((2, 32, 64), 2.5, dtype=dtype)
+    v = torch.full((2, 32, 64), -1.25, dtype=dtype)
+    k[1], v[1] = 0.37, 3.1  # values whose products with the scales round
+    got, want = compress.compress_tiles(k, v, cfg, kernel=kernel), encode_tiles(k, v, cfg)
+    assert (want.keys.codes == 0).all() and (want.values.codes == 0).all()
+    assert torch.equal(got.keys.codes, want.keys.codes) and torch.equal(got.values.codes, want.values.codes)
+    # metadata is not compared: every state scores the same here (all ratios 1), so rounding
+    # noise picks the state in the kernels as in the codec, and states differ by a common factor
+    # (the clip binding; docs/gpu_compress.md "Limits"). The decoded tiles do not depend on it.
+    kg, vg = decode_tiles(got)
+    assert torch.allclose(kg, k.float(), rtol=1e-5) and torch.allclose(vg, v.float(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_compress_empty_batch(kernel):
     cfg = KVarNConfig(tile_size=32)
@@ -284,3 +309,27 @@ def test_v3_layouts_partition_the_tile():
             assert math.prod(lay.threads_per_warp) == 32 and math.prod(lay.warps_per_cta) == w, (label, name)
             per_dim = zip(lay.size_per_thread, lay.threads_per_warp, lay.warps_per_cta, strict=True)
             assert [s * t * u for s, t, u in per_dim] == shape, (label, name)
+
+
+def test_v3_persistent_launch_matches_codec():
+    """v3's persistent grid (programs looping over tiles; prefetch and register cap are GPU-only
+    hints, accepted here): 5 pairs on 2 programs per axis, so programs take 3 and 2 tiles."""
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32, metadata_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    k = _outlier_tiles((5, 32, 64), torch.bfloat16, gen)
+    v = _outlier_tiles((5, 32, 64), torch.bfloat16, gen)
+    got = compress.compress_tiles(k, v, cfg, kernel="v3", persistent=2, prefetch=True, max_registers=128)
+    _assert_matches_codec(got, k, v, cfg)
+
+
+def test_v3_launch_options_reject_bad_values():
+    cfg = KVarNConfig(tile_size=32)
+    x = torch.randn(1, 32, 64)
+    with pytest.raises(ValueError, match="v3 launch options"):
+        compress.compress_tiles(x, x, cfg, kernel="v1", persistent=2)
+    with pytest.raises(ValueError, match="persistent=0"):
+        compress.compress_tiles(x, x, cfg, kernel="v3", persistent=0)
+    with pytest.raises(ValueError, match="prefetch needs a persistent"):
+        compress.compress_tiles(x, x, cfg, kernel="v3", prefetch=True)
+    with pytest.raises(ValueError, match="max_registers=300"):
+        compress.compress_tiles(x, x, cfg, kernel="v3", max_registers=300)

@@ -33,6 +33,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from kvarn.attention.triton import interpreting
 from kvarn.codec import QuantizedKeys, QuantizedTiles, QuantizedValues
@@ -139,8 +140,19 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _round_codes(x, lo, inv_step, QMAX: tl.constexpr):
-    v = (x - lo) * inv_step
+def _round_codes(x, lo, inv_step, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
+    """RTN codes of x [.., ..] with per-row lo and 1 / step (broadcast operands).
+
+    ``x - lo`` is rounded on its own (``sub_rn``): a plain subtraction lets the compiler fuse the
+    multiply that produced x (x = y * s) into an FMA, fma(y, s, -lo), which for a constant row
+    leaves the product's rounding error instead of 0; times 1 / step (1 / STEP_FLOOR there) that
+    is a code of QMAX where the reference has 0, and on rows spanning a few float32 ulps, codes off
+    by several steps (the decoded values stay within an ulp either way). The reference subtracts
+    rounded values. The interpreter has no libdevice and never fuses."""
+    if INTERPRET:
+        v = (x - lo) * inv_step
+    else:
+        v = libdevice.sub_rn(x, lo) * inv_step
     v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
     return tl.minimum(tl.maximum(v, 0.0), QMAX).to(tl.int32)
 
@@ -251,7 +263,7 @@ def _compress_one(
         # RTN per channel over the tile's tokens; a, z per channel, r per token.
         lo = tl.min(b, axis=0)
         step = tl.maximum((tl.max(b, axis=0) - lo) / QMAX, _STEP_FLOOR)
-        codes = _round_codes(b, lo[None, :], (1.0 / step)[None, :], QMAX)
+        codes = _round_codes(b, lo[None, :], (1.0 / step)[None, :], QMAX, INTERPRET)
         ROW: tl.constexpr = G * BITS // 8
         _pack_store(codes, codes_ptr + n64 * (D * ROW), ROW, 0, BITS, G, D)
         tl.store(a_ptr + n64 * D + d, (s_c * step).to(md))
@@ -261,7 +273,7 @@ def _compress_one(
         # RTN per token over channels; a, z per token, c per channel.
         lo = tl.min(b, axis=1)
         step = tl.maximum((tl.max(b, axis=1) - lo) / QMAX, _STEP_FLOOR)
-        codes = _round_codes(b, lo[:, None], (1.0 / step)[:, None], QMAX)
+        codes = _round_codes(b, lo[:, None], (1.0 / step)[:, None], QMAX, INTERPRET)
         ROW: tl.constexpr = D * BITS // 8
         _pack_store(codes, codes_ptr + n64 * (G * ROW), ROW, 1, BITS, G, D)
         tl.store(a_ptr + n64 * G + t, (s_t * step).to(md))
@@ -353,6 +365,9 @@ def compress_tiles(
     kernel: str | None = None,
     num_warps: int | None = None,
     lanes_per_token: int | None = None,
+    persistent: int | None = None,
+    prefetch: bool = False,
+    max_registers: int | None = None,
 ) -> QuantizedTiles:
     """Quantize matching key and value tiles ``[..., G, D]`` with one fused launch.
 
@@ -366,6 +381,11 @@ def compress_tiles(
         kernel: "v3", "v2" or "v1" (see ``KERNELS``); None: ``default_kernel()``. With
             ``rotate=True`` v1 runs whatever is asked (v2 and v3 do not rotate).
         num_warps, lanes_per_token: launch options for benchmarks (v2, v3: lanes that share a token).
+        persistent, prefetch, max_registers: v3 launch options for benchmarks. ``persistent=R``
+            launches R programs per SM (half keys, half values) that loop over the tiles instead of
+            one program per tile; ``prefetch`` (with ``persistent``) has each program ask L2 for
+            its next tile before encoding the current one; ``max_registers`` caps registers per
+            thread (ptxas ``maxnreg``; spills instead), e.g. 128 for two 8-warp programs per SM.
 
     Returns:
         :class:`QuantizedTiles` with the codec's layout and ``config.metadata_dtype`` metadata.
@@ -422,6 +442,8 @@ def compress_tiles(
     kernel = kernel or default_kernel()
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+    if kernel != "v3" and (persistent or prefetch or max_registers):
+        raise ValueError("persistent, prefetch and max_registers are v3 launch options")
     if num_warps is None:
         # 128 tile elements per thread (4 warps for 128 x 128): the tile stays in registers
         num_warps = max(1, min(8, g * d // 4096))
@@ -429,8 +451,10 @@ def compress_tiles(
         from kvarn.attention.triton import compress_v3
 
         cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps, lanes_per_token or 8, key_bits=kb)
-        LAST_LAUNCH[0] = compress_v3._compress_kernel_v3[(n, 2)](
-            k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs,
+        cfg.update(compress_v3.launch_options(n, k, persistent, prefetch, max_registers, cfg["num_warps"]))
+        programs = cfg.pop("programs")
+        LAST_LAUNCH[0] = compress_v3._compress_kernel_v3[(programs, 2)](
+            k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs, n, programs,
             KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
             COMPILED=not interpreting(), **cfg,
         )  # fmt: skip

@@ -485,26 +485,66 @@ def _compress_tile_v3(
 
 
 @jit
+def _prefetch_tile_l2(x_ptr, x_stride_n, x_stride_t, n, n_tiles, G: tl.constexpr, LINES: tl.constexpr,
+                      LINE_ELEMS: tl.constexpr, LP: tl.constexpr):  # fmt: skip
+    """Ask L2 for tile n (if n < n_tiles): one ``prefetch.global.L2`` per 128-byte line of each
+    token row (LINES lines of LINE_ELEMS elements per row); no registers held, no wait. GPU only."""
+    i = gl.arange(0, G * LINES, layout=LP)
+    n = gl.minimum(n, n_tiles - 1)  # the last program's last tile: prefetch something harmless
+    ptr = x_ptr + n.to(gl.int64) * x_stride_n + (i // LINES) * x_stride_t + (i % LINES) * LINE_ELEMS
+    gl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptr], dtype=gl.int32, is_pure=False, pack=1
+    )
+
+
+@jit
 def _compress_kernel_v3(
     k_ptr, k_stride_n, k_stride_t, v_ptr, v_stride_n, v_stride_t,
-    kc_ptr, ka_ptr, kz_ptr, kr_ptr, vc_ptr, va_ptr, vz_ptr, vs_ptr,
+    kc_ptr, ka_ptr, kz_ptr, kr_ptr, vc_ptr, va_ptr, vz_ptr, vs_ptr, n_tiles, n_programs,
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ITERS: tl.constexpr,
     NORMALIZE: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
     VEC: tl.constexpr, HL_G: tl.constexpr, HL_D: tl.constexpr, L5: tl.constexpr, LT: tl.constexpr,
     LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, L6: tl.constexpr, KS: tl.constexpr,
-    COMPILED: tl.constexpr,
+    COMPILED: tl.constexpr, PERSISTENT: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    LINES: tl.constexpr = 1, LINE_ELEMS: tl.constexpr = 64, LP: tl.constexpr = None,
 ):  # fmt: skip
-    n = gl.program_id(0)
-    if gl.program_id(1) == 0:
-        _compress_tile_v3(
-            k_ptr, k_stride_n, k_stride_t, kc_ptr, ka_ptr, kz_ptr, kr_ptr, n, True, KB, G, D, ITERS,
-            NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
-        )  # fmt: skip
+    """Program (p, 0) encodes key tiles, (p, 1) value tiles: tile p (grid (n_tiles, 2)) or, with
+    PERSISTENT, tiles p, p + P, p + 2P, ... (grid (P, 2)). PREFETCH (persistent, compiled only)
+    asks L2 for the program's next tile before encoding the current one, so that its load finds
+    it there instead of waiting for HBM."""
+    if PERSISTENT:
+        # a while loop: Triton's interpreter cannot take runtime scalars as range() bounds
+        n = gl.program_id(0)
+        while n < n_tiles:
+            if gl.program_id(1) == 0:
+                if PREFETCH:
+                    _prefetch_tile_l2(k_ptr, k_stride_n, k_stride_t, n + n_programs, n_tiles, G, LINES,
+                                      LINE_ELEMS, LP)  # fmt: skip
+                _compress_tile_v3(
+                    k_ptr, k_stride_n, k_stride_t, kc_ptr, ka_ptr, kz_ptr, kr_ptr, n, True, KB, G, D, ITERS,
+                    NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
+                )  # fmt: skip
+            else:
+                if PREFETCH:
+                    _prefetch_tile_l2(v_ptr, v_stride_n, v_stride_t, n + n_programs, n_tiles, G, LINES,
+                                      LINE_ELEMS, LP)  # fmt: skip
+                _compress_tile_v3(
+                    v_ptr, v_stride_n, v_stride_t, vc_ptr, va_ptr, vz_ptr, vs_ptr, n, False, VB, G, D, ITERS,
+                    NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
+                )  # fmt: skip
+            n += n_programs  # n_programs: the grid's axis 0
     else:
-        _compress_tile_v3(
-            v_ptr, v_stride_n, v_stride_t, vc_ptr, va_ptr, vz_ptr, vs_ptr, n, False, VB, G, D, ITERS,
-            NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
-        )  # fmt: skip
+        n = gl.program_id(0)
+        if gl.program_id(1) == 0:
+            _compress_tile_v3(
+                k_ptr, k_stride_n, k_stride_t, kc_ptr, ka_ptr, kz_ptr, kr_ptr, n, True, KB, G, D, ITERS,
+                NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
+            )  # fmt: skip
+        else:
+            _compress_tile_v3(
+                v_ptr, v_stride_n, v_stride_t, vc_ptr, va_ptr, vz_ptr, vs_ptr, n, False, VB, G, D, ITERS,
+                NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
+            )  # fmt: skip
 
 
 def _blocked(
@@ -563,3 +603,32 @@ def kernel_config(
                        order=[0, 3, 2, 1]),  # fmt: skip
         "num_warps": w,
     }  # fmt: skip
+
+
+def launch_options(
+    n: int, x: torch.Tensor, persistent: int | None, prefetch: bool, max_registers: int | None, num_warps: int
+) -> dict:
+    """Grid size (``programs``, per axis-1 index: keys / values) and the constexpr / compile options
+    of the persistent, prefetch and register-cap launch variants (see ``compress_tiles``)."""
+    if persistent is not None and persistent < 1:
+        raise ValueError(f"persistent={persistent}: expected a number of programs per SM >= 1")
+    if prefetch and not persistent:
+        raise ValueError("prefetch needs a persistent launch (persistent=R programs per SM)")
+    if max_registers is not None and not 24 <= max_registers <= 255:
+        raise ValueError(f"max_registers={max_registers}: expected 24..255")
+    opts: dict = {"programs": n}
+    if persistent:
+        # the interpreter has no SMs: 2 "SMs" make a small batch loop
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+        opts["programs"] = max(1, min(n, sms * persistent // 2))
+        opts["PERSISTENT"] = True
+    if prefetch and not interpreting():
+        g, d = x.shape[-2:]
+        line_elems = 128 // x.element_size()
+        lines = max(1, d // line_elems)
+        per_thread = max(1, g * lines // (32 * num_warps))
+        opts.update(PREFETCH=True, LINES=lines, LINE_ELEMS=line_elems,
+                    LP=BlockedLayout([per_thread], [32], [num_warps], [0]))  # fmt: skip
+    if max_registers is not None and not interpreting():
+        opts["maxnreg"] = max_registers
+    return opts
