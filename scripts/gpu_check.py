@@ -88,6 +88,10 @@ def check_compress(method, kb, vb, g, d, dtype, md, rotate, n=None) -> None:
         cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=g, method=method, metadata_dtype=md)
         gen = torch.Generator(device=dev).manual_seed(random.randrange(2**31))
         k, v = random_kv((n, g, d), dtype, dev, gen)
+        # Constant tiles first: a fused multiply-subtract in the kernel (b - lo rounded inside an
+        # FMA) shows there as code QMAX where the codec has 0 (docs/gpu_compress.md).
+        c = min(4, n)
+        k[:c], v[:c] = 2.5, -1.25
         out = poisoned_tiles(n, g, d, cfg, dev)
         got = compress_tiles(k, v, cfg, rotate=rotate, out=out)
         sync()
