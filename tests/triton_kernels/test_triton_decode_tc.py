@@ -100,6 +100,43 @@ def test_decode_tc_words_split_count_and_row_blocks(num_splits, meta_ahead):
     _check(kw, num_splits=num_splits, variant="words", meta_ahead=meta_ahead)
 
 
+# Row blocks under 16 rows (m_block < 16): Triton pads the products, the softmax sees real rows.
+SMALL_BLOCK_CASES = [
+    # group, L, head_dim, tile, kb, vb, dtype, n_tiles, sink_len, tail_len, variant, m_block
+    (4, 1, 64, 64, 4, 2, torch.bfloat16, [3, 0], [64, 7], [5, 63], "words", 4),  # one block of 4 rows
+    (4, 1, 64, 64, 4, 2, torch.float16, [2, 1], [11, 64], [0, 9], "words", 2),  # two blocks of 2 rows
+    (1, 1, 128, 32, 8, 8, torch.float16, [2, 1], [32, 0], [3, 31], "words", 8),  # 1 row (capped)
+    (2, 3, 64, 128, 2, 4, torch.bfloat16, [1, 2], [128, 5], [9, 0], "words", 4),  # 6 rows: 4 + 2 (masked)
+    (8, 1, 64, 64, 4, 2, torch.float16, [2, 2], [64, 64], [17, 0], "planes", 8),
+    (4, 1, 64, 64, 2, 2, torch.bfloat16, [3, 1], [64, 3], [1, 60], "planes", 4),
+]
+
+
+@pytest.mark.parametrize("group,nq,d,g,kb,vb,dtype,nt,sl,tl,variant,m_block", SMALL_BLOCK_CASES)
+def test_decode_tc_small_row_blocks_match_reference(
+    group, nq, d, g, kb, vb, dtype, nt, sl, tl, variant, m_block
+):
+    """m_block < 16 (fewer padded query rows per program): both variants, several row blocks,
+    a last block with masked rows, GQA 1/2/4/8, multi-query, odd lengths."""
+    cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=g)
+    kw = random_layer_storage(
+        batch=len(nt), kv_heads=2, group=group, num_queries=nq, head_dim=d, config=cfg,
+        n_tiles=nt, sink_len=sl, tail_len=tl, capacity=max(nt) + 1, dtype=dtype,
+    )  # fmt: skip
+    _check(kw, num_splits=2, variant=variant, m_block=m_block)
+
+
+def test_decode_tc_rejects_bad_m_block():
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=64)
+    kw = random_layer_storage(
+        batch=1, kv_heads=1, group=4, num_queries=1, head_dim=64, config=cfg,
+        n_tiles=[1], sink_len=[64], tail_len=[0], dtype=torch.float16,
+    )  # fmt: skip
+    for bad in (3, 0, 128):
+        with pytest.raises(ValueError, match="m_block="):
+            decode_tc.quantized_decode_attention(**kw, m_block=bad)
+
+
 def test_decode_tc_words_variant_rejects_small_planes_and_bad_options():
     cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32)
     kw = random_layer_storage(

@@ -908,6 +908,8 @@ def quantized_decode_attention(
     never depends on lengths). ``out`` (optional, ``[B, Hq, L, D]``) receives the result, e.g. a
     static buffer for CUDA-graph capture. ``num_splits`` / ``m_block`` / ``num_warps`` /
     ``num_stages`` override the launch tuning (benchmarks); defaults depend only on shapes.
+    ``m_block`` (query rows per program, default 16) below 16 is taken as given (capped at the
+    rows there are): fewer padded rows in the softmax, e.g. ``m_block=4`` for GQA group 4 x L 1.
     ``prefetch=True`` loads each tile's key codes one tile ahead. ``unpack_asm=True`` extracts the
     code planes with hand-written PTX (GPU only; the interpreter keeps the Triton operations).
     ``pa_split`` (default: float16 queries) adds the second value operand (p * a_v remainder).
@@ -958,10 +960,18 @@ def quantized_decode_attention(
 
     group = hq // hkv
     mrows = group * nq
-    # Query rows per program (tl.dot needs >= 16). 16 by default: at 32 rows the four value
+    # Query rows per program. 16 by default (one m16 tensor-core tile): at 32 rows the four value
     # accumulators spill (sm_90 compile: 1.6 KB per thread); larger groups x queries take
     # several row blocks, re-reading the codes (from L2) per block: the multi-query path only.
-    m_block = max(16, min(_next_pow2(mrows), m_block or 16))
+    # An explicit m_block below 16 is honoured (Triton pads the products to m16 itself, but the
+    # elementwise work, the softmax, runs on the real rows only: group 4 x L 1 = 4 rows instead
+    # of 16; sm_90 compile, words K4V2 D=128: loop 1037 -> 915 instructions per warp per tile).
+    if m_block is not None and (not _is_pow2(m_block) or m_block > 64):
+        raise ValueError(f"m_block={m_block!r}: expected a power of two in [1, 64] or None")
+    if m_block is not None and m_block < 16:
+        m_block = min(_next_pow2(mrows), m_block)
+    else:
+        m_block = max(16, min(_next_pow2(mrows), m_block or 16))
     n_mb = -(-mrows // m_block)
     if num_splits is None:
         num_splits = default_num_splits(bsz, hkv, query.device)
