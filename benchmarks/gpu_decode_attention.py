@@ -46,13 +46,14 @@ KB, VB = 4, 2
 # tc launch variants for --sweep (splits are swept separately: a run-time argument, no recompile).
 VARIANTS = [
     dict(),  # defaults: words + meta_ahead 1 where it applies, PTX unpack, one key operand (bf16), 168-reg cap
-    dict(variant="planes"),
-    dict(variant="words"),  # key codes as 16-bit words, one softmax step per tile
-    dict(variant="words", meta_ahead=1),
-    dict(variant="words", meta_ahead=2),
-    dict(variant="words", meta_ahead=1, num_stages=3),
     dict(variant="words", maxnreg=128),
-    dict(variant="words", meta_ahead=1, maxnreg=None),
+    dict(m_block=4),  # 4 query rows per program (group 4 x L 1) instead of 16 padded
+    dict(m_block=4, meta_ahead=0),
+    dict(m_block=4, maxnreg=128),
+    dict(m_block=4, meta_ahead=0, maxnreg=128),
+    dict(m_block=4, maxnreg=None),
+    dict(m_block=4, num_stages=3),
+    dict(variant="planes", m_block=4),
 ]
 
 

@@ -396,6 +396,15 @@ def main() -> int:
         (f16, 128, 32, 1, 3, 16, 8, 8, 40, {"tc_launch": {"variant": "words"}}),
         (bf, 64, 128, 8, 2, 3, 2, 4, 20, {"tc_launch": {"variant": "words", "maxnreg": None}}),
         (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"tc_launch": {"variant": "words", "meta_ahead": 1}}),
+        # m_block below 16 (Triton pads the tensor-core tile itself)
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"m_block": 4}}),
+        (f16, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"m_block": 4}}),
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"m_block": 4, "maxnreg": 128}}),
+        (bf, 128, 128, 8, 3, 1, 4, 2, 40, {"tc_launch": {"m_block": 8}}),
+        (f16, 128, 128, 4, 3, 3, 4, 2, 40, {"tc_launch": {"m_block": 4}}),
+        (bf, 64, 64, 4, 3, 1, 4, 2, 40, {"tc_launch": {"m_block": 4, "meta_ahead": 0}}),
+        (bf, 128, 64, 4, 3, 1, 2, 2, 40, {"tc_launch": {"variant": "planes", "m_block": 4}}),
+        (f16, 128, 32, 1, 3, 1, 8, 8, 40, {"tc_launch": {"m_block": 2}}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]
@@ -424,6 +433,7 @@ def main() -> int:
             check_cuda_graph(kernel)
         if "tc" in args.decode_kernels.split(","):
             check_cuda_graph("tc", {"variant": "words", "meta_ahead": 1})
+            check_cuda_graph("tc", {"m_block": 4})
     # One verdict line per decode kernel (scripts and dispatch decisions read these).
     for kernel in args.decode_kernels.split(","):
         bad = [f for f in FAILURES if f"[{kernel}]" in f]
