@@ -36,6 +36,13 @@ import triton
 import triton.language as tl
 
 from kvarn.attention.triton import interpreting
+from kvarn.attention.triton.contract import (
+    STORAGE,
+    check_decode_inputs,
+    kernel_layout,
+    output_buffer,
+    split_workspace,
+)
 
 LOG2E = 1.4426950408889634
 MAX_QUERIES = 16  # largest L the kernel is built and tested for (multi-query verification)
@@ -353,26 +360,6 @@ def supports(
     return None
 
 
-def _inner_contiguous(x: torch.Tensor, inner: int) -> torch.Tensor:
-    """Keep the layout when the last ``inner`` dims are dense (slices of a capacity buffer are)."""
-    shape, stride = x.shape[-inner:], x.stride()[-inner:]
-    expected = 1
-    for size, st in zip(reversed(shape), reversed(stride), strict=True):
-        if size > 1 and st != expected:
-            return x.contiguous()
-        expected *= size
-    return x
-
-
-def _check(name: str, x: torch.Tensor, shape: tuple, dtype=None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
-    if dtype is not None and x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype}, expected {dtype}")
-
-
 def quantized_decode_attention(
     query, k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
     n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
@@ -388,36 +375,15 @@ def quantized_decode_attention(
     receives the result, e.g. a static buffer for CUDA-graph capture. ``num_splits`` / ``m_block`` / ``token_chunk`` / ``num_warps`` / ``num_stages`` override the launch tuning
     (benchmarks); the defaults depend only on shapes, never on lengths.
     """
-    if query.ndim != 4:
-        raise ValueError(f"query must be [B, Hq, L, D], got shape {tuple(query.shape)}")
-    bsz, hq, nq, hd = query.shape
-    if k_codes.ndim != 5:
-        raise ValueError(f"k_codes must be [B, Hkv, Ncap, D, G*kb/8], got shape {tuple(k_codes.shape)}")
-    hkv, ncap = k_codes.shape[1], k_codes.shape[2]
-    g = k_token_scale.shape[-1]
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
-    reason = supports(hd, g, key_bits, value_bits, nq, query.dtype)
-    if reason:
-        raise ValueError(f"the Triton decode kernel does not handle this input: {reason}")
-    md = k_scale.dtype
-    _check("k_codes", k_codes, (bsz, hkv, ncap, hd, g * key_bits // 8), torch.uint8)
-    _check("k_scale", k_scale, (bsz, hkv, ncap, hd))
-    _check("k_zero", k_zero, (bsz, hkv, ncap, hd), md)
-    _check("k_token_scale", k_token_scale, (bsz, hkv, ncap, g), md)
-    _check("v_codes", v_codes, (bsz, hkv, ncap, g, hd * value_bits // 8), torch.uint8)
-    _check("v_scale", v_scale, (bsz, hkv, ncap, g), md)
-    _check("v_zero", v_zero, (bsz, hkv, ncap, g), md)
-    _check("v_channel_scale", v_channel_scale, (bsz, hkv, ncap, hd), md)
-    for name, x in (("n_tiles", n_tiles), ("sink_len", sink_len), ("tail_len", tail_len)):
-        _check(name, x, (bsz,), torch.int32)
-    for name, x in (("sink_k", sink_k), ("sink_v", sink_v), ("tail_k", tail_k), ("tail_v", tail_v)):
-        _check(name, x, (bsz, hkv, g, hd))
-    _check("new_k", new_k, (bsz, hkv, nq, hd))
-    _check("new_v", new_v, (bsz, hkv, nq, hd))
-    devs = {t.device for t in (query, k_codes, n_tiles, sink_k, tail_k, new_k)}
-    if len(devs) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(str(x) for x in devs)}")
+    storage = dict(
+        k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
+        v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_channel_scale=v_channel_scale,
+        n_tiles=n_tiles, sink_k=sink_k, sink_v=sink_v, sink_len=sink_len,
+        tail_k=tail_k, tail_v=tail_v, tail_len=tail_len, new_k=new_k, new_v=new_v,
+    )  # fmt: skip
+    bsz, hq, nq, hd, hkv, ncap, g = check_decode_inputs(
+        query, storage, key_bits, value_bits, supports, "Triton", dense_in_query_dtype=False
+    )
 
     group = hq // hkv
     mrows = group * nq
@@ -440,29 +406,16 @@ def quantized_decode_attention(
 
     # The kernel indexes the leading dims by stride (capacity slices stay views) and assumes the
     # innermost dims dense.
-    k_codes, v_codes = _inner_contiguous(k_codes, 2), _inner_contiguous(v_codes, 2)
-    k_scale, k_zero, k_token_scale, v_scale, v_zero, v_channel_scale = (
-        _inner_contiguous(x, 1) for x in (k_scale, k_zero, k_token_scale, v_scale, v_zero, v_channel_scale)
-    )
-    sink_k, sink_v, tail_k, tail_v, new_k, new_v, query = (
-        _inner_contiguous(x, 1) for x in (sink_k, sink_v, tail_k, tail_v, new_k, new_v, query)
-    )
+    query, storage = kernel_layout(query, storage)
+    (
+        k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
+        n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
+    ) = (storage[n] for n in STORAGE)  # fmt: skip
 
     s1 = num_splits + 1
     dev = query.device
-    part_o = torch.empty(bsz * hkv, s1, mrows, hd, dtype=torch.float32, device=dev)
-    part_m = torch.empty(bsz * hkv, s1, mrows, dtype=torch.float32, device=dev)
-    part_l = torch.empty(bsz * hkv, s1, mrows, dtype=torch.float32, device=dev)
-    if POISON_WORKSPACE:  # checks: unwritten partials show up as NaN
-        part_o.fill_(float("nan"))
-        part_m.fill_(float("nan"))
-        part_l.fill_(float("nan"))
-    if out is None:
-        out = torch.empty(bsz, hq, nq, hd, dtype=query.dtype, device=dev)
-    else:
-        _check("out", out, (bsz, hq, nq, hd), query.dtype)
-        if out.stride(-1) != 1:
-            raise ValueError("out must have a contiguous last dim")
+    part_o, part_m, part_l = split_workspace(bsz * hkv, s1, mrows, hd, dev, POISON_WORKSPACE)
+    out = output_buffer(out, (bsz, hq, nq, hd), query.dtype, dev)
 
     def st(x, n):
         return [x.stride(i) for i in range(n)]
