@@ -94,7 +94,7 @@ def decode_tc_call(overrides: dict, args_ns):
         config=config, n_tiles=[2] * b, sink_len=[args_ns.tile] * b, tail_len=[3] * b,
         dtype=getattr(torch, args_ns.dtype), seed=0,
     )  # fmt: skip
-    decode_tc._sm_count = lambda _i: 132  # noqa: SLF001 (H100)
+    decode_tc.sm_count = lambda _device: 132  # H100
     return lambda: decode_tc.quantized_decode_attention(**st, **overrides)
 
 

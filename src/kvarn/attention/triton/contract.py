@@ -2,7 +2,8 @@
 
 Both decode kernels take the same layer storage and return the same thing; what differs is the
 kernel. Input validation (shapes, dtypes, one device: clear errors instead of garbage), the
-stride-preserving layout fix-up and the split-K workspace live here once.
+stride-preserving layout fix-up and the output buffer live here once (the split-K
+pieces are in ``split_k.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def check(name: str, x: torch.Tensor, shape: tuple, dtype=None) -> None:
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
     if dtype is not None and x.dtype != dtype:
         raise TypeError(f"{name} has dtype {x.dtype}, expected {dtype}")
+
+
+def is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
 
 
 def inner_contiguous(x: torch.Tensor, inner: int) -> torch.Tensor:
@@ -93,18 +98,6 @@ def kernel_layout(query: torch.Tensor, st: dict) -> tuple[torch.Tensor, dict]:
         else:
             out[name] = inner_contiguous(x, 2 if name.endswith("_codes") else 1)
     return inner_contiguous(query, 1), out
-
-
-def split_workspace(rows: int, splits: int, mrows: int, head_dim: int, device, poison: bool):
-    """Un-normalized partial outputs and their running max / sum, ``[rows, splits, mrows(, D)]``
-    float32; ``poison`` fills them with NaN so unwritten partials show (GPU checks)."""
-    part_o = torch.empty(rows, splits, mrows, head_dim, dtype=torch.float32, device=device)
-    part_m = torch.empty(rows, splits, mrows, dtype=torch.float32, device=device)
-    part_l = torch.empty(rows, splits, mrows, dtype=torch.float32, device=device)
-    if poison:
-        for x in (part_o, part_m, part_l):
-            x.fill_(float("nan"))
-    return part_o, part_m, part_l
 
 
 def output_buffer(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:

@@ -29,8 +29,6 @@ domain); the merge kernel combines the ``1 + num_splits`` partials per query row
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -39,8 +37,15 @@ from kvarn.attention.triton import interpreting
 from kvarn.attention.triton.contract import (
     STORAGE,
     check_decode_inputs,
+    is_pow2,
     kernel_layout,
     output_buffer,
+)
+from kvarn.attention.triton.split_k import (
+    merge_num_warps,
+    merge_partials,
+    online_step,
+    sm_count,
     split_workspace,
 )
 
@@ -86,16 +91,6 @@ def _mma(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _online_update(m_i, l_i, s):
-    """Online-softmax bookkeeping for scores s (log2 domain): returns new max, p, alpha, sum."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    return m_new, p, alpha, l_i
-
-
-@triton.jit
 def _split(x, DT: tl.constexpr):
     """x (float32) = hi + lo, both in the 16-bit dtype DT: ~2x its significand through a matrix product."""
     hi = x.to(DT)
@@ -130,7 +125,7 @@ def _attend_dense(
             if CAUSAL:
                 keep = keep & (t[None, :] <= q_pos[:, None])
             s = tl.where(keep, s, float("-inf"))
-            m_i, p, alpha, l_i = _online_update(m_i, l_i, s)
+            m_i, p, alpha, l_i = online_step(m_i, l_i, s)
             if v.dtype == tl.float32:
                 pv = tl.dot(p, v, input_precision="tf32x3")
             else:
@@ -175,7 +170,7 @@ def _attend_tile(
         s = _mma(qa_lo, kcode, s, INTERPRET)
         kr = tl.load(kr_base + j64 * skr_n + t).to(tl.float32)
         s = (s + qz[:, None]) * (kr * qk_scale)[None, :]
-        m_i, p, alpha, l_i = _online_update(m_i, l_i, s)
+        m_i, p, alpha, l_i = online_step(m_i, l_i, s)
         vpk = tl.load(vc_tile + t[:, None] * VROW + tl.arange(0, VROW)[None, :])
         vcode = _codes_operand(_unpack(vpk, VB, TC, D), INTERPRET)
         va = tl.load(va_base + j64 * sva_n + t).to(tl.float32)
@@ -291,65 +286,22 @@ def _decode_kernel(
     tl.store(po_ptr + slot[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
-def _merge_kernel(
-    po_ptr, pm_ptr, pl_ptr, out_ptr, so_b, so_h, so_l,
-    HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
-    S1: tl.constexpr, S1_PAD: tl.constexpr,
-):  # fmt: skip
-    """One program per query row: log-sum-exp combination of the 1 + num_splits partials."""
-    pid = tl.program_id(0)
-    MROWS: tl.constexpr = GROUP * L
-    bh = pid // MROWS
-    row = pid % MROWS
-    s = tl.arange(0, S1_PAD)
-    d = tl.arange(0, D)
-    ok = s < S1
-    slot = (bh * S1 + s).to(tl.int64) * MROWS + row
-    m = tl.load(pm_ptr + slot, mask=ok, other=float("-inf"))
-    lsum = tl.load(pl_ptr + slot, mask=ok, other=0.0)
-    m_max = tl.max(m, axis=0)  # finite: the 16-bit partial always holds new token 0
-    w = tl.exp2(m - m_max)
-    o = tl.load(po_ptr + slot[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
-    b = bh // HKV
-    h = bh % HKV
-    q_head = h * GROUP + row // L
-    q_pos = row % L
-    off = b.to(tl.int64) * so_b + q_head.to(tl.int64) * so_h + q_pos.to(tl.int64) * so_l
-    tl.store(out_ptr + off + d, out.to(out_ptr.dtype.element_ty))
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     """Tile splits per (row, KV head): enough programs to fill the GPU about twice over.
 
     Depends only on the batch shape and the device (never on the context length), so a decode
     step's launch configuration is fixed and CUDA graphs can capture it.
     """
-    sms = (
-        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        if device.type == "cuda"
-        else 4
-    )
-    return max(1, min(64, -(-2 * sms // max(1, batch * kv_heads))))
-
-
-def _is_pow2(n: int) -> bool:
-    return n >= 1 and (n & (n - 1)) == 0
+    return max(1, min(64, -(-2 * sm_count(device) // max(1, batch * kv_heads))))
 
 
 def supports(
     head_dim: int, tile_size: int, key_bits: int, value_bits: int, num_queries: int, dtype
 ) -> str | None:
     """None when the kernel handles these shapes, else the reason it does not."""
-    if not _is_pow2(head_dim) or head_dim < 16 or head_dim > 256:
+    if not is_pow2(head_dim) or head_dim < 16 or head_dim > 256:
         return f"head_dim={head_dim} is not a power of two in [16, 256]"
-    if not _is_pow2(tile_size) or tile_size < 16:
+    if not is_pow2(tile_size) or tile_size < 16:
         return f"tile_size={tile_size} is not a power of two >= 16"
     if key_bits not in KERNEL_BITS or value_bits not in KERNEL_BITS:
         return f"key_bits={key_bits}, value_bits={value_bits}: the kernel decodes {list(KERNEL_BITS)} bits"
@@ -436,9 +388,9 @@ def quantized_decode_attention(
         D=hd, G=g, KB=key_bits, VB=value_bits, NUM_SPLITS=num_splits, M_BLOCK=m_block, TC=token_chunk, DC=min(g, 32), INTERPRET=interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    _merge_kernel[(bsz * hkv * mrows,)](
+    merge_partials[(bsz * hkv * mrows,)](
         part_o, part_m, part_l, out, *st(out, 3),
         HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=triton.next_power_of_2(s1),
-        num_warps=4 if hd * triton.next_power_of_2(s1) <= 8192 else 8,
+        num_warps=merge_num_warps(hd, triton.next_power_of_2(s1)),
     )  # fmt: skip
     return out

@@ -34,7 +34,7 @@ capture it). All query heads of the GQA group and all L queries are the rows of 
 
 from __future__ import annotations
 
-import functools
+import struct
 
 import torch
 import triton
@@ -44,11 +44,18 @@ from kvarn.attention.triton import interpreting
 from kvarn.attention.triton.contract import (
     STORAGE,
     check_decode_inputs,
+    is_pow2,
     kernel_layout,
     output_buffer,
-    split_workspace,
 )
 from kvarn.attention.triton.launch import FastLauncher
+from kvarn.attention.triton.split_k import (
+    merge_num_warps,
+    merge_partials,
+    online_step,
+    sm_count,
+    split_workspace,
+)
 
 LOG2E = 1.4426950408889634
 MAX_QUERIES = 16
@@ -76,6 +83,12 @@ def _dot(a, b, INTERPRET: tl.constexpr):
         return tl.dot(a, b)
 
 
+def f16x2(x: float) -> str:
+    """A float16 constant in both halves of a 32-bit PTX immediate."""
+    h = struct.unpack("<H", struct.pack("<e", x))[0]
+    return f"0x{h:04X}{h:04X}"
+
+
 def _plane_asm_text(bits: int, j: int) -> str:
     """PTX for code j of 4 packed bytes -> 4 float16 codes (two f16x2 registers), exactly.
 
@@ -83,14 +96,8 @@ def _plane_asm_text(bits: int, j: int) -> str:
     lane, ``lane & mask(j) | 0x6400`` is float16 ``1024 + code * 2**(bits*j)``, and one fma with
     ``2**-(bits*j)`` and ``-1024 * 2**-(bits*j)`` leaves the code (all steps exact).
     """
-    import struct
-
     mask = ((1 << bits) - 1) << (bits * j)
     scale = 2.0 ** -(bits * j)
-
-    def f16x2(x: float) -> str:
-        h = struct.unpack("<H", struct.pack("<e", x))[0]
-        return f"0x{h:04X}{h:04X}"
 
     return (
         "{\n.reg .b32 t0, t1, z, s, c;\n"
@@ -170,8 +177,6 @@ def _word_asm_text(bits: int, j: int) -> str:
     bits that move in are masked off). One fma with ``2**-shift`` and ``-1024 * 2**-shift``
     leaves the code. 2 instructions per 2 codes (3 for the shifted fields).
     """
-    import struct
-
     shift = bits * j
     pre, src = "", "$1"
     if shift + bits > 10:
@@ -179,10 +184,6 @@ def _word_asm_text(bits: int, j: int) -> str:
         pre, src = "shr.b32 t, $1, 8;\n", "t"
     mask = ((1 << bits) - 1) << shift
     scale = 2.0**-shift
-
-    def f16x2(x: float) -> str:
-        h = struct.unpack("<H", struct.pack("<e", x))[0]
-        return f"0x{h:04X}{h:04X}"
 
     return (
         "{\n.reg .b32 t, s, c;\n"
@@ -295,15 +296,6 @@ def _tile_scores(qa, qa_lo, kwords, KB: tl.constexpr, QA_SPLIT: tl.constexpr, AS
 
 
 @triton.jit
-def _online(m_i, l_i, s):
-    """Online-softmax step for scores s (log2 domain): new max, p, rescale factor, new sum."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    return m_new, p, alpha, l_i * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
 def _attend_dense(
     q16, m_i, l_i, acc, k_base, sk_t, v_base, sv_t, n_valid, q_pos, qk_scale,
     T: tl.constexpr, TC: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
@@ -327,7 +319,7 @@ def _attend_dense(
             if CAUSAL:
                 keep = keep & (t[None, :] <= q_pos[:, None])
             s = tl.where(keep, s, float("-inf"))
-            m_i, p, alpha, l_i = _online(m_i, l_i, s)
+            m_i, p, alpha, l_i = online_step(m_i, l_i, s)
             p_hi = p.to(v.dtype)
             p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
             acc = acc * alpha[:, None] + _dot(p_hi, v, INTERPRET) + _dot(p_lo, v, INTERPRET)
@@ -441,7 +433,7 @@ def _attend_tile(
         if QA_SPLIT:
             s += _dot(qa_lo, kp, INTERPRET)
         s = (s + qz[:, None]) * r[None, :]
-        m_i, p, alpha, l_i = _online(m_i, l_i, s)
+        m_i, p, alpha, l_i = online_step(m_i, l_i, s)
         va = tl.load(va_t + t).to(tl.float32)
         vz = tl.load(vz_t + t).to(tl.float32)
         pa32 = p * va[None, :]
@@ -790,42 +782,8 @@ def _decode_tc_kernel(
             tl.store(o_rows + (dv * NPV + 3)[None, :], acc3, mask=row_ok[:, None])
 
 
-@triton.jit
-def _merge_kernel(
-    po_ptr, pm_ptr, pl_ptr, out_ptr, so_b, so_h, so_l,
-    HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
-    S1: tl.constexpr, S1_PAD: tl.constexpr,
-):  # fmt: skip
-    """One program per query row: log-sum-exp combination of the 1 + num_splits partials."""
-    pid = tl.program_id(0)
-    MROWS: tl.constexpr = GROUP * L
-    bh = pid // MROWS
-    row = pid % MROWS
-    s = tl.arange(0, S1_PAD)
-    d = tl.arange(0, D)
-    ok = s < S1
-    slot = (bh * S1 + s).to(tl.int64) * MROWS + row
-    m = tl.load(pm_ptr + slot, mask=ok, other=float("-inf"))
-    lsum = tl.load(pl_ptr + slot, mask=ok, other=0.0)
-    m_max = tl.max(m, axis=0)  # finite: the 16-bit partial always holds new token 0
-    w = tl.exp2(m - m_max)  # empty splits (m = -inf) weigh 0
-    o = tl.load(po_ptr + slot[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
-    b = bh // HKV
-    h = bh % HKV
-    q_head = h * GROUP + row // L
-    q_pos = row % L
-    off = b.to(tl.int64) * so_b + q_head.to(tl.int64) * so_h + q_pos.to(tl.int64) * so_l
-    tl.store(out_ptr + off + d, out.to(out_ptr.dtype.element_ty))
-
-
 _TILE_LAUNCH = FastLauncher(_decode_tc_kernel)
-_MERGE_LAUNCH = FastLauncher(_merge_kernel)
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+_MERGE_LAUNCH = FastLauncher(merge_partials)
 
 
 def default_num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
@@ -837,21 +795,12 @@ def default_num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     Depends only on the batch shape and the device (never on the context length), so a decode
     step's launch configuration is fixed and CUDA graphs can capture it.
     """
-    sms = (
-        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        if device.type == "cuda"
-        else 4
-    )
-    return max(1, min(MAX_SPLITS, -(-8 * sms // max(1, batch * kv_heads))))
+    return max(1, min(MAX_SPLITS, -(-8 * sm_count(device) // max(1, batch * kv_heads))))
 
 
 def _next_pow2(n: int) -> int:
     # plain Python: triton.next_power_of_2 is a constexpr function with a per-call wrapper
     return 1 << max(0, n - 1).bit_length()
-
-
-def _is_pow2(n: int) -> bool:
-    return n >= 1 and (n & (n - 1)) == 0
 
 
 def supports(
@@ -862,9 +811,9 @@ def supports(
         return f"dtype {dtype} is not float16/bfloat16"
     if key_bits not in KERNEL_BITS or value_bits not in KERNEL_BITS:
         return f"key_bits={key_bits}, value_bits={value_bits}: the kernel decodes {list(KERNEL_BITS)} bits"
-    if not _is_pow2(head_dim) or not 16 <= head_dim <= 256:
+    if not is_pow2(head_dim) or not 16 <= head_dim <= 256:
         return f"head_dim={head_dim} is not a power of two in [16, 256]"
-    if not _is_pow2(tile_size) or tile_size > 256:
+    if not is_pow2(tile_size) or tile_size > 256:
         return f"tile_size={tile_size} is not a power of two <= 256"
     # Tensor-core products need every dimension >= 16: key planes of G*kb/8 tokens, value
     # planes of D*vb/8 channels.
@@ -931,7 +880,7 @@ def quantized_decode_attention(
     # An explicit m_block below 16 is honoured (Triton pads the products to m16 itself, but the
     # elementwise work, the softmax, runs on the real rows only: group 4 x L 1 = 4 rows instead
     # of 16; sm_90 compile, words K4V2 D=128: loop 1037 -> 915 instructions per warp per tile).
-    if m_block is not None and (not _is_pow2(m_block) or m_block > 64):
+    if m_block is not None and (not is_pow2(m_block) or m_block > 64):
         raise ValueError(f"m_block={m_block!r}: expected a power of two in [1, 64] or None")
     if m_block is None and mrows < 16:
         # Default: the real rows, rounded up to a power of two (H100, words K4V2, group 4 x L 1:
@@ -1021,6 +970,6 @@ def quantized_decode_attention(
     _MERGE_LAUNCH(
         (bsz * hkv * mrows,), (part_o, part_m, part_l, out, *st(out, 3)),
         dict(HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=_next_pow2(s1)),
-        num_warps=4 if hd * _next_pow2(s1) <= 8192 else 8,
+        num_warps=merge_num_warps(hd, _next_pow2(s1)),
     )  # fmt: skip
     return out
