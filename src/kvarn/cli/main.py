@@ -16,7 +16,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """KVarN KV-cache quantization for transformers models."""
@@ -42,15 +41,23 @@ def info() -> None:
     from kvarn.config import METHODS, PRESETS, KVarNConfig
 
     console = Console()
-    console.print(f"kvarn {kvarn.__version__}, torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
+    console.print(
+        f"kvarn {kvarn.__version__}, torch {torch.__version__}, cuda available: {torch.cuda.is_available()}"
+    )
     table = Table(title="presets (bytes per token per KV head at head_dim 64 / 128, tile 128)")
     for col in ("preset", "key bits", "value bits", "D=64", "D=128", "vs 16-bit (D=128)"):
         table.add_column(col)
     for name, fields in PRESETS.items():
         cfg = KVarNConfig.from_preset(name)
         b64, b128 = cfg.bytes_per_token_per_head(64), cfg.bytes_per_token_per_head(128)
-        table.add_row(name, str(fields["key_bits"]), str(fields["value_bits"]), f"{b64:g}", f"{b128:g}",
-                      f"{512 / b128:.2f}x smaller")
+        table.add_row(
+            name,
+            str(fields["key_bits"]),
+            str(fields["value_bits"]),
+            f"{b64:g}",
+            f"{b128:g}",
+            f"{512 / b128:.2f}x smaller",
+        )
     console.print(table)
     console.print("methods: " + ", ".join(METHODS))
 
