@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import time
 
@@ -155,10 +156,12 @@ def describe(compiled) -> str:
         return "n/a"
 
 
-def sweep(ctx: int, batch: int, q, st, splits0: int) -> tuple[float, str]:
+def sweep(ctx: int, batch: int, q, st, splits0: int, variants: list[dict], split_counts) -> tuple[float, str]:
+    """Time every launch variant at each split count (default: half, the default and twice it)."""
     best = (float("inf"), "")
-    for variant in VARIANTS:
-        for sp in sorted({max(1, splits0 // 2), splits0, 2 * splits0}):
+    counts = split_counts or sorted({max(1, splits0 // 2), splits0, 2 * splits0})
+    for variant in variants:
+        for sp in counts:
             cfg = dict(variant, num_splits=sp)
             try:
                 t = bench_graph(lambda cfg=cfg: decode_tc.quantized_decode_attention(q, **st, **cfg))
@@ -172,7 +175,9 @@ def sweep(ctx: int, batch: int, q, st, splits0: int) -> tuple[float, str]:
     return best
 
 
-def run_case(ctx: int, batch: int, copy_gbs: float, do_sweep: bool) -> dict:
+def run_case(
+    ctx: int, batch: int, copy_gbs: float, do_sweep: bool, variants=VARIANTS, split_counts=None
+) -> dict:
     dev = torch.device("cuda")
     n_tiles = ctx // G - 1  # ctx = sink tile + n_tiles tiles; plus the new token
     tokens = ctx + 1
@@ -186,7 +191,7 @@ def run_case(ctx: int, batch: int, copy_gbs: float, do_sweep: bool) -> dict:
     t_tc = bench_graph(tc)
     t_tc_eager = bench(tc)
     info = describe(decode_tc.LAST_LAUNCH[0])
-    best = sweep(ctx, batch, q, st, splits) if do_sweep else (t_tc, "default")
+    best = sweep(ctx, batch, q, st, splits, variants, split_counts) if do_sweep else (t_tc, "default")
 
     k16 = torch.randn(batch, HKV, tokens, D, device=dev, dtype=torch.bfloat16)
     v16 = torch.randn_like(k16)
@@ -250,8 +255,25 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--sweep", action="store_true", help="tune the tc kernel at the two target points")
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="JSON list of tc launch dicts for --sweep (default: VARIANTS), e.g. '[{}, {\"m_block\": 4}]'",
+    )
+    ap.add_argument(
+        "--splits",
+        default=None,
+        help="--sweep split counts per target point, e.g. '32768x8=6,12,17;131072x1=50,132'",
+    )
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
+    variants = json.loads(args.variants) if args.variants else VARIANTS
+    split_counts = {}
+    for part in (args.splits or "").split(";"):
+        if part.strip():
+            point, counts = part.split("=")
+            c, b = point.split("x")
+            split_counts[(int(c), int(b))] = [int(x) for x in counts.split(",")]
     p = torch.cuda.get_device_properties(0)
     copy_gbs, read_gbs = copy_bandwidth()
     print(
@@ -270,7 +292,11 @@ def main() -> None:
     for ctx in args.contexts:
         for batch in args.batches:
             target = (ctx, batch) in ((32768, 8), (131072, 1))
-            rows.append(run_case(ctx, batch, copy_gbs, args.sweep and target))
+            rows.append(
+                run_case(
+                    ctx, batch, copy_gbs, args.sweep and target, variants, split_counts.get((ctx, batch))
+                )
+            )
             torch.cuda.empty_cache()
             r = rows[-1]
             print(
