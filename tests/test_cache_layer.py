@@ -34,6 +34,20 @@ def run_call(layer, module, q, k, v, valid=None, scaling=DIM**-0.5):
     return layer.attend(module, q, valid, scaling).transpose(1, 2)  # [B, Hq, L, D]
 
 
+def randn_kv(batch, length, dtype=torch.float32, heads=HKV):
+    """Plain normal keys and values ``[batch, heads, length, DIM]`` (no outliers: for storage and error tests)."""
+    return (
+        torch.randn(batch, heads, length, DIM, dtype=dtype),
+        torch.randn(batch, heads, length, DIM, dtype=dtype),
+    )
+
+
+def store_call(layer, batch, length, valid=None, module=None):
+    """One call of zero queries over ``randn_kv`` tokens, for tests of what the layer stores."""
+    module = module or FakeAttention()
+    return run_call(layer, module, torch.zeros(batch, HQ, length, DIM), *randn_kv(batch, length), valid)
+
+
 def expected_call(layer, q, k, v, valid, scaling=DIM**-0.5):
     """Plain float64 attention over the layer's materialized history + this call's real tokens."""
     batch, _, length, _ = q.shape
@@ -228,14 +242,7 @@ def test_crop_refuses_to_remove_padding():
     layer = KVarNLayer(KVarNConfig.from_preset("k4v2", tile_size=TILE), 0, HKV, DIM)
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, :4] = False
-    run_call(
-        layer,
-        FakeAttention(),
-        torch.zeros(2, HQ, 10, DIM),
-        torch.randn(2, HKV, 10, DIM),
-        torch.randn(2, HKV, 10, DIM),
-        valid,
-    )
+    store_call(layer, 2, 10, valid)
     with pytest.raises(CacheUsageError, match="padding"):
         layer.crop(-8)
 
@@ -256,7 +263,7 @@ def test_beam_reorder_select_and_repeat():
     assert layer.batch == 4
     torch.testing.assert_close(layer.materialize()[0], full_k[[2, 2, 0, 0]])
     # the edited layer keeps accepting tokens for the new batch size
-    feed(layer, torch.randn(4, HKV, 40, DIM), torch.randn(4, HKV, 40, DIM), [40], module)
+    feed(layer, *randn_kv(4, 40), [40], module)
     assert layer.stored_lengths() == [110] * 4
 
 
@@ -266,14 +273,7 @@ def test_nbytes_matches_stored_tensors(preset):
     layer = KVarNLayer(quant, 0, HKV, DIM)
     valid = torch.ones(2, 100, dtype=torch.bool)
     valid[0, :3] = False
-    run_call(
-        layer,
-        FakeAttention(),
-        torch.zeros(2, HQ, 100, DIM),
-        torch.randn(2, HKV, 100, DIM),
-        torch.randn(2, HKV, 100, DIM),
-        valid,
-    )
+    store_call(layer, 2, 100, valid)
     nb = layer.nbytes()
     # count the bytes of the valid slots directly from the tensors
     codes = metadata = 0
@@ -299,39 +299,23 @@ def test_bad_inputs_raise_clear_errors():
     quant = KVarNConfig.from_preset("k4v2", tile_size=TILE)
     layer = KVarNLayer(quant, 0, HKV, DIM)
     module = FakeAttention()
-    run_call(
-        layer, module, torch.zeros(1, HQ, 3, DIM), torch.randn(1, HKV, 3, DIM), torch.randn(1, HKV, 3, DIM)
-    )
+    store_call(layer, 1, 3, module=module)
     with pytest.raises(CacheUsageError, match="dtype changed"):
-        layer.update(
-            torch.randn(1, HKV, 1, DIM, dtype=torch.float64), torch.randn(1, HKV, 1, DIM, dtype=torch.float64)
-        )
+        layer.update(*randn_kv(1, 1, torch.float64))
     with pytest.raises(CacheUsageError, match="batch size changed"):
-        layer.update(torch.randn(2, HKV, 1, DIM), torch.randn(2, HKV, 1, DIM))
+        layer.update(*randn_kv(2, 1))
     with pytest.raises(CacheUsageError, match="another model config"):
-        layer.update(torch.randn(1, 3, 1, DIM), torch.randn(1, 3, 1, DIM))
+        layer.update(*randn_kv(1, 1, heads=3))
     with pytest.raises(CacheUsageError, match="another model"):
-        run_call(
-            layer,
-            FakeAttention(),
-            torch.zeros(1, HQ, 1, DIM),
-            torch.randn(1, HKV, 1, DIM),
-            torch.randn(1, HKV, 1, DIM),
-        )
-    layer.update(torch.randn(1, HKV, 1, DIM), torch.randn(1, HKV, 1, DIM))
+        store_call(layer, 1, 1, module=FakeAttention())  # not the module of the first call
+    layer.update(*randn_kv(1, 1))
     with pytest.raises(CacheUsageError, match="never attended"):
-        layer.update(torch.randn(1, HKV, 1, DIM), torch.randn(1, HKV, 1, DIM))
+        layer.update(*randn_kv(1, 1))
     with pytest.raises(CacheUsageError, match="without a preceding update"):
         layer.attend(module, torch.zeros(1, HQ, 1, DIM), None, 1.0)
     layer.reset()
     assert not layer.is_initialized and layer.get_seq_length() == 0
-    run_call(
-        layer,
-        FakeAttention(),
-        torch.zeros(2, HQ, 3, DIM),
-        torch.randn(2, HKV, 3, DIM),
-        torch.randn(2, HKV, 3, DIM),
-    )
+    store_call(layer, 2, 3)
     assert layer.stored_lengths() == [3, 3]
 
 
