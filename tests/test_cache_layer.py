@@ -34,6 +34,14 @@ def run_call(layer, module, q, k, v, valid=None, scaling=DIM**-0.5):
     return layer.attend(module, q, valid, scaling).transpose(1, 2)  # [B, Hq, L, D]
 
 
+def outlier_kv(batch, length, gen, dtype=torch.float32):
+    """Keys, then values, ``[batch, HKV, length, DIM]`` with real K/V's outliers (``random_kv``)."""
+    return (
+        random_kv((batch, HKV, length, DIM), dtype, generator=gen),
+        random_kv((batch, HKV, length, DIM), dtype, generator=gen),
+    )
+
+
 def randn_kv(batch, length, dtype=torch.float32, heads=HKV):
     """Plain normal keys and values ``[batch, heads, length, DIM]`` (no outliers: for storage and error tests)."""
     return (
@@ -81,8 +89,7 @@ def check_sequence(quant, dtype, calls=CALLS, pad_row1=PAD_ROW1, seed=0):
     module = FakeAttention()
     for step, length in enumerate(calls):
         q = random_kv((2, HQ, length, DIM), dtype, outliers=False, generator=gen)
-        k = random_kv((2, HKV, length, DIM), dtype, generator=gen)
-        v = random_kv((2, HKV, length, DIM), dtype, generator=gen)
+        k, v = outlier_kv(2, length, gen, dtype)
         valid = None
         if step == 0 and pad_row1:
             valid = torch.ones(2, length, dtype=torch.bool)
@@ -124,7 +131,7 @@ def test_no_padding_prefill_is_exactly_the_16bit_prefill():
     """An empty cache and no padding: the output is torch sdpa over the call's own K/V, bit for bit."""
     gen = torch.Generator().manual_seed(3)
     q = random_kv((1, HQ, 70, DIM), generator=gen)
-    k, v = random_kv((1, HKV, 70, DIM), generator=gen), random_kv((1, HKV, 70, DIM), generator=gen)
+    k, v = outlier_kv(1, 70, gen)
     layer = KVarNLayer(KVarNConfig.from_preset("k2v2", tile_size=TILE), 0, HKV, DIM)
     got = run_call(layer, FakeAttention(), q, k, v)
     want = torch.nn.functional.scaled_dot_product_attention(
@@ -153,7 +160,7 @@ def feed(layer, keys, values, chunks, module=None):
 def test_storage_matches_fake_quantize_for_any_chunking(method):
     quant = KVarNConfig.parse(f"{method}:k4v2", tile_size=TILE)
     gen = torch.Generator().manual_seed(4)
-    keys, values = random_kv((2, HKV, 103, DIM), generator=gen), random_kv((2, HKV, 103, DIM), generator=gen)
+    keys, values = outlier_kv(2, 103, gen)
     want_k, want_v = fake_quantize(keys, values, quant)
     stores = []
     for chunks in ([103], [37, 1, 65], [31, 2, 1, 1, 68], [1] * 40 + [63]):
@@ -183,14 +190,14 @@ def test_storage_matches_fake_quantize_for_any_chunking(method):
 def test_left_padded_row_is_stored_as_if_alone():
     quant = KVarNConfig.from_preset("k4v2", tile_size=TILE)
     gen = torch.Generator().manual_seed(5)
-    keys, values = random_kv((2, HKV, 80, DIM), generator=gen), random_kv((2, HKV, 80, DIM), generator=gen)
+    keys, values = outlier_kv(2, 80, gen)
     pad = 11
     batched = KVarNLayer(quant, 0, HKV, DIM)
     valid = torch.ones(2, 80, dtype=torch.bool)
     valid[1, :pad] = False
     module = FakeAttention()
     run_call(batched, module, torch.zeros(2, HQ, 80, DIM), keys, values, valid)
-    nxt_k, nxt_v = random_kv((2, HKV, 30, DIM), generator=gen), random_kv((2, HKV, 30, DIM), generator=gen)
+    nxt_k, nxt_v = outlier_kv(2, 30, gen)
     run_call(batched, module, torch.zeros(2, HQ, 30, DIM), nxt_k, nxt_v)
 
     alone = KVarNLayer(quant, 0, HKV, DIM)
@@ -209,7 +216,7 @@ def test_left_padded_row_is_stored_as_if_alone():
 def test_crop_returns_to_the_prefix_and_keeps_working():
     quant = KVarNConfig.from_preset("k4v2", tile_size=TILE)
     gen = torch.Generator().manual_seed(6)
-    keys, values = random_kv((2, HKV, 100, DIM), generator=gen), random_kv((2, HKV, 100, DIM), generator=gen)
+    keys, values = outlier_kv(2, 100, gen)
     layer = KVarNLayer(quant, 0, HKV, DIM)
     module = FakeAttention()
     feed(layer, keys, values, [90, 1, 1, 8], module)
@@ -229,7 +236,7 @@ def test_crop_returns_to_the_prefix_and_keeps_working():
     assert layer.get_seq_length() == 20
     # keeps attending exactly afterwards
     q = random_kv((2, HQ, 50, DIM), outliers=False, generator=gen)
-    k_new, v_new = random_kv((2, HKV, 50, DIM), generator=gen), random_kv((2, HKV, 50, DIM), generator=gen)
+    k_new, v_new = outlier_kv(2, 50, gen)
     want = expected_call(layer, q, k_new, v_new, None)
     got = run_call(layer, module, q, k_new, v_new)
     for b in range(2):
@@ -250,7 +257,7 @@ def test_crop_refuses_to_remove_padding():
 def test_beam_reorder_select_and_repeat():
     quant = KVarNConfig.from_preset("k4v2", tile_size=TILE)
     gen = torch.Generator().manual_seed(7)
-    keys, values = random_kv((3, HKV, 70, DIM), generator=gen), random_kv((3, HKV, 70, DIM), generator=gen)
+    keys, values = outlier_kv(3, 70, gen)
     layer = KVarNLayer(quant, 0, HKV, DIM)
     module = FakeAttention()
     feed(layer, keys, values, [70], module)
@@ -335,8 +342,7 @@ def test_reserve_preallocates_exactly_and_changes_nothing_else(when):
     module = FakeAttention()
     for step, length in enumerate(CALLS):
         q = random_kv((2, HQ, length, DIM), torch.float32, outliers=False, generator=gen)
-        k = random_kv((2, HKV, length, DIM), torch.float32, generator=gen)
-        v = random_kv((2, HKV, length, DIM), torch.float32, generator=gen)
+        k, v = outlier_kv(2, length, gen)
         if step == 1 and when == "after":
             reserved.reserve(total)
         if reserved.store is not None and (when == "before" or step >= 1):
