@@ -75,23 +75,17 @@ def expected_attention(query, storage, qt, new_k, new_v, new_valid, scaling):
     for b in range(batch):
         n, s, t = int(storage["n_tiles"][b]), int(storage["sink_len"][b]), int(storage["tail_len"][b])
         valid = new_valid[b] if new_valid is not None else torch.ones(length, dtype=torch.bool)
-        keys = torch.cat(
-            [
-                storage["sink_k"][b, :, :s].double(),
-                dk[b, :, :n].reshape(hkv, -1, dim),
-                storage["tail_k"][b, :, :t].double(),
-                new_k[b][:, valid].double(),
-            ],
-            dim=1,
-        )
-        values = torch.cat(
-            [
-                storage["sink_v"][b, :, :s].double(),
-                dv[b, :, :n].reshape(hkv, -1, dim),
-                storage["tail_v"][b, :, :t].double(),
-                new_v[b][:, valid].double(),
-            ],
-            dim=1,
+        keys, values = (
+            torch.cat(
+                [
+                    storage[f"sink_{kv}"][b, :, :s].double(),
+                    decoded[b, :, :n].reshape(hkv, -1, dim),
+                    storage[f"tail_{kv}"][b, :, :t].double(),
+                    new[b][:, valid].double(),
+                ],
+                dim=1,
+            )
+            for kv, decoded, new in (("k", dk, new_k), ("v", dv, new_v))
         )
         history = keys.shape[1] - int(valid.sum())
         new_pos = torch.cumsum(valid.long(), 0) - 1  # index among the real new tokens

@@ -8,19 +8,13 @@ from typer.testing import CliRunner
 
 from kvarn.cli.demo import agreement, register
 from kvarn.integrations.models import save_tiny_model
+from tests.cli_support import subcommand_app
 from tests.test_cache_common import one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """test app"""
-
-    register(app)
-    return app
+    return subcommand_app(register)
 
 
 @pytest.fixture(scope="module")

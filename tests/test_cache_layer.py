@@ -34,6 +34,28 @@ def run_call(layer, module, q, k, v, valid=None, scaling=DIM**-0.5):
     return layer.attend(module, q, valid, scaling).transpose(1, 2)  # [B, Hq, L, D]
 
 
+def outlier_kv(batch, length, gen, dtype=torch.float32):
+    """Keys, then values, ``[batch, HKV, length, DIM]`` with real K/V's outliers (``random_kv``)."""
+    return (
+        random_kv((batch, HKV, length, DIM), dtype, generator=gen),
+        random_kv((batch, HKV, length, DIM), dtype, generator=gen),
+    )
+
+
+def randn_kv(batch, length, dtype=torch.float32, heads=HKV):
+    """Plain normal keys and values ``[batch, heads, length, DIM]`` (no outliers: for storage and error tests)."""
+    return (
+        torch.randn(batch, heads, length, DIM, dtype=dtype),
+        torch.randn(batch, heads, length, DIM, dtype=dtype),
+    )
+
+
+def store_call(layer, batch, length, valid=None, module=None):
+    """One call of zero queries over ``randn_kv`` tokens, for tests of what the layer stores."""
+    module = module or FakeAttention()
+    return run_call(layer, module, torch.zeros(batch, HQ, length, DIM), *randn_kv(batch, length), valid)
+
+
 def expected_call(layer, q, k, v, valid, scaling=DIM**-0.5):
     """Plain float64 attention over the layer's materialized history + this call's real tokens."""
     batch, _, length, _ = q.shape
@@ -67,8 +89,7 @@ def check_sequence(quant, dtype, calls=CALLS, pad_row1=PAD_ROW1, seed=0):
     module = FakeAttention()
     for step, length in enumerate(calls):
         q = random_kv((2, HQ, length, DIM), dtype, outliers=False, generator=gen)
-        k = random_kv((2, HKV, length, DIM), dtype, generator=gen)
-        v = random_kv((2, HKV, length, DIM), dtype, generator=gen)
+        k, v = outlier_kv(2, length, gen, dtype)
         valid = None
         if step == 0 and pad_row1:
             valid = torch.ones(2, length, dtype=torch.bool)
@@ -110,7 +131,7 @@ def test_no_padding_prefill_is_exactly_the_16bit_prefill():
     """An empty cache and no padding: the output is torch sdpa over the call's own K/V, bit for bit."""
     gen = torch.Generator().manual_seed(3)
     q = random_kv((1, HQ, 70, DIM), generator=gen)
-    k, v = random_kv((1, HKV, 70, DIM), generator=gen), random_kv((1, HKV, 70, DIM), generator=gen)
+    k, v = outlier_kv(1, 70, gen)
     layer = KVarNLayer(KVarNConfig.from_preset("k2v2", tile_size=TILE), 0, HKV, DIM)
     got = run_call(layer, FakeAttention(), q, k, v)
     want = torch.nn.functional.scaled_dot_product_attention(
@@ -139,7 +160,7 @@ def feed(layer, keys, values, chunks, module=None):
 def test_storage_matches_fake_quantize_for_any_chunking(method):
     quant = KVarNConfig.parse(f"{method}:k4v2", tile_size=TILE)
     gen = torch.Generator().manual_seed(4)
-    keys, values = random_kv((2, HKV, 103, DIM), generator=gen), random_kv((2, HKV, 103, DIM), generator=gen)
+    keys, values = outlier_kv(2, 103, gen)
     want_k, want_v = fake_quantize(keys, values, quant)
     stores = []
     for chunks in ([103], [37, 1, 65], [31, 2, 1, 1, 68], [1] * 40 + [63]):
@@ -169,14 +190,14 @@ def test_storage_matches_fake_quantize_for_any_chunking(method):
 def test_left_padded_row_is_stored_as_if_alone():
     quant = KVarNConfig.from_preset("k4v2", tile_size=TILE)
     gen = torch.Generator().manual_seed(5)
-    keys, values = random_kv((2, HKV, 80, DIM), generator=gen), random_kv((2, HKV, 80, DIM), generator=gen)
+    keys, values = outlier_kv(2, 80, gen)
     pad = 11
     batched = KVarNLayer(quant, 0, HKV, DIM)
     valid = torch.ones(2, 80, dtype=torch.bool)
     valid[1, :pad] = False
     module = FakeAttention()
     run_call(batched, module, torch.zeros(2, HQ, 80, DIM), keys, values, valid)
-    nxt_k, nxt_v = random_kv((2, HKV, 30, DIM), generator=gen), random_kv((2, HKV, 30, DIM), generator=gen)
+    nxt_k, nxt_v = outlier_kv(2, 30, gen)
     run_call(batched, module, torch.zeros(2, HQ, 30, DIM), nxt_k, nxt_v)
 
     alone = KVarNLayer(quant, 0, HKV, DIM)
@@ -195,7 +216,7 @@ def test_left_padded_row_is_stored_as_if_alone():
 def test_crop_returns_to_the_prefix_and_keeps_working():
     quant = KVarNConfig.from_preset("k4v2", tile_size=TILE)
     gen = torch.Generator().manual_seed(6)
-    keys, values = random_kv((2, HKV, 100, DIM), generator=gen), random_kv((2, HKV, 100, DIM), generator=gen)
+    keys, values = outlier_kv(2, 100, gen)
     layer = KVarNLayer(quant, 0, HKV, DIM)
     module = FakeAttention()
     feed(layer, keys, values, [90, 1, 1, 8], module)
@@ -215,7 +236,7 @@ def test_crop_returns_to_the_prefix_and_keeps_working():
     assert layer.get_seq_length() == 20
     # keeps attending exactly afterwards
     q = random_kv((2, HQ, 50, DIM), outliers=False, generator=gen)
-    k_new, v_new = random_kv((2, HKV, 50, DIM), generator=gen), random_kv((2, HKV, 50, DIM), generator=gen)
+    k_new, v_new = outlier_kv(2, 50, gen)
     want = expected_call(layer, q, k_new, v_new, None)
     got = run_call(layer, module, q, k_new, v_new)
     for b in range(2):
@@ -228,14 +249,7 @@ def test_crop_refuses_to_remove_padding():
     layer = KVarNLayer(KVarNConfig.from_preset("k4v2", tile_size=TILE), 0, HKV, DIM)
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, :4] = False
-    run_call(
-        layer,
-        FakeAttention(),
-        torch.zeros(2, HQ, 10, DIM),
-        torch.randn(2, HKV, 10, DIM),
-        torch.randn(2, HKV, 10, DIM),
-        valid,
-    )
+    store_call(layer, 2, 10, valid)
     with pytest.raises(CacheUsageError, match="padding"):
         layer.crop(-8)
 
@@ -243,7 +257,7 @@ def test_crop_refuses_to_remove_padding():
 def test_beam_reorder_select_and_repeat():
     quant = KVarNConfig.from_preset("k4v2", tile_size=TILE)
     gen = torch.Generator().manual_seed(7)
-    keys, values = random_kv((3, HKV, 70, DIM), generator=gen), random_kv((3, HKV, 70, DIM), generator=gen)
+    keys, values = outlier_kv(3, 70, gen)
     layer = KVarNLayer(quant, 0, HKV, DIM)
     module = FakeAttention()
     feed(layer, keys, values, [70], module)
@@ -256,7 +270,7 @@ def test_beam_reorder_select_and_repeat():
     assert layer.batch == 4
     torch.testing.assert_close(layer.materialize()[0], full_k[[2, 2, 0, 0]])
     # the edited layer keeps accepting tokens for the new batch size
-    feed(layer, torch.randn(4, HKV, 40, DIM), torch.randn(4, HKV, 40, DIM), [40], module)
+    feed(layer, *randn_kv(4, 40), [40], module)
     assert layer.stored_lengths() == [110] * 4
 
 
@@ -266,14 +280,7 @@ def test_nbytes_matches_stored_tensors(preset):
     layer = KVarNLayer(quant, 0, HKV, DIM)
     valid = torch.ones(2, 100, dtype=torch.bool)
     valid[0, :3] = False
-    run_call(
-        layer,
-        FakeAttention(),
-        torch.zeros(2, HQ, 100, DIM),
-        torch.randn(2, HKV, 100, DIM),
-        torch.randn(2, HKV, 100, DIM),
-        valid,
-    )
+    store_call(layer, 2, 100, valid)
     nb = layer.nbytes()
     # count the bytes of the valid slots directly from the tensors
     codes = metadata = 0
@@ -299,39 +306,23 @@ def test_bad_inputs_raise_clear_errors():
     quant = KVarNConfig.from_preset("k4v2", tile_size=TILE)
     layer = KVarNLayer(quant, 0, HKV, DIM)
     module = FakeAttention()
-    run_call(
-        layer, module, torch.zeros(1, HQ, 3, DIM), torch.randn(1, HKV, 3, DIM), torch.randn(1, HKV, 3, DIM)
-    )
+    store_call(layer, 1, 3, module=module)
     with pytest.raises(CacheUsageError, match="dtype changed"):
-        layer.update(
-            torch.randn(1, HKV, 1, DIM, dtype=torch.float64), torch.randn(1, HKV, 1, DIM, dtype=torch.float64)
-        )
+        layer.update(*randn_kv(1, 1, torch.float64))
     with pytest.raises(CacheUsageError, match="batch size changed"):
-        layer.update(torch.randn(2, HKV, 1, DIM), torch.randn(2, HKV, 1, DIM))
+        layer.update(*randn_kv(2, 1))
     with pytest.raises(CacheUsageError, match="another model config"):
-        layer.update(torch.randn(1, 3, 1, DIM), torch.randn(1, 3, 1, DIM))
+        layer.update(*randn_kv(1, 1, heads=3))
     with pytest.raises(CacheUsageError, match="another model"):
-        run_call(
-            layer,
-            FakeAttention(),
-            torch.zeros(1, HQ, 1, DIM),
-            torch.randn(1, HKV, 1, DIM),
-            torch.randn(1, HKV, 1, DIM),
-        )
-    layer.update(torch.randn(1, HKV, 1, DIM), torch.randn(1, HKV, 1, DIM))
+        store_call(layer, 1, 1, module=FakeAttention())  # not the module of the first call
+    layer.update(*randn_kv(1, 1))
     with pytest.raises(CacheUsageError, match="never attended"):
-        layer.update(torch.randn(1, HKV, 1, DIM), torch.randn(1, HKV, 1, DIM))
+        layer.update(*randn_kv(1, 1))
     with pytest.raises(CacheUsageError, match="without a preceding update"):
         layer.attend(module, torch.zeros(1, HQ, 1, DIM), None, 1.0)
     layer.reset()
     assert not layer.is_initialized and layer.get_seq_length() == 0
-    run_call(
-        layer,
-        FakeAttention(),
-        torch.zeros(2, HQ, 3, DIM),
-        torch.randn(2, HKV, 3, DIM),
-        torch.randn(2, HKV, 3, DIM),
-    )
+    store_call(layer, 2, 3)
     assert layer.stored_lengths() == [3, 3]
 
 
@@ -351,8 +342,7 @@ def test_reserve_preallocates_exactly_and_changes_nothing_else(when):
     module = FakeAttention()
     for step, length in enumerate(CALLS):
         q = random_kv((2, HQ, length, DIM), torch.float32, outliers=False, generator=gen)
-        k = random_kv((2, HKV, length, DIM), torch.float32, generator=gen)
-        v = random_kv((2, HKV, length, DIM), torch.float32, generator=gen)
+        k, v = outlier_kv(2, length, gen)
         if step == 1 and when == "after":
             reserved.reserve(total)
         if reserved.store is not None and (when == "before" or step >= 1):

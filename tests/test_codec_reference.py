@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvarn.codec import decode_tiles, encode_tiles
+from kvarn.codec import QuantizedKeys, QuantizedValues, decode_tiles, encode_tiles
 from kvarn.config import KVarNConfig
 from kvarn.method.normalize import variance_normalize
 from kvarn.method.packing import unpack_codes
@@ -14,6 +14,12 @@ from tests.helpers_data import outlier_tiles
 from tests.reference_spec import ref_encode_tile, ref_reconstruct
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _metadata(part: QuantizedKeys | QuantizedValues, n: int) -> tuple[np.ndarray, ...]:
+    """Tile ``n``'s folded metadata ``(a, z, col)`` in float64; ``col`` is r for keys, c for values."""
+    col = part.token_scale if isinstance(part, QuantizedKeys) else part.channel_scale
+    return tuple(t[n].double().numpy() for t in (part.scale, part.zero, col))
 
 
 def _compare_tile(
@@ -56,27 +62,11 @@ def test_codec_matches_float64_reference(d, g):
         for n in range(2):
             xk = tiles[n].double().T.numpy()  # [D, G]
             ok = _compare_tile(
-                xk,
-                k_codes[n],
-                q.keys.scale[n].double().numpy(),
-                q.keys.zero[n].double().numpy(),
-                q.keys.token_scale[n].double().numpy(),
-                int(k_it[n]),
-                bits,
-                cfg.iterations,
-                True,
+                xk, k_codes[n], *_metadata(q.keys, n), int(k_it[n]), bits, cfg.iterations, True
             )
             xv = vt[n].double().numpy()  # [G, D]
             ov = _compare_tile(
-                xv,
-                v_codes[n],
-                q.values.scale[n].double().numpy(),
-                q.values.zero[n].double().numpy(),
-                q.values.channel_scale[n].double().numpy(),
-                int(v_it[n]),
-                bits,
-                cfg.iterations,
-                True,
+                xv, v_codes[n], *_metadata(q.values, n), int(v_it[n]), bits, cfg.iterations, True
             )
             matched += ok + ov
             total += 2
@@ -95,28 +85,8 @@ def test_codec_without_normalization_matches_reference(method, bits):
     kc = unpack_codes(q.keys.codes, bits).numpy()
     vc = unpack_codes(q.values.codes, bits).numpy()
     for n in range(3):
-        assert _compare_tile(
-            k[n].double().T.numpy(),
-            kc[n],
-            q.keys.scale[n].double().numpy(),
-            q.keys.zero[n].double().numpy(),
-            q.keys.token_scale[n].double().numpy(),
-            0,
-            bits,
-            8,
-            False,
-        )
-        assert _compare_tile(
-            v[n].double().numpy(),
-            vc[n],
-            q.values.scale[n].double().numpy(),
-            q.values.zero[n].double().numpy(),
-            q.values.channel_scale[n].double().numpy(),
-            0,
-            bits,
-            8,
-            False,
-        )
+        assert _compare_tile(k[n].double().T.numpy(), kc[n], *_metadata(q.keys, n), 0, bits, 8, False)
+        assert _compare_tile(v[n].double().numpy(), vc[n], *_metadata(q.values, n), 0, bits, 8, False)
         np.testing.assert_array_equal(q.keys.token_scale[n].numpy(), 1.0)
 
 

@@ -13,6 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from kvarn.cli.evaluate import register
+from tests.cli_support import subcommand_app
 from tests.test_eval_support import TINY_WINDOW, tiny_model_dir  # noqa: F401  (fixture)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,14 +21,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Test app."""
-
-    register(app)
-    return app
+    return subcommand_app(register)
 
 
 def invoke(app, args):

@@ -29,6 +29,7 @@ import functools
 import torch
 
 from kvarn.attention.unpack import code_planes
+from kvarn.codec import QuantizedKeys, QuantizedTiles, QuantizedValues
 
 # The running max starts at a finite floor, so a segment whose scores are all -inf (masked)
 # contributes exp(-inf - floor) = 0 instead of NaN.
@@ -121,33 +122,26 @@ def _to_natural(planes_out: torch.Tensor) -> torch.Tensor:
 def _attend_tiles(
     state: _OnlineSoftmax,
     q: torch.Tensor,
-    k_codes,
-    k_scale,
-    k_zero,
-    k_token_scale,
-    v_codes,
-    v_scale,
-    v_zero,
-    v_channel_scale,
+    tiles: QuantizedTiles,
     n_tiles: torch.Tensor,
     c0: int,
     c1: int,
-    key_bits: int,
-    value_bits: int,
     all_valid: bool,
 ) -> None:
     """Merge tiles ``c0 .. c1-1`` of every row into ``state`` (scales folded into q and p).
 
+    ``tiles`` holds the whole ``[B, Hkv, Ncap, ...]`` store; only slots ``c0 .. c1-1`` are read.
     The codes are contracted one bit-plane at a time (``code_planes``); only the small results
     (scores ``[M, G]`` and outputs ``[M, D]`` per tile) are interleaved back to natural order.
     """
     cdt = q.dtype
+    keys, values = tiles.keys, tiles.values
     qe = q.unsqueeze(2)  # [B, H, 1, M, D]
-    planes = code_planes(k_codes[:, :, c0:c1], key_bits, cdt)  # [B, H, C, k, D, G/k]
-    qa = qe * k_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, M, D]
+    planes = code_planes(keys.codes[:, :, c0:c1], keys.bits, cdt)  # [B, H, C, k, D, G/k]
+    qa = qe * keys.scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, M, D]
     scores = _to_natural(qa.unsqueeze(3) @ planes)  # [B, H, C, M, G]
-    qz = k_zero[:, :, c0:c1].to(cdt) @ q.transpose(-1, -2)  # [B, H, C, M]: sum_d q[d] z[d]
-    r = k_token_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, 1, G]
+    qz = keys.zero[:, :, c0:c1].to(cdt) @ q.transpose(-1, -2)  # [B, H, C, M]: sum_d q[d] z[d]
+    r = keys.token_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, 1, G]
     scores = (scores + qz.unsqueeze(-1)) * r
     if not all_valid:  # some row has fewer than c1 tiles: mask its empty slots
         tile_ids = torch.arange(c0, c1, device=q.device)
@@ -155,11 +149,11 @@ def _attend_tiles(
         scores = scores.masked_fill(~valid[:, None, :, None, None], float("-inf"))
 
     def weighted_values(p: torch.Tensor) -> torch.Tensor:
-        vplanes = code_planes(v_codes[:, :, c0:c1], value_bits, cdt)  # [B, H, C, k, G, D/k]
-        pa = p * v_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, M, G]
+        vplanes = code_planes(values.codes[:, :, c0:c1], values.bits, cdt)  # [B, H, C, k, G, D/k]
+        pa = p * values.scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, M, G]
         out = _to_natural(pa.unsqueeze(3) @ vplanes)  # [B, H, C, M, D]
-        vz = v_zero[:, :, c0:c1].to(cdt).unsqueeze(-1)  # [B, H, C, G, 1]
-        vc = v_channel_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, 1, D]
+        vz = values.zero[:, :, c0:c1].to(cdt).unsqueeze(-1)  # [B, H, C, G, 1]
+        vc = values.channel_scale[:, :, c0:c1].to(cdt).unsqueeze(-2)  # [B, H, C, 1, D]
         return ((out + p @ vz) * vc).sum(dim=2)
 
     state.add_tiles(scores, weighted_values)
@@ -213,6 +207,10 @@ def quantized_attention_reference(
         max_tiles = int(n_tiles.max()) if n_tiles.numel() else 0
     if min_tiles is None:
         min_tiles = 0
+    tiles = QuantizedTiles(
+        QuantizedKeys(k_codes, k_scale, k_zero, k_token_scale, key_bits),
+        QuantizedValues(v_codes, v_scale, v_zero, v_channel_scale, value_bits),
+    )
     tiles_per_chunk = max(1, chunk_tokens // tile)
     out = torch.empty_like(query) if length > query_chunk else None
 
@@ -248,24 +246,7 @@ def quantized_attention_reference(
 
         for c0 in range(0, max_tiles, per_chunk):
             c1 = min(max_tiles, c0 + per_chunk)
-            _attend_tiles(
-                state,
-                q,
-                k_codes,
-                k_scale,
-                k_zero,
-                k_token_scale,
-                v_codes,
-                v_scale,
-                v_zero,
-                v_channel_scale,
-                n_tiles,
-                c0,
-                c1,
-                key_bits,
-                value_bits,
-                all_valid=c1 <= min_tiles,
-            )
+            _attend_tiles(state, q, tiles, n_tiles, c0, c1, all_valid=c1 <= min_tiles)
         res = state.result().reshape(batch, hq, lq, dim).to(query.dtype)  # m = g * lq + l
         if lq == length:
             return res

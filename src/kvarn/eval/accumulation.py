@@ -258,26 +258,21 @@ def run_accumulation(
             ["method", "regime", *[str(ends[i]) for i in picks]],
             checkpoint_rows,
         ),
-        Table(
-            "by_context",
-            "Error per chunk (all layers)",
-            ["method", "regime", "context", "mean abs", "relative"],
-            context_rows,
-            markdown=False,
-        ),
-        Table(
-            "by_layer",
-            "Error per layer (all chunks)",
-            ["method", "regime", "layer", "mean abs", "relative"],
-            layer_rows,
-            markdown=False,
-        ),
+        _breakdown_table("context", "Error per chunk (all layers)", context_rows),
+        _breakdown_table("layer", "Error per layer (all chunks)", layer_rows),
     ]
     data = {
         "chunk_ends": ends,
         "sums": {regime: {name: sums[regime][name].to_json() for name in names} for regime in REGIMES},
     }
     return SuiteResult("accumulation", settings, tables, figures, data)
+
+
+def _breakdown_table(axis: str, title: str, rows: list[list]) -> Table:
+    """Error of every (method, regime) along one axis (context or layer): long, so CSV and JSON only."""
+    return Table(
+        f"by_{axis}", title, ["method", "regime", axis, "mean abs", "relative"], rows, markdown=False
+    )
 
 
 def replot(result: SuiteResult, out: Path) -> list[Figure]:
@@ -312,9 +307,9 @@ def make_figures(sums, ends: list[int], names: list[str], out: Path) -> list[Fig
 
     pair = [n for n in PAPER_PAIR if n in names]
     if len(pair) == 2:
-        plots.line_panels(
+        plots.line_grid(
             out / "accumulation_kvarn_vs_kivi_k2v2.png",
-            [(regime, by_context(pair, regime)) for regime in REGIMES],
+            [[(regime, by_context(pair, regime)) for regime in REGIMES]],
             "context length (tokens)",
             "relative attention-output error",
             logy=True,

@@ -162,8 +162,8 @@ def make_figures(survival_lengths, max_new_tokens: int, out: Path) -> list[Figur
         (f"greedy decoding {preset}".strip(), {name: series[name] for name in members})
         for preset, members in plots.group_by_preset(list(series)).items()
     ]
-    plots.line_panels(
-        out / "divergence_survival.png", panels, "generated tokens", "fraction still identical to 16-bit",
+    plots.line_grid(
+        out / "divergence_survival.png", [panels], "generated tokens", "fraction still identical to 16-bit",
         legend="panel",
     )  # fmt: skip
     return [Figure("divergence_survival.png", "Fraction of prompts whose tokens still match 16-bit decoding")]

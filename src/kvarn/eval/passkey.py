@@ -197,5 +197,5 @@ def make_figures(accuracy_rows, lengths: list[int], out: Path) -> list[Figure]:
         )
         for preset, members in groups.items()
     ]
-    plots.line_panels(out / "passkey.png", panels, "prompt length (tokens)", "accuracy", legend="panel")
+    plots.line_grid(out / "passkey.png", [panels], "prompt length (tokens)", "accuracy", legend="panel")
     return [Figure("passkey.png", "Passkey accuracy vs prompt length")]

@@ -87,7 +87,8 @@ def line_grid(
     vary_linestyle: bool = False,
     legend: str = "row",
 ) -> Path:
-    """A grid of line plots (rows of panels sharing the y axis); one legend per row, or per panel."""
+    """A grid of line plots (rows of panels sharing the y axis; ``[panels]`` for one row of
+    side-by-side plots); one legend per row, or per panel. Series labels are config names."""
     rows, cols = len(grid), max(len(row) for row in grid)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows + 0.4), sharey="row", squeeze=False)
     for r, row in enumerate(grid):
@@ -129,20 +130,6 @@ def line_grid(
         fig.suptitle(suptitle)
     fig.tight_layout()
     return save(fig, path)
-
-
-def line_panels(
-    path: str | Path,
-    panels: list[Panel],
-    xlabel: str,
-    ylabel: str,
-    logy: bool = False,
-    suptitle: str | None = None,
-    vary_linestyle: bool = False,
-    legend: str = "row",
-) -> Path:
-    """Side-by-side line plots sharing the y axis (labels are config names)."""
-    return line_grid(path, [panels], xlabel, ylabel, logy, suptitle, vary_linestyle, legend)
 
 
 def grouped_bars(

@@ -35,6 +35,11 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits={bits!r} is not supported for packing; allowed: {list(SUPPORTED)}")
 
 
+def _bit_offsets(bits: int, device) -> torch.Tensor:
+    """Where each code of a group starts: code ``j`` at bit ``j * bits`` (lowest bits first)."""
+    return torch.arange(0, bits * codes_per_group(bits), bits, device=device, dtype=torch.int32)
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes (each < 2**bits) along the last axis."""
     _check_bits(bits)
@@ -44,18 +49,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     packed_size(n, bits)  # validates divisibility
     if bits == 8:
         return codes.clone()
-    lead = codes.shape[:-1]
-    c = codes.to(torch.int32)
-    if bits == 3:
-        groups = c.reshape(*lead, n // 8, 8)
-        shifts = torch.arange(0, 24, 3, device=codes.device, dtype=torch.int32)
-        word = (groups << shifts).sum(dim=-1)
-        out = torch.stack((word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF), dim=-1)
-        return out.to(torch.uint8).reshape(*lead, n * 3 // 8)
-    k = 8 // bits
-    groups = c.reshape(*lead, n // k, k)
-    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.int32)
-    return (groups << shifts).sum(dim=-1).to(torch.uint8)
+    lead, k = codes.shape[:-1], codes_per_group(bits)
+    groups = codes.to(torch.int32).reshape(*lead, n // k, k)
+    word = (groups << _bit_offsets(bits, codes.device)).sum(dim=-1)  # a byte; 24 bits at 3 bits
+    if bits == 3:  # the 24-bit group as 3 little-endian bytes
+        word = torch.stack((word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF), dim=-1)
+    return word.to(torch.uint8).reshape(*lead, n * bits // 8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
@@ -72,12 +71,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int | None = None) -> torch
     if bits == 8:
         return packed.clone()
     lead = packed.shape[:-1]
-    p = packed.to(torch.int32)
-    if bits == 3:
-        b = p.reshape(*lead, m // 3, 3)
+    word = packed.to(torch.int32)  # a group of codes per byte
+    if bits == 3:  # a group of 8 codes per 3 little-endian bytes
+        b = word.reshape(*lead, m // 3, 3)
         word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
-        shifts = torch.arange(0, 24, 3, device=packed.device, dtype=torch.int32)
-        return ((word.unsqueeze(-1) >> shifts) & 7).to(torch.uint8).reshape(*lead, count)
-    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.int32)
-    mask = (1 << bits) - 1
-    return ((p.unsqueeze(-1) >> shifts) & mask).to(torch.uint8).reshape(*lead, count)
+    codes = (word.unsqueeze(-1) >> _bit_offsets(bits, packed.device)) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(*lead, count)
