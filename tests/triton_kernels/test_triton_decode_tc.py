@@ -316,13 +316,13 @@ def test_word_asm_constants_decode_every_word(bits):
 
 
 @pytest.mark.parametrize(
-    "group,nq,variant,num_splits",
-    [(4, 1, "words", 3), (8, 16, "auto", 2), (1, 3, "planes", 5)],
+    "group,nq,variant,num_splits,m_block",
+    [(4, 1, "words", 3, None), (2, 3, "auto", 2, 4), (1, 3, "planes", 5, None)],
 )
-def test_decode_tc_fused_launch_matches_three_launches(group, nq, variant, num_splits):
+def test_decode_tc_fused_launch_matches_three_launches(group, nq, variant, num_splits, m_block):
     """One launch (16-bit segments in the last tile run, merge by the last program to finish)
-    against the three-launch twin and the reference: row blocks (group 8 x 16 queries), empty
-    rows, more splits than tiles; the arrival counters are left at zero for the next call."""
+    against the three-launch twin and the reference: two row blocks (6 rows in blocks of 4),
+    empty rows, more splits than tiles; the arrival counters are left at zero for the next call."""
     from kvarn.attention.triton.split_k import merge_counters
 
     cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=64)
@@ -330,7 +330,7 @@ def test_decode_tc_fused_launch_matches_three_launches(group, nq, variant, num_s
         batch=3, kv_heads=2, group=group, num_queries=nq, head_dim=64, config=cfg,
         n_tiles=[4, 0, 2], sink_len=[64, 5, 0], tail_len=[9, 0, 63], capacity=5, dtype=torch.bfloat16,
     )  # fmt: skip
-    launch = dict(num_splits=num_splits, variant=variant)
+    launch = dict(num_splits=num_splits, variant=variant, m_block=m_block)
     fused = _check(kw, fused=True, **launch)
     three = _check(kw, fused=False, **launch)
     assert torch.equal(merge_counters(kw["query"].device, 1)[: 3 * 2 * 8], torch.zeros(48, dtype=torch.int32))
