@@ -409,6 +409,12 @@ def main() -> int:
         (bf, 64, 64, 4, 3, 1, 4, 2, 40, {"tc_launch": {"m_block": 4, "meta_ahead": 0}}),
         (bf, 128, 64, 4, 3, 1, 2, 2, 40, {"tc_launch": {"variant": "planes", "m_block": 4}}),
         (f16, 128, 32, 1, 3, 1, 8, 8, 40, {"tc_launch": {"m_block": 2}}),
+        # tc's one launch (the default: 16-bit segments in the last run, in-kernel merge) against
+        # its three-launch twin; one-wave split counts on a long row; many splits x row blocks
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"fused": False}}),
+        (f16, 128, 128, 8, 5, 16, 4, 2, 7, {"tc_launch": {"fused": False}}),
+        (bf, 128, 128, 4, 1, 1, 4, 2, 300, {"splits": 49}),
+        (bf, 128, 128, 8, 3, 16, 4, 2, 40, {"splits": 160}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]
@@ -438,6 +444,7 @@ def main() -> int:
         if "tc" in args.decode_kernels.split(","):
             check_cuda_graph("tc", {"variant": "words", "meta_ahead": 1})
             check_cuda_graph("tc", {"m_block": 4})
+            check_cuda_graph("tc", {"fused": False})
     # One verdict line per decode kernel (scripts and dispatch decisions read these).
     for kernel in args.decode_kernels.split(","):
         bad = [f for f in FAILURES if f"[{kernel}]" in f]

@@ -313,3 +313,43 @@ def test_word_asm_constants_decode_every_word(bits):
             halves = lane.astype(np.uint16).view(np.float16).astype(np.float32)
             got = halves * np.float32(f16(scale)) + np.float32(f16(bias))
             assert np.array_equal(got, (word >> (bits * j)) & ((1 << bits) - 1)), (bits, j)
+
+
+@pytest.mark.parametrize(
+    "group,nq,variant,num_splits,m_block",
+    [(4, 1, "words", 3, None), (2, 3, "auto", 2, 4), (1, 3, "planes", 5, None)],
+)
+def test_decode_tc_fused_launch_matches_three_launches(group, nq, variant, num_splits, m_block):
+    """One launch (16-bit segments in the last tile run, merge by the last program to finish)
+    against the three-launch twin and the reference: two row blocks (6 rows in blocks of 4),
+    empty rows, more splits than tiles; the arrival counters are left at zero for the next call."""
+    from kvarn.attention.triton.split_k import merge_counters
+
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=64)
+    kw = random_layer_storage(
+        batch=3, kv_heads=2, group=group, num_queries=nq, head_dim=64, config=cfg,
+        n_tiles=[4, 0, 2], sink_len=[64, 5, 0], tail_len=[9, 0, 63], capacity=5, dtype=torch.bfloat16,
+    )  # fmt: skip
+    launch = dict(num_splits=num_splits, variant=variant, m_block=m_block)
+    fused = _check(kw, fused=True, **launch)
+    three = _check(kw, fused=False, **launch)
+    assert torch.equal(merge_counters(kw["query"].device, 1)[: 3 * 2 * 8], torch.zeros(48, dtype=torch.int32))
+    # Same partials, merged in the same order: the two launches agree to float32 summation order.
+    assert relative_error(fused.float(), three.float()) < 1e-2
+    again = decode_tc.quantized_decode_attention(**kw, fused=True, **launch)
+    assert torch.equal(again, fused)
+
+
+@pytest.mark.parametrize(
+    "batch,kv_heads,slots_per_sm,expected",
+    [(1, 8, 3, 49), (8, 8, 3, 6), (2, 8, 3, 24), (32, 8, 3, 3), (1, 8, 2, 33)],
+)
+def test_default_split_count_fills_one_wave(monkeypatch, batch, kv_heads, slots_per_sm, expected):
+    """The cost model on an H100-sized device (132 SMs): as many equal runs as fill the program
+    slots once where the rows x heads leave room (e.g. 8 x 49 = 392 of 396), else few waves."""
+    monkeypatch.setattr(decode_tc, "sm_count", lambda device: 132)
+    splits = decode_tc.default_num_splits(batch, kv_heads, torch.device("cpu"), slots_per_sm)
+    assert splits == expected
+    if batch * kv_heads * 2 <= 132 * slots_per_sm:
+        assert batch * kv_heads * splits <= 132 * slots_per_sm
+    assert decode_tc.programs_per_sm(168, 4) == 3 and decode_tc.programs_per_sm(None, 4) == 2

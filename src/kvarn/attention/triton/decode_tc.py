@@ -50,6 +50,8 @@ from kvarn.attention.triton.contract import (
 )
 from kvarn.attention.triton.launch import FastLauncher
 from kvarn.attention.triton.split_k import (
+    merge_counters,
+    merge_if_last,
     merge_num_warps,
     merge_partials,
     online_step,
@@ -658,12 +660,14 @@ def _decode_tc_kernel(
     nk_ptr, snk_b, snk_h, snk_t,
     nv_ptr, snv_b, snv_h, snv_t,
     po_ptr, pm_ptr, pl_ptr,
+    cnt_ptr, out_ptr, so_b, so_h, so_l,
     qk_scale, NUM_SPLITS,  # a run-time argument: changing the split count needs no recompile
     HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr,
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     M_BLOCK: tl.constexpr, DC: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, DENSE: tl.constexpr, PREFETCH: tl.constexpr, UNPACK_ASM: tl.constexpr,
     INTERPRET: tl.constexpr, WORDS: tl.constexpr, META_AHEAD: tl.constexpr,
+    FUSED: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     # Two launches of this kernel: DENSE (split 0 only) and the tiles (splits 1..NUM_SPLITS), so
@@ -780,22 +784,55 @@ def _decode_tc_kernel(
         if NPV >= 4:
             tl.store(o_rows + (dv * NPV + 2)[None, :], acc2, mask=row_ok[:, None])
             tl.store(o_rows + (dv * NPV + 3)[None, :], acc3, mask=row_ok[:, None])
+        if FUSED:
+            if split == NUM_SPLITS:
+                # The last run has the fewest tiles (ceil partition): it also attends to the
+                # 16-bit segments, into split 0's slot, instead of a launch of its own.
+                slot0 = (bh * (NUM_SPLITS + 1)).to(tl.int64) * MROWS + rows
+                _dense_program(
+                    q_ptr, q_off, row_ok, q_pos, qk_scale, b, b64, h64,
+                    sk_ptr, ssk_b, ssk_h, ssk_t, sv_ptr, ssv_b, ssv_h, ssv_t, sink_len_ptr,
+                    tk_ptr, stk_b, stk_h, stk_t, tv_ptr, stv_b, stv_h, stv_t, tail_len_ptr,
+                    nk_ptr, snk_b, snk_h, snk_t, nv_ptr, snv_b, snv_h, snv_t,
+                    po_ptr, pm_ptr, pl_ptr, slot0, M_BLOCK, D, G, L, L_PAD, DC, INTERPRET,
+                )  # fmt: skip
+            out_off = b64 * so_b + q_head.to(tl.int64) * so_h + q_pos.to(tl.int64) * so_l
+            merge_if_last(
+                cnt_ptr + bh * tl.num_programs(2) + mb, NUM_SPLITS, po_ptr, pm_ptr, pl_ptr,
+                bh * (NUM_SPLITS + 1), NUM_SPLITS + 1, rows, row_ok, out_ptr, out_off,
+                MROWS, D, MERGE_CHUNK,
+            )  # fmt: skip
 
 
 _TILE_LAUNCH = FastLauncher(_decode_tc_kernel)
 _MERGE_LAUNCH = FastLauncher(merge_partials)
 
 
-def default_num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Tile splits per (row, KV head): about eight programs per SM over the whole launch.
+def default_num_splits(batch: int, kv_heads: int, device: torch.device, programs_per_sm: int = 3) -> int:
+    """Tile splits per (row, KV head), from a cost model of the launch's waves.
 
-    Two to three programs fit on an SM at a time (registers), so eight per SM gives several waves
-    that even out, and enough tile runs in flight to hide memory latency (H100, 32k x 8: 5 splits
-    355 us ... 20 splits 278 us; 128k x 1: 33 splits 186 us, 132 splits 153 us; docs/gpu.md).
-    Depends only on the batch shape and the device (never on the context length), so a decode
-    step's launch configuration is fixed and CUDA graphs can capture it.
+    ``batch * kv_heads * splits`` runs of ``tiles / splits`` tiles fill ``programs_per_sm`` x SMs
+    program slots in ``ceil(programs / slots)`` waves; a run also pays a fixed cost of about 1.5
+    tiles (query load, partial stores, merge). The model takes a nominal 1,024 tiles per row
+    (128k tokens): the launch must not depend on the context length, so that CUDA graphs can
+    capture a decode step. H100, words kernel, 3 programs per SM: 128k x 1 49 splits (one wave)
+    82 us vs 132 splits 89 us; 32k x 8 6 splits 141 us, 12 splits 144 us, 17 splits 147 us
+    (docs/gpu.md). Of the split counts within 1.5% of the best, the fewest.
     """
-    return max(1, min(MAX_SPLITS, -(-8 * sm_count(device) // max(1, batch * kv_heads))))
+    slots = max(1, programs_per_sm) * sm_count(device)
+    runs = max(1, batch * kv_heads)
+
+    def cost(s: int) -> float:
+        return -(-runs * s // slots) * (1024 / s + 1.5)
+
+    best = min(cost(s) for s in range(1, MAX_SPLITS + 1))
+    return next(s for s in range(1, MAX_SPLITS + 1) if cost(s) <= 1.015 * best)  # fewest near the best
+
+
+def programs_per_sm(regs_per_thread: int | None, num_warps: int) -> int:
+    """Programs resident per SM when registers are the limit (255 assumed when uncapped)."""
+    regs = ((regs_per_thread or 255) + 7) // 8 * 8  # allocated in units of 8 per thread
+    return max(1, 65536 // (32 * num_warps * regs))
 
 
 def _next_pow2(n: int) -> int:
@@ -834,6 +871,7 @@ def quantized_decode_attention(
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool | None = None,
     prefetch: bool = False, unpack_asm: bool = True, pa_split: bool | None = None,
     maxnreg: int | None | str = "auto", variant: str = "auto", meta_ahead: int | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -861,6 +899,10 @@ def quantized_decode_attention(
     / all metadata one tile ahead. ``prefetch`` applies to "planes" only. ``"auto"`` picks "words"
     with ``meta_ahead=1`` where it applies (H100: 32k x 8 175 us vs planes 265 us, 128k x 1
     106 us vs 154 us; docs/gpu.md), else "planes".
+    ``fused=True`` makes the call one launch: the last tile run of each (row, KV head) also
+    attends to the 16-bit segments, and the last program to finish merges the partials
+    (``split_k.merge_if_last``); ``False`` keeps the three launches (16-bit segments, tiles,
+    merge), the twin the tests compare against.
     """
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
@@ -891,11 +933,11 @@ def quantized_decode_attention(
     else:
         m_block = max(16, min(_next_pow2(mrows), m_block or 16))
     n_mb = -(-mrows // m_block)
-    if num_splits is None:
-        num_splits = default_num_splits(bsz, hkv, query.device)
     num_warps = num_warps or 4
     if maxnreg == "auto":
         maxnreg = MAXNREG_D128 if hd == 128 and num_warps == 4 else None
+    if num_splits is None:
+        num_splits = default_num_splits(bsz, hkv, query.device, programs_per_sm(maxnreg, num_warps))
     if qa_split is None:
         qa_split = query.dtype == torch.float16
     if pa_split is None:  # below bf16's output rounding without it; not below float16's
@@ -929,6 +971,8 @@ def quantized_decode_attention(
     dev = query.device
     part_o, part_m, part_l = split_workspace(bsz * hkv, s1, mrows, hd, dev, POISON_WORKSPACE)
     out = output_buffer(out, (bsz, hq, nq, hd), query.dtype, dev)
+    counters = merge_counters(dev, bsz * hkv * n_mb) if fused else None
+    fused = counters is not None
 
     def st(x, n):
         return x.stride()[:n]
@@ -944,29 +988,33 @@ def quantized_decode_attention(
         tail_k, *st(tail_k, 3), tail_v, *st(tail_v, 3), tail_len,
         new_k, *st(new_k, 3), new_v, *st(new_v, 3),
         part_o, part_m, part_l,
+        counters if fused else part_l, out, *st(out, 3),
         float(scaling) * LOG2E, num_splits,
     )  # fmt: skip
     interp = interpreting()
     meta = dict(
         HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, _next_pow2(nq)),
         D=hd, G=g, KB=key_bits, VB=value_bits, M_BLOCK=m_block,
-        DC=min(g, 32), QA_SPLIT=qa_split, PA_SPLIT=pa_split,
+        DC=min(g, 32), QA_SPLIT=qa_split, PA_SPLIT=pa_split, MERGE_CHUNK=8,
     )  # fmt: skip
-    _TILE_LAUNCH(
-        (bsz * hkv, 1, n_mb), args,
-        {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp, "WORDS": False,
-         "META_AHEAD": 0},
-        num_warps=4, num_stages=1,
-    )  # fmt: skip
+    if not fused:
+        _TILE_LAUNCH(
+            (bsz * hkv, 1, n_mb), args,
+            {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp, "WORDS": False,
+             "META_AHEAD": 0, "FUSED": False},
+            num_warps=4, num_stages=1,
+        )  # fmt: skip
     tile_options = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None and not interp:
         tile_options["maxnreg"] = maxnreg
     LAST_LAUNCH[0] = _TILE_LAUNCH(
         (bsz * hkv, num_splits, n_mb), args,
         {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp, "INTERPRET": interp,
-         "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0},
+         "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0, "FUSED": fused},
         **tile_options,
     )  # fmt: skip
+    if fused:
+        return out
     _MERGE_LAUNCH(
         (bsz * hkv * mrows,), (part_o, part_m, part_l, out, *st(out, 3)),
         dict(HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=_next_pow2(s1)),

@@ -65,6 +65,80 @@ def merge_partials(
     tl.store(out_ptr + off + d, out.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def merge_if_last(
+    count_ptr, n_programs, po_ptr, pm_ptr, pl_ptr, first_slot, n_slots, rows, row_ok, out_ptr, out_off,
+    MROWS: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """In-kernel merge: the last of ``n_programs`` programs sharing ``count_ptr`` to get here
+    combines their ``n_slots`` partials for its query ``rows`` and writes the output.
+
+    Saves the merge launch (H100: 4-5 us plus a launch gap per decode call). Each program's
+    partial stores are ordered before its counter increment (barrier, then a release atomic by
+    one thread); the program that sees ``n_programs - 1`` acquires them, reads the partials from
+    L2 (``.cg``: never a stale L1 line) and re-arms the counter for the next launch.
+    """
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if done == n_programs - 1:
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+        d = tl.arange(0, D)
+        c = tl.arange(0, CHUNK)
+        m_max = tl.full(rows.shape, float("-inf"), tl.float32)
+        s0 = 0  # while, not range(): the interpreter cannot take a tensor as range() bound
+        while s0 < n_slots:
+            ok = ((s0 + c) < n_slots)[:, None] & row_ok[None, :]
+            slot = (first_slot + s0 + c).to(tl.int64)[:, None] * MROWS + rows[None, :]
+            m = tl.load(pm_ptr + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            m_max = tl.maximum(m_max, tl.max(m, axis=0))
+            s0 += CHUNK
+        # finite for real rows: split 0's partial always holds new token 0
+        m_max = tl.where(row_ok, m_max, 0.0)
+        acc = tl.zeros([rows.shape[0], D], tl.float32)
+        l_sum = tl.zeros(rows.shape, tl.float32)
+        s0 = 0
+        while s0 < n_slots:
+            ok = ((s0 + c) < n_slots)[:, None] & row_ok[None, :]
+            slot = (first_slot + s0 + c).to(tl.int64)[:, None] * MROWS + rows[None, :]
+            m = tl.load(pm_ptr + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            w = tl.exp2(m - m_max[None, :])  # empty runs (m = -inf) weigh 0
+            lsum = tl.load(pl_ptr + slot, mask=ok, other=0.0, cache_modifier=".cg")
+            l_sum += tl.sum(lsum * w, axis=0)
+            o = tl.load(po_ptr + slot[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                        cache_modifier=".cg")  # fmt: skip
+            acc += tl.sum(o * w[:, :, None], axis=0)
+            s0 += CHUNK
+        out = acc / tl.where(row_ok, l_sum, 1.0)[:, None]
+        tl.store(
+            out_ptr + out_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None]
+        )
+
+
+_COUNTERS: dict = {}
+
+
+def merge_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Arrival counters of ``merge_if_last``, ``n`` int32 zeros per device, kept between calls
+    (each launch leaves them at zero). None while a CUDA graph is being captured and no large
+    enough buffer exists yet (allocating inside a capture would take graph-pool memory): the
+    caller then uses the merge launch.
+
+    One buffer per device: two fused decode launches running at once on different streams of
+    one device would share counters (the model's layers run one after another on one stream).
+    """
+    bufs = _COUNTERS.setdefault((device.type, device.index), [])
+    if not bufs or bufs[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        # Outgrown buffers stay alive: a captured graph may hold their address.
+        bufs.append(
+            torch.zeros(
+                max(n, 1 << 14, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int32, device=device
+            )
+        )
+    return bufs[-1]
+
+
 def merge_num_warps(head_dim: int, s1_pad: int) -> int:
     return 4 if head_dim * s1_pad <= 8192 else 8
 
