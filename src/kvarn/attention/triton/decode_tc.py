@@ -667,7 +667,7 @@ def _decode_tc_kernel(
     M_BLOCK: tl.constexpr, DC: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, DENSE: tl.constexpr, PREFETCH: tl.constexpr, UNPACK_ASM: tl.constexpr,
     INTERPRET: tl.constexpr, WORDS: tl.constexpr, META_AHEAD: tl.constexpr,
-    FUSED: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    FUSED: tl.constexpr, MERGE_SLOTS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     # Two launches of this kernel: DENSE (split 0 only) and the tiles (splits 1..NUM_SPLITS), so
@@ -800,7 +800,7 @@ def _decode_tc_kernel(
             merge_if_last(
                 cnt_ptr + bh * tl.num_programs(2) + mb, NUM_SPLITS, po_ptr, pm_ptr, pl_ptr,
                 bh * (NUM_SPLITS + 1), NUM_SPLITS + 1, rows, row_ok, out_ptr, out_off,
-                MROWS, D, MERGE_CHUNK,
+                MROWS, D, MERGE_SLOTS, MERGE_CHUNK,
             )  # fmt: skip
 
 
@@ -871,7 +871,7 @@ def quantized_decode_attention(
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool | None = None,
     prefetch: bool = False, unpack_asm: bool = True, pa_split: bool | None = None,
     maxnreg: int | None | str = "auto", variant: str = "auto", meta_ahead: int | None = None,
-    fused: bool = True,
+    fused: bool = True, merge_chunk: int = 16, dense_chunk: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -902,8 +902,13 @@ def quantized_decode_attention(
     ``fused=True`` makes the call one launch: the last tile run of each (row, KV head) also
     attends to the 16-bit segments, and the last program to finish merges the partials
     (``split_k.merge_if_last``); ``False`` keeps the three launches (16-bit segments, tiles,
-    merge), the twin the tests compare against.
+    merge), the twin the tests compare against. ``merge_chunk`` (power of two): partials per
+    unrolled step of the in-kernel merge; ``dense_chunk`` (power of two, default 32): 16-bit
+    tokens per step of the dense segments.
     """
+    for name, value in (("merge_chunk", merge_chunk), ("dense_chunk", dense_chunk)):
+        if value is not None and (not isinstance(value, int) or not is_pow2(value)):
+            raise ValueError(f"{name}={value!r}: expected a power of two")
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
         v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_channel_scale=v_channel_scale,
@@ -995,7 +1000,8 @@ def quantized_decode_attention(
     meta = dict(
         HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, _next_pow2(nq)),
         D=hd, G=g, KB=key_bits, VB=value_bits, M_BLOCK=m_block,
-        DC=min(g, 32), QA_SPLIT=qa_split, PA_SPLIT=pa_split, MERGE_CHUNK=8,
+        DC=min(g, dense_chunk or 32), QA_SPLIT=qa_split, PA_SPLIT=pa_split,
+        MERGE_SLOTS=_next_pow2(s1), MERGE_CHUNK=min(_next_pow2(s1), merge_chunk),
     )  # fmt: skip
     if not fused:
         _TILE_LAUNCH(

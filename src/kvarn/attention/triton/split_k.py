@@ -68,46 +68,41 @@ def merge_partials(
 @triton.jit
 def merge_if_last(
     count_ptr, n_programs, po_ptr, pm_ptr, pl_ptr, first_slot, n_slots, rows, row_ok, out_ptr, out_off,
-    MROWS: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+    MROWS: tl.constexpr, D: tl.constexpr, SLOTS_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     """In-kernel merge: the last of ``n_programs`` programs sharing ``count_ptr`` to get here
-    combines their ``n_slots`` partials for its query ``rows`` and writes the output.
+    combines their ``n_slots`` (<= SLOTS_PAD) partials for its query ``rows`` and writes the
+    output.
 
     Saves the merge launch (H100: 4-5 us plus a launch gap per decode call). Each program's
     partial stores are ordered before its counter increment (barrier, then a release atomic by
     one thread); the program that sees ``n_programs - 1`` acquires them, reads the partials from
-    L2 (``.cg``: never a stale L1 line) and re-arms the counter for the next launch.
+    L2 (``.cg``: never a stale L1 line) and re-arms the counter for the next launch. The maxima
+    come in one load, the partial outputs in unrolled chunks whose loads do not wait on each
+    other: the merge sits on the launch's critical path.
     """
     tl.debug_barrier()
     done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
     if done == n_programs - 1:
         tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
         d = tl.arange(0, D)
-        c = tl.arange(0, CHUNK)
-        m_max = tl.full(rows.shape, float("-inf"), tl.float32)
-        s0 = 0  # while, not range(): the interpreter cannot take a tensor as range() bound
-        while s0 < n_slots:
-            ok = ((s0 + c) < n_slots)[:, None] & row_ok[None, :]
-            slot = (first_slot + s0 + c).to(tl.int64)[:, None] * MROWS + rows[None, :]
-            m = tl.load(pm_ptr + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            m_max = tl.maximum(m_max, tl.max(m, axis=0))
-            s0 += CHUNK
+        s_all = tl.arange(0, SLOTS_PAD)
+        ok = (s_all < n_slots)[:, None] & row_ok[None, :]
+        slot = (first_slot + s_all).to(tl.int64)[:, None] * MROWS + rows[None, :]
+        m = tl.load(pm_ptr + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
         # finite for real rows: split 0's partial always holds new token 0
-        m_max = tl.where(row_ok, m_max, 0.0)
+        m_max = tl.where(row_ok, tl.max(m, axis=0), 0.0)
+        lsum = tl.load(pl_ptr + slot, mask=ok, other=0.0, cache_modifier=".cg")
+        l_sum = tl.sum(lsum * tl.exp2(m - m_max[None, :]), axis=0)  # empty runs (m = -inf) weigh 0
         acc = tl.zeros([rows.shape[0], D], tl.float32)
-        l_sum = tl.zeros(rows.shape, tl.float32)
-        s0 = 0
-        while s0 < n_slots:
-            ok = ((s0 + c) < n_slots)[:, None] & row_ok[None, :]
-            slot = (first_slot + s0 + c).to(tl.int64)[:, None] * MROWS + rows[None, :]
-            m = tl.load(pm_ptr + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            w = tl.exp2(m - m_max[None, :])  # empty runs (m = -inf) weigh 0
-            lsum = tl.load(pl_ptr + slot, mask=ok, other=0.0, cache_modifier=".cg")
-            l_sum += tl.sum(lsum * w, axis=0)
-            o = tl.load(po_ptr + slot[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0,
+        c = tl.arange(0, CHUNK)
+        for k in tl.static_range(SLOTS_PAD // CHUNK):
+            ok_c = ((k * CHUNK + c) < n_slots)[:, None] & row_ok[None, :]
+            slot_c = (first_slot + k * CHUNK + c).to(tl.int64)[:, None] * MROWS + rows[None, :]
+            m_c = tl.load(pm_ptr + slot_c, mask=ok_c, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(po_ptr + slot_c[:, :, None] * D + d[None, None, :], mask=ok_c[:, :, None], other=0.0,
                         cache_modifier=".cg")  # fmt: skip
-            acc += tl.sum(o * w[:, :, None], axis=0)
-            s0 += CHUNK
+            acc += tl.sum(o * tl.exp2(m_c - m_max[None, :])[:, :, None], axis=0)
         out = acc / tl.where(row_ok, l_sum, 1.0)[:, None]
         tl.store(
             out_ptr + out_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None]
