@@ -365,6 +365,89 @@ def _dense_program(
 
 
 @triton.jit
+def _dense_chunk_into(
+    q16, m_i, l_i, acc0, acc1, acc2, acc3, k_base, sk_t, v_base, sv_t, t0, n_valid, q_pos, qk_scale,
+    TC: tl.constexpr, D: tl.constexpr, NPV: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """One chunk of a 16-bit segment (tokens [t0, t0 + TC) masked to [0, n_valid)) folded into a
+    tile run's online softmax; ``t0 < n_valid``, so every row sees a finite score. Values are
+    read per accumulator (channels NPV*i + c, the tile loop's order); p goes in hi + lo parts of
+    the value dtype, so the 16-bit segments lose nothing to operand rounding (as in
+    ``_attend_dense``)."""
+    d = tl.arange(0, D)
+    t = t0 + tl.arange(0, TC)
+    valid = t < n_valid
+    t64 = t[:, None].to(tl.int64)
+    k = tl.load(k_base + t64 * sk_t + d[None, :], mask=valid[:, None], other=0.0)
+    s = _dot(q16, tl.trans(k), INTERPRET) * qk_scale
+    keep = valid[None, :]
+    if CAUSAL:
+        keep = keep & (t[None, :] <= q_pos[:, None])
+    s = tl.where(keep, s, float("-inf"))
+    m_i, p, alpha, l_i = online_step(m_i, l_i, s)
+    p_hi = p.to(k.dtype)
+    p_lo = (p - p_hi.to(tl.float32)).to(k.dtype)
+    dv = tl.arange(0, D // NPV) * NPV
+    v_rows = v_base + t64 * sv_t
+    vmask = valid[:, None]
+    v0 = tl.load(v_rows + dv[None, :], mask=vmask, other=0.0)
+    acc0 = acc0 * alpha[:, None] + _dot(p_hi, v0, INTERPRET) + _dot(p_lo, v0, INTERPRET)
+    if NPV >= 2:
+        v1 = tl.load(v_rows + (dv + 1)[None, :], mask=vmask, other=0.0)
+        acc1 = acc1 * alpha[:, None] + _dot(p_hi, v1, INTERPRET) + _dot(p_lo, v1, INTERPRET)
+    if NPV >= 4:
+        v2 = tl.load(v_rows + (dv + 2)[None, :], mask=vmask, other=0.0)
+        acc2 = acc2 * alpha[:, None] + _dot(p_hi, v2, INTERPRET) + _dot(p_lo, v2, INTERPRET)
+        v3 = tl.load(v_rows + (dv + 3)[None, :], mask=vmask, other=0.0)
+        acc3 = acc3 * alpha[:, None] + _dot(p_hi, v3, INTERPRET) + _dot(p_lo, v3, INTERPRET)
+    return m_i, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _dense_share(
+    split, num_splits, q16, m_i, l_i, acc0, acc1, acc2, acc3, q_pos, qk_scale, b, b64, h64,
+    sk_ptr, ssk_b, ssk_h, ssk_t, sv_ptr, ssv_b, ssv_h, ssv_t, sink_len_ptr,
+    tk_ptr, stk_b, stk_h, stk_t, tv_ptr, stv_b, stv_h, stv_t, tail_len_ptr,
+    nk_ptr, snk_b, snk_h, snk_t, nv_ptr, snv_b, snv_h, snv_t,
+    D: tl.constexpr, G: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr, DC: tl.constexpr,
+    NPV: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """This tile run's share of the 16-bit segments (fused launch): chunk j of [new tokens, sink
+    chunks, tail chunks] goes to run ``num_splits - j % num_splits``, so the chunks spread over
+    the runs starting from the last one (the run with the fewest tiles) instead of adding a
+    serial pass of their own (a separate launch took ~11 us on an H100, latency-bound)."""
+    SEG: tl.constexpr = G // DC
+    j = num_splits - split
+    if j == 0:  # new tokens: one chunk, causal among themselves
+        m_i, l_i, acc0, acc1, acc2, acc3 = _dense_chunk_into(
+            q16, m_i, l_i, acc0, acc1, acc2, acc3, nk_ptr + b64 * snk_b + h64 * snk_h, snk_t,
+            nv_ptr + b64 * snv_b + h64 * snv_h, snv_t, 0, L, q_pos, qk_scale, L_PAD, D, NPV, True, INTERPRET,
+        )  # fmt: skip
+        j += num_splits
+    sink_len = tl.load(sink_len_ptr + b)
+    tail_len = tl.load(tail_len_ptr + b)
+    while j < 1 + 2 * SEG:
+        in_sink = j <= SEG
+        t0 = tl.where(in_sink, j - 1, j - 1 - SEG) * DC
+        n_valid = tl.where(in_sink, sink_len, tail_len)
+        if t0 < n_valid:
+            if in_sink:
+                m_i, l_i, acc0, acc1, acc2, acc3 = _dense_chunk_into(
+                    q16, m_i, l_i, acc0, acc1, acc2, acc3, sk_ptr + b64 * ssk_b + h64 * ssk_h, ssk_t,
+                    sv_ptr + b64 * ssv_b + h64 * ssv_h, ssv_t, t0, n_valid, q_pos, qk_scale, DC, D, NPV, False,
+                    INTERPRET,
+                )  # fmt: skip
+            else:
+                m_i, l_i, acc0, acc1, acc2, acc3 = _dense_chunk_into(
+                    q16, m_i, l_i, acc0, acc1, acc2, acc3, tk_ptr + b64 * stk_b + h64 * stk_h, stk_t,
+                    tv_ptr + b64 * stv_b + h64 * stv_h, stv_t, t0, n_valid, q_pos, qk_scale, DC, D, NPV, False,
+                    INTERPRET,
+                )  # fmt: skip
+        j += num_splits
+    return m_i, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _pv(pa, pa_lo, plane, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
     """(p * a_v) @ plane, with the float16 rounding remainder of p * a_v as a second operand
     when PA_SPLIT (float16 outputs: one operand's rounding would reach the output rounding)."""
@@ -773,6 +856,15 @@ def _decode_tc_kernel(
                         vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET,
                     )  # fmt: skip
                     kbytes = k_next
+        if FUSED:
+            q16 = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+            m_i, l_i, acc0, acc1, acc2, acc3 = _dense_share(
+                split, NUM_SPLITS, q16, m_i, l_i, acc0, acc1, acc2, acc3, q_pos, qk_scale, b, b64, h64,
+                sk_ptr, ssk_b, ssk_h, ssk_t, sv_ptr, ssv_b, ssv_h, ssv_t, sink_len_ptr,
+                tk_ptr, stk_b, stk_h, stk_t, tv_ptr, stv_b, stv_h, stv_t, tail_len_ptr,
+                nk_ptr, snk_b, snk_h, snk_t, nv_ptr, snv_b, snv_h, snv_t,
+                D, G, L, L_PAD, DC, NPV, INTERPRET,
+            )  # fmt: skip
         tl.store(pm_ptr + slot, m_i, mask=row_ok)
         tl.store(pl_ptr + slot, l_i, mask=row_ok)
         # Accumulator c holds channels NPV*i + c.
@@ -785,21 +877,10 @@ def _decode_tc_kernel(
             tl.store(o_rows + (dv * NPV + 2)[None, :], acc2, mask=row_ok[:, None])
             tl.store(o_rows + (dv * NPV + 3)[None, :], acc3, mask=row_ok[:, None])
         if FUSED:
-            if split == NUM_SPLITS:
-                # The last run has the fewest tiles (ceil partition): it also attends to the
-                # 16-bit segments, into split 0's slot, instead of a launch of its own.
-                slot0 = (bh * (NUM_SPLITS + 1)).to(tl.int64) * MROWS + rows
-                _dense_program(
-                    q_ptr, q_off, row_ok, q_pos, qk_scale, b, b64, h64,
-                    sk_ptr, ssk_b, ssk_h, ssk_t, sv_ptr, ssv_b, ssv_h, ssv_t, sink_len_ptr,
-                    tk_ptr, stk_b, stk_h, stk_t, tv_ptr, stv_b, stv_h, stv_t, tail_len_ptr,
-                    nk_ptr, snk_b, snk_h, snk_t, nv_ptr, snv_b, snv_h, snv_t,
-                    po_ptr, pm_ptr, pl_ptr, slot0, M_BLOCK, D, G, L, L_PAD, DC, INTERPRET,
-                )  # fmt: skip
             out_off = b64 * so_b + q_head.to(tl.int64) * so_h + q_pos.to(tl.int64) * so_l
             merge_if_last(
                 cnt_ptr + bh * tl.num_programs(2) + mb, NUM_SPLITS, po_ptr, pm_ptr, pl_ptr,
-                bh * (NUM_SPLITS + 1), NUM_SPLITS + 1, rows, row_ok, out_ptr, out_off,
+                bh * (NUM_SPLITS + 1) + 1, NUM_SPLITS, rows, row_ok, out_ptr, out_off,
                 MROWS, D, MERGE_SLOTS, MERGE_CHUNK,
             )  # fmt: skip
 
@@ -899,8 +980,8 @@ def quantized_decode_attention(
     / all metadata one tile ahead. ``prefetch`` applies to "planes" only. ``"auto"`` picks "words"
     with ``meta_ahead=1`` where it applies (H100: 32k x 8 175 us vs planes 265 us, 128k x 1
     106 us vs 154 us; docs/gpu.md), else "planes".
-    ``fused=True`` makes the call one launch: the last tile run of each (row, KV head) also
-    attends to the 16-bit segments, and the last program to finish merges the partials
+    ``fused=True`` makes the call one launch: the tile runs of each (row, KV head) share the
+    16-bit segments' chunks (``_dense_share``), and the last program to finish merges the partials
     (``split_k.merge_if_last``); ``False`` keeps the three launches (16-bit segments, tiles,
     merge), the twin the tests compare against. ``merge_chunk`` (power of two): partials per
     unrolled step of the in-kernel merge; ``dense_chunk`` (power of two, default 32): 16-bit
@@ -1001,7 +1082,7 @@ def quantized_decode_attention(
         HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, _next_pow2(nq)),
         D=hd, G=g, KB=key_bits, VB=value_bits, M_BLOCK=m_block,
         DC=min(g, dense_chunk or 32), QA_SPLIT=qa_split, PA_SPLIT=pa_split,
-        MERGE_SLOTS=_next_pow2(s1), MERGE_CHUNK=min(_next_pow2(s1), merge_chunk),
+        MERGE_SLOTS=_next_pow2(num_splits), MERGE_CHUNK=min(_next_pow2(num_splits), merge_chunk),
     )  # fmt: skip
     if not fused:
         _TILE_LAUNCH(

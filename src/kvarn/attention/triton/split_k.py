@@ -90,7 +90,7 @@ def merge_if_last(
         ok = (s_all < n_slots)[:, None] & row_ok[None, :]
         slot = (first_slot + s_all).to(tl.int64)[:, None] * MROWS + rows[None, :]
         m = tl.load(pm_ptr + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        # finite for real rows: split 0's partial always holds new token 0
+        # finite for real rows: one partial holds new token 0
         m_max = tl.where(row_ok, tl.max(m, axis=0), 0.0)
         lsum = tl.load(pl_ptr + slot, mask=ok, other=0.0, cache_modifier=".cg")
         l_sum = tl.sum(lsum * tl.exp2(m - m_max[None, :]), axis=0)  # empty runs (m = -inf) weigh 0
