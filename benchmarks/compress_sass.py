@@ -1,6 +1,6 @@
 """Compile the tile-compression kernels for sm_90 without a GPU and count what they execute.
 
-    PYTHONPATH=src python3 benchmarks/compress_sass.py [--variants v1,v2,v2-w8,...] [--dump DIR]
+    PYTHONPATH=src python3 benchmarks/compress_sass.py [--variants v1,v3,v3-w8,...] [--dump DIR]
 
 Triton compiles for a target it does not run on (``triton.compile`` with ``GPUTarget("cuda", 90,
 32)``), and the ptxas/cuobjdump bundled with Triton give registers, spills and SASS. For each
@@ -28,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kvarn.attention.triton import compress, compress_v2, compress_v3
+from kvarn.attention.triton import compress, compress_v3
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ITERS, G, D, KB, VB = 8, 128, 128, 4, 2
@@ -48,16 +48,6 @@ def _v1(num_warps: int = 4) -> tuple:
     return compress._compress_kernel, sig, const, num_warps
 
 
-def _v2(num_warps: int = 4, lanes_per_token: int = 8) -> tuple:
-    import torch
-
-    lay = compress_v2.tile_layout(G, D, torch.bfloat16, num_warps, lanes_per_token)
-    nw = lay.pop("num_warps")
-    sig = dict(_PTR + _OUT)
-    const = dict(KB=KB, VB=VB, G=G, D=D, ITERS=ITERS, NORMALIZE=True, COMPILED=True, **lay)
-    return compress_v2._compress_kernel_v2, sig, const, nw
-
-
 def _v3(num_warps: int = 4, lanes_per_token: int = 8, persistent: int | None = None, prefetch: bool = False,
         max_registers: int | None = None) -> tuple:  # fmt: skip
     import torch
@@ -75,11 +65,6 @@ def _v3(num_warps: int = 4, lanes_per_token: int = 8, persistent: int | None = N
 
 VARIANTS = {
     "v1": lambda: _v1(4),
-    "v2": lambda: _v2(4, 8),
-    "v2-cg16": lambda: _v2(4, 16),
-    "v2-cg4": lambda: _v2(4, 4),
-    "v2-w8": lambda: _v2(8, 8),
-    "v2-w2": lambda: _v2(2, 8),
     "v3": lambda: _v3(4, 8),
     "v3-cg16": lambda: _v3(4, 16),
     "v3-cg4": lambda: _v3(4, 4),
@@ -205,7 +190,7 @@ def analyze(name: str, dump: str | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", default="v1,v2,v2-cg16,v2-w8")
+    ap.add_argument("--variants", default="v1,v3")
     ap.add_argument("--dump", default=None, help="write each variant's TTGIR and PTX here")
     args = ap.parse_args()
     print(

@@ -1,10 +1,10 @@
 """Fused tile compression: (optional rotation) + variance normalization + RTN + packing, K and V.
 
-``compress_tiles`` is the entry point for every kernel: v1 (this module: the first kernel, the
-baseline, and the only one that rotates), v2 (``compress_v2.py``: same result, fewer instructions,
-plain Triton) and v3 (``compress_v3.py``: v2's arithmetic in Gluon with hand-chosen layouts). Which
-one runs by default: ``default_kernel()``; docs/gpu_compress.md compares them. The rest of this
-docstring describes v1; v2 and v3 share its contract.
+``compress_tiles`` is the entry point for both kernels: v1 (this module: the first kernel, the
+baseline, and the only one that rotates) and v3 (``compress_v3.py``: same result, fewer
+instructions, Gluon with hand-chosen layouts). Which one runs by default: ``default_kernel()``;
+docs/gpu_compress.md compares them (and v2, a plain-Triton kernel removed in session 3: v3 was
+faster everywhere). The rest of this docstring describes v1; v3 shares its contract.
 
 One launch compresses any number of (tile, KV head) pairs, keys and values together: program
 ``(n, 0)`` encodes key tile ``n`` and program ``(n, 1)`` its value tile. Each program keeps its
@@ -53,11 +53,11 @@ _LOG_MAX = tl.constexpr(LOG_SCALE_MAX)
 _FLOOR = tl.constexpr(IMBALANCE_FLOOR)
 _STEP_FLOOR = tl.constexpr(STEP_FLOOR)
 
-# Kernels: "v3" (compress_v3.py, Gluon), "v2" (compress_v2.py, Triton) and "v1" (below, the
-# baseline and the only one that rotates). compress_tiles runs by default the first kernel of
-# GPU_CHECKED_COMPRESS, the kernels that have passed scripts/gpu_check.py on a GPU, fastest first;
-# KVARN_COMPRESS_KERNEL=v1|v2|v3 forces one (benchmarks, checks, trying an unchecked kernel).
-KERNELS = ("v3", "v2", "v1")
+# Kernels: "v3" (compress_v3.py, Gluon) and "v1" (below, the baseline and the only one that
+# rotates). compress_tiles runs by default the first kernel of GPU_CHECKED_COMPRESS, the kernels
+# that have passed scripts/gpu_check.py on a GPU, fastest first; KVARN_COMPRESS_KERNEL=v1|v3 forces
+# one (benchmarks, checks, trying an unchecked kernel).
+KERNELS = ("v3", "v1")
 # v3 passed on an H100 (session 2: 10 gpu_check cases, 2,048-pair checks; 10.7 ms for the 32k x 32
 # layers x 8 heads K4V2 workload vs v1 23.2 ms, docs/gpu_compress.md).
 GPU_CHECKED_COMPRESS = ("v3", "v1")
@@ -378,9 +378,9 @@ def compress_tiles(
         config: a tile-family configuration (kvarn, kivi, hadamard_rtn, varn_norot).
         out: optional destination with exactly the returned layout (contiguous tensors), e.g.
             pre-poisoned buffers in checks; written in place and returned.
-        kernel: "v3", "v2" or "v1" (see ``KERNELS``); None: ``default_kernel()``. With
-            ``rotate=True`` v1 runs whatever is asked (v2 and v3 do not rotate).
-        num_warps, lanes_per_token: launch options for benchmarks (v2, v3: lanes that share a token).
+        kernel: "v3" or "v1" (see ``KERNELS``); None: ``default_kernel()``. With
+            ``rotate=True`` v1 runs whatever is asked (v3 does not rotate).
+        num_warps, lanes_per_token: launch options for benchmarks (v3: lanes that share a token).
         persistent, prefetch, max_registers: v3 launch options for benchmarks. ``persistent=R``
             launches R programs per SM (half keys, half values) that loop over the tiles instead of
             one program per tile; ``prefetch`` (with ``persistent``) has each program ask L2 for
@@ -457,15 +457,6 @@ def compress_tiles(
             k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs, n, programs,
             KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
             COMPILED=not interpreting(), **cfg,
-        )  # fmt: skip
-    elif n and kernel == "v2" and not rotate:
-        from kvarn.attention.triton import compress_v2
-
-        lay = compress_v2.tile_layout(g, d, k.dtype, num_warps, lanes_per_token or 8)
-        LAST_LAUNCH[0] = compress_v2._compress_kernel_v2[(n, 2)](
-            k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs,
-            KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
-            COMPILED=not interpreting(), **lay,
         )  # fmt: skip
     elif n:
         if rotate:

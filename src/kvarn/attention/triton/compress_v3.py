@@ -1,10 +1,23 @@
-"""Tile compression kernel v3 (Gluon): v2's arithmetic with every layout chosen by hand.
+"""Tile compression kernel v3 (Gluon): the normalization with fewer instructions and hand-chosen layouts.
 
-v2 (``compress_v2.py``) cut the arithmetic; what is left there is Triton's default handling of
-reductions in a 2-D distributed tile: each reduction over an axis spread over lanes is a
-butterfly whose result is then held, and all later math on it done, by every lane that took part
-(8 copies of each token value, 16 of each channel value), and each cross-warp reduction costs
-three barriers. v3 writes the same kernel in Gluon (Triton with explicit layouts), which lets it
+Same result and contract as v1 (``compress.py``: SPEC step 3 in float32, codes identical to
+``kvarn.codec.encode_tiles`` except at rounding ties, metadata within float32 rounding), computed
+with less arithmetic:
+
+* **One-pass shifted moments.** Each standard deviation comes from ``sum d`` and ``sum d^2`` of
+  ``d = x * s - K`` in one sweep (one FMA, one add, one FMA per element) and one reduction, instead
+  of two dependent reductions. ``K`` is the row's mean of the raw tile times the mean of the scale
+  vector: close to the row's actual mean, so ``sum d^2 - (sum d)^2 / n`` does not cancel (keys with
+  large per-channel offsets stay exact to float32 rounding).
+* **Log2 domain.** Scales are kept as log2 multipliers (``nu = -u / ln 2``, multiplier ``2^nu``);
+  ``log(clamp(std))`` is ``clamp(0.5 * log2(var))`` (no square root; log2 on the MUFU unit), and the
+  max/min ratio of the imbalance score is ``2^(max - min)`` of the log2 stds the step computes anyway.
+* **v1's shortcut**: a row's std does not depend on the row's own scale, so each iteration is one
+  sweep over ``X * column multipliers`` and one over ``X * row multipliers``.
+* **No code clamp**: ``0 <= (b - lo) / step <= QMAX`` up to a few ulps, so the reference's clamp is a
+  no-op; the magic-number rounding and a mask keep non-finite input in range.
+
+and with explicit layouts (Gluon: Triton with explicit layouts), which lets it
 
 * **transpose instead of butterfly**: each thread first sums its own slice of a row (in
   registers), then one layout conversion (through shared memory, ``stmatrix``/``ldmatrix`` where
@@ -14,13 +27,12 @@ three barriers. v3 writes the same kernel in Gluon (Triton with explicit layouts
   bookkeeping run on the compact vectors (no replicated copies);
 * **broadcast once**: the new multipliers go back to the tile layout with one conversion.
 
-The tile view is v2's split, as the 5-D ``[RG, RI, C2, CG, VEC]`` (token ``rg * RI + ri``, channel
-``c2 * CG * VEC + cg * VEC + ci``; each thread holds RI consecutive tokens x C2 * VEC channels),
-now as an explicit ``BlockedLayout``. Compact token vectors are ``[RG, RI]`` in ``Slice(2, LT)``,
-compact channel vectors ``[C2, CG, VEC]`` in ``Slice(0, LC)``; ``TB`` and ``CB`` are the layouts
-that broadcast them over the tile. Arithmetic, shifts, log2 domain, tie rules and output are v2's
-(and so SPEC step 3 to float32 rounding; see ``compress_v2.py``); packing reshapes the codes so
-that the codes of one byte meet in one thread and reduces them there.
+The tile view is the 5-D ``[RG, RI, C2, CG, VEC]`` (token ``rg * RI + ri``, channel
+``c2 * CG * VEC + cg * VEC + ci``; each thread holds RI consecutive tokens x C2 * VEC channels;
+``tile_layout``), as an explicit ``BlockedLayout``. Compact token vectors are ``[RG, RI]`` in
+``Slice(2, LT)``, compact channel vectors ``[C2, CG, VEC]`` in ``Slice(0, LC)``; ``TB`` and ``CB``
+are the layouts that broadcast them over the tile. Packing reshapes the codes so that the codes of
+one byte meet in one thread and reduces them there.
 
 Testing: layouts never change values in Gluon (``convert_layout`` only moves data), so under
 ``TRITON_INTERPRET=1`` this module binds ``gl`` to ``gluon_interp`` (layout arguments dropped,
@@ -28,6 +40,7 @@ Testing: layouts never change values in Gluon (``convert_layout`` only moves dat
 source; ``tests/triton_kernels/test_triton_compress.py`` compares it with the codec. The layouts
 themselves are exercised only by a GPU build (``benchmarks/compress_sass.py`` compiles it offline;
 ``benchmarks/gpu_compress.py`` checks it against the codec on the GPU before timing it).
+docs/gpu_compress.md has the instruction counts and timings.
 """
 
 from __future__ import annotations
@@ -39,7 +52,6 @@ import triton
 import triton.language as tl
 
 from kvarn.attention.triton import interpreting
-from kvarn.attention.triton.compress_v2 import tile_layout
 from kvarn.method.normalize import IMBALANCE_FLOOR, LOG_SCALE_MAX, LOG_SCALE_MIN, STD_MAX, STD_MIN
 from kvarn.method.rtn import STEP_FLOOR
 
@@ -231,7 +243,7 @@ def _sub_exact(a, b, COMPILED: tl.constexpr):
 
 @jit
 def _half_log2_var(s1, s2, n: tl.constexpr, HALF_LOG2_N1: tl.constexpr, COMPILED: tl.constexpr):
-    """log2 of the unbiased std from (sum d, sum d^2) of n shifted values (see compress_v2)."""
+    """log2 of the unbiased std from (sum d, sum d^2) of n shifted values (shifted one-pass moments, module docstring)."""
     return _log2(gl.abs(s2 - s1 * (s1 * (1.0 / n))), COMPILED) * 0.5 - HALF_LOG2_N1
 
 
@@ -283,7 +295,7 @@ def _normalize(
     LC2: tl.constexpr, TB: tl.constexpr, CB: tl.constexpr, CB2: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
     VEC: tl.constexpr, COMPILED: tl.constexpr,
 ):  # fmt: skip
-    """compress_v2._normalize with compact vectors: best log2 multipliers (nt [RG, RI] in
+    """SPEC step 3 on compact vectors: best log2 multipliers (nt [RG, RI] in
     Slice(2, LT), nc [C2, CG, VEC] in Slice(0, LC)); mt_b/mc_b are the raw means, broadcast."""
     TC: tl.constexpr = gl.SliceLayout(2, LT)
     CC: tl.constexpr = gl.SliceLayout(0, LC)
@@ -476,7 +488,7 @@ def _compress_tile_v3(
         lo_b = gl.convert_layout(lo, TB)
         inv_b = gl.convert_layout(1.0 / step, TB)
         v = _sub_exact(b, _token_bcast(lo_b), COMPILED) * _token_bcast(inv_b)
-    # 0 <= v <= QMAX up to rounding, so the reference's clamp is a no-op (see compress_v2)
+    # 0 <= v <= QMAX up to rounding, so the reference's clamp is a no-op (module docstring)
     codes = (v + _ROUND_MAGIC).to(gl.int32, bitcast=True) & QMAX
     if IS_KEY:
         _pack_store(codes, codes_ptr + n64 * (D * G * BITS // 8), 1, BITS, G, D, RG, RI, C2, CG, VEC, L5, KS)
@@ -570,6 +582,26 @@ def _blocked(
         wpc[dim], rest[dim], left = take, rest[dim] // take, left // take
     wpc[warp_dims[-1]] *= left
     return BlockedLayout(rest, tpw, wpc, order or list(range(rank - 1, -1, -1)))
+
+
+def tile_layout(g: int, d: int, dtype: torch.dtype, num_warps: int, lanes_per_token: int) -> dict:
+    """Split of the tile [G, D] into the kernel's 5-D view for this launch.
+
+    ``lanes_per_token`` lanes share a token (CG), the other ``32 / CG`` lanes and all warps split
+    the tokens; each thread holds ``RI`` consecutive tokens x ``C2 * VEC`` channels (VEC: 16 bytes
+    of the input dtype). ``HL_G``, ``HL_D``: half log2 of the unbiased std's divisors.
+    """
+    vec = min(16 // torch.empty((), dtype=dtype).element_size(), d)
+    cg = min(lanes_per_token, d // vec)
+    rows_per_warp = 32 // cg
+    warps = max(1, min(num_warps, g // rows_per_warp))
+    rg = rows_per_warp * warps
+    if rg > g:
+        raise ValueError(f"tile of {g} tokens is too small for {cg} lanes per token")
+    return {
+        "C2": d // (cg * vec), "RI": g // rg, "RG": rg, "CG": cg, "VEC": vec, "num_warps": warps,
+        "HL_G": 0.5 * math.log2(g - 1), "HL_D": 0.5 * math.log2(d - 1),
+    }  # fmt: skip
 
 
 def kernel_config(
