@@ -49,13 +49,13 @@ def _v1(num_warps: int = 4) -> tuple:
 
 
 def _v3(num_warps: int = 4, lanes_per_token: int = 8, persistent: int | None = None, prefetch: bool = False,
-        max_registers: int | None = None) -> tuple:  # fmt: skip
+        max_registers: int | None = None, half_tile: bool = False, fold: bool = False) -> tuple:  # fmt: skip
     import torch
 
     cfg = compress_v3.kernel_config(G, D, torch.bfloat16, num_warps, lanes_per_token, key_bits=KB)
     nw = cfg.pop("num_warps")
     x = torch.empty(1, G, D, dtype=torch.bfloat16)
-    opts = compress_v3.launch_options(TILES // 2, x, persistent, prefetch, max_registers, nw)
+    opts = compress_v3.launch_options(TILES // 2, x, persistent, prefetch, max_registers, nw, half_tile, fold)
     opts.pop("programs")
     maxnreg = opts.pop("maxnreg", None)
     sig = dict(_PTR + _OUT + [("n_tiles", "i32"), ("n_programs", "i32")])
@@ -76,6 +76,12 @@ VARIANTS = {
     "v3-r168": lambda: _v3(4, 8, max_registers=168),
     "v3-w8-r128": lambda: _v3(8, 8, max_registers=128),
     "v3-w8-r128-p2f": lambda: _v3(8, 8, persistent=2, prefetch=True, max_registers=128),
+    # code variants (compress_tiles fold=, half_tile=)
+    "v3-e": lambda: _v3(4, 8, fold=True),
+    "v3-h": lambda: _v3(4, 8, half_tile=True),
+    "v3-h-r168": lambda: _v3(4, 8, half_tile=True, max_registers=168),
+    "v3-h-r128": lambda: _v3(4, 8, half_tile=True, max_registers=128),
+    "v3-h-e-r168": lambda: _v3(4, 8, half_tile=True, fold=True, max_registers=168),
 }
 
 

@@ -329,3 +329,41 @@ def test_v3_launch_options_reject_bad_values():
         compress.compress_tiles(x, x, cfg, kernel="v3", prefetch=True)
     with pytest.raises(ValueError, match="max_registers=300"):
         compress.compress_tiles(x, x, cfg, kernel="v3", max_registers=300)
+
+
+@pytest.mark.parametrize(
+    "kb,vb,dtype,opts",
+    [
+        (4, 2, torch.bfloat16, {"fold": True}),
+        (3, 8, torch.float16, {"fold": True, "half_tile": True}),  # 3-bit codes keep their mask
+        (2, 4, torch.float32, {"half_tile": True, "max_registers": 168}),  # float32: half_tile is a no-op
+    ],
+)
+def test_v3_code_variants_match_codec(kb, vb, dtype, opts):
+    """v3's code variants (fold: RTN on the column-scaled tile with the row scale folded into the
+    code multiplier, no per-code mask; half_tile: 16-bit tile in registers, widened per sweep) keep
+    the contract. Under the interpreter half_tile's asm widening is a plain cast (GPU-only code)."""
+    cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=32, metadata_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    k = _outlier_tiles((2, 32, 64), dtype, gen)
+    v = _outlier_tiles((2, 32, 64), dtype, gen)
+    _assert_matches_codec(compress.compress_tiles(k, v, cfg, kernel="v3", **opts), k, v, cfg)
+
+
+def test_v3_fold_constant_tiles_and_rows():
+    """fold never forms B = y * row scale: constant tiles (every B row one value: multiplier 0) must
+    give the codec's all-zero codes, and constant key channels / value tokens (whose B rows vary
+    with the other axis' scales) its codes up to ties."""
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32, metadata_dtype=torch.float32)
+    k = torch.full((2, 32, 64), 2.5, dtype=torch.bfloat16)
+    v = torch.full((2, 32, 64), -1.25, dtype=torch.bfloat16)
+    k[1], v[1] = 0.37, 3.1
+    got, want = compress.compress_tiles(k, v, cfg, kernel="v3", fold=True), encode_tiles(k, v, cfg)
+    assert (want.keys.codes == 0).all() and (want.values.codes == 0).all()
+    assert torch.equal(got.keys.codes, want.keys.codes) and torch.equal(got.values.codes, want.values.codes)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    k = torch.randn(1, 32, 64, generator=gen)
+    v = torch.randn(1, 32, 64, generator=gen)
+    k[0, :, 5] = 0.75  # a constant key channel
+    v[0, 7, :] = -2.0  # a constant value token
+    _assert_matches_codec(compress.compress_tiles(k, v, cfg, kernel="v3", fold=True), k, v, cfg)

@@ -368,6 +368,8 @@ def compress_tiles(
     persistent: int | None = None,
     prefetch: bool = False,
     max_registers: int | None = None,
+    half_tile: bool = False,
+    fold: bool = False,
 ) -> QuantizedTiles:
     """Quantize matching key and value tiles ``[..., G, D]`` with one fused launch.
 
@@ -386,6 +388,11 @@ def compress_tiles(
             one program per tile; ``prefetch`` (with ``persistent``) has each program ask L2 for
             its next tile before encoding the current one; ``max_registers`` caps registers per
             thread (ptxas ``maxnreg``; spills instead), e.g. 128 for two 8-warp programs per SM.
+        half_tile, fold: v3 code variants for benchmarks (same contract). ``half_tile`` keeps a
+            16-bit tile in registers in its input dtype (half the registers, one widening
+            instruction per element per sweep; with ``max_registers=168`` three programs fit per
+            SM). ``fold`` rounds the column-scaled tile with the row scale folded into the code
+            multiplier (one multiply per element less) and skips the per-code mask for 2/4/8 bits.
 
     Returns:
         :class:`QuantizedTiles` with the codec's layout and ``config.metadata_dtype`` metadata.
@@ -442,8 +449,8 @@ def compress_tiles(
     kernel = kernel or default_kernel()
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
-    if kernel != "v3" and (persistent or prefetch or max_registers):
-        raise ValueError("persistent, prefetch and max_registers are v3 launch options")
+    if kernel != "v3" and (persistent or prefetch or max_registers or half_tile or fold):
+        raise ValueError("persistent, prefetch, max_registers, half_tile and fold are v3 launch options")
     if num_warps is None:
         # 128 tile elements per thread (4 warps for 128 x 128): the tile stays in registers
         num_warps = max(1, min(8, g * d // 4096))
@@ -451,7 +458,11 @@ def compress_tiles(
         from kvarn.attention.triton import compress_v3
 
         cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps, lanes_per_token or 8, key_bits=kb)
-        cfg.update(compress_v3.launch_options(n, k, persistent, prefetch, max_registers, cfg["num_warps"]))
+        cfg.update(
+            compress_v3.launch_options(
+                n, k, persistent, prefetch, max_registers, cfg["num_warps"], half_tile=half_tile, fold=fold
+            )
+        )
         programs = cfg.pop("programs")
         LAST_LAUNCH[0] = compress_v3._compress_kernel_v3[(programs, 2)](
             k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs, n, programs,
