@@ -8,11 +8,12 @@ Workload: a 32k-token prefill of a Llama-3-8B-shaped model (32 layers x 8 KV hea
 bf16), i.e. 65,536 (tile, head) pairs of 128 tokens, keys and values, KVarN K4V2 (8 normalization
 iterations, bf16 metadata): 4.29 GB read, 0.91 GB written. Target: <= 10 ms on an H100.
 
-A variant is ``kernel[:wN][:lN][:pN][:f][:rN][:e][:h]``: kernel v1 (baseline) or v3 (Gluon),
+A variant is ``kernel[:wN][:lN][:pN][:f][:rN][:e][:h][:t]``: kernel v1 (baseline) or v3 (Gluon),
 N warps per program (default 4), N lanes per token (v3, default 8); v3 launch options: pN a
 persistent grid of N programs per SM looping over the tiles, f (with pN) an L2 prefetch of each
 program's next tile, rN at most N registers per thread (ptxas maxnreg), e the folded epilogue
-(``fold``), h the 16-bit tile in registers (``half_tile``; with r168 three programs per SM). Each variant is first checked on
+(``fold``), h the 16-bit tile in registers (``half_tile``; with r168 three programs per SM), t
+pairwise sums of the partial moments (``tree``). Each variant is first checked on
 ``--check-pairs`` pairs (and 16 pairs of constant tiles) against ``kvarn.codec.encode_tiles`` (float32 metadata, outputs poisoned):
 codes must be identical except at rounding ties (a mismatch off by one step, at a value within 1e-3
 of a .5 boundary, under 1e-3 of all codes); metadata and reconstruction differences are printed
@@ -68,10 +69,12 @@ def parse_variant(spec: str) -> dict:
             kw["fold"] = True
         elif opt == "h":
             kw["half_tile"] = True
+        elif opt == "t":
+            kw["tree"] = True
         else:
             raise ValueError(
                 f"variant {spec!r}: unknown option {opt!r} (wN: warps, lN: lanes per token, pN: persistent "
-                "programs per SM, f: prefetch, rN: max registers, e: folded epilogue, h: 16-bit tile)"
+                "programs per SM, f: prefetch, rN: max registers, e: folded epilogue, h: 16-bit tile, t: tree sums)"
             )
     if kernel not in tcompress.KERNELS:
         raise ValueError(f"variant {spec!r}: kernel must be one of {tcompress.KERNELS}")

@@ -127,15 +127,17 @@ def test_compress_matches_codec(kernel, method, kb, vb, g, d, dtype, md):
     _assert_matches_codec(compress.compress_tiles(k, v, cfg, kernel=kernel), k, v, cfg)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_compress_full_size_tile(kernel):
+@pytest.mark.parametrize(
+    "kernel,opts", [("v1", {}), ("v3", {}), ("v3", {"fold": True, "tree": True, "half_tile": True})]
+)
+def test_compress_full_size_tile(kernel, opts):
     """The benchmark's shape, one pair: G = D = 128, bf16, K4V2 (4 warps, 8 tokens x 16 channels
-    per thread in v3)."""
+    per thread in v3), also with v3's code variants."""
     cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=128, metadata_dtype=torch.float32)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     k = _outlier_tiles((1, 128, 128), torch.bfloat16, gen)
     v = _outlier_tiles((1, 128, 128), torch.bfloat16, gen)
-    _assert_matches_codec(compress.compress_tiles(k, v, cfg, kernel=kernel), k, v, cfg)
+    _assert_matches_codec(compress.compress_tiles(k, v, cfg, kernel=kernel, **opts), k, v, cfg)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -335,14 +337,16 @@ def test_v3_launch_options_reject_bad_values():
     "kb,vb,dtype,opts",
     [
         (4, 2, torch.bfloat16, {"fold": True}),
-        (3, 8, torch.float16, {"fold": True, "half_tile": True}),  # 3-bit codes keep their mask
+        (3, 8, torch.float16, {"fold": True, "half_tile": True, "tree": True}),  # 3-bit codes keep their mask
         (2, 4, torch.float32, {"half_tile": True, "max_registers": 168}),  # float32: half_tile is a no-op
+        (4, 2, torch.bfloat16, {"tree": True}),
     ],
 )
 def test_v3_code_variants_match_codec(kb, vb, dtype, opts):
     """v3's code variants (fold: RTN on the column-scaled tile with the row scale folded into the
     code multiplier, no per-code mask; half_tile: 16-bit tile in registers, widened per sweep) keep
-    the contract. Under the interpreter half_tile's asm widening is a plain cast (GPU-only code)."""
+    the contract; tree: pairwise partial sums. Under the interpreter half_tile's asm widening is a
+    plain cast (GPU-only code)."""
     cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=32, metadata_dtype=torch.float32)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     k = _outlier_tiles((2, 32, 64), dtype, gen)

@@ -370,6 +370,7 @@ def compress_tiles(
     max_registers: int | None = None,
     half_tile: bool = False,
     fold: bool = False,
+    tree: bool = False,
 ) -> QuantizedTiles:
     """Quantize matching key and value tiles ``[..., G, D]`` with one fused launch.
 
@@ -388,11 +389,13 @@ def compress_tiles(
             one program per tile; ``prefetch`` (with ``persistent``) has each program ask L2 for
             its next tile before encoding the current one; ``max_registers`` caps registers per
             thread (ptxas ``maxnreg``; spills instead), e.g. 128 for two 8-warp programs per SM.
-        half_tile, fold: v3 code variants for benchmarks (same contract). ``half_tile`` keeps a
+        half_tile, fold, tree: v3 code variants for benchmarks (same contract). ``half_tile`` keeps a
             16-bit tile in registers in its input dtype (half the registers, one widening
             instruction per element per sweep; with ``max_registers=168`` three programs fit per
             SM). ``fold`` rounds the column-scaled tile with the row scale folded into the code
             multiplier (one multiply per element less) and skips the per-code mask for 2/4/8 bits.
+            ``tree`` adds the partial moments after each transpose pairwise (shorter dependent
+            chains between the sweeps, same instruction count).
 
     Returns:
         :class:`QuantizedTiles` with the codec's layout and ``config.metadata_dtype`` metadata.
@@ -449,8 +452,10 @@ def compress_tiles(
     kernel = kernel or default_kernel()
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
-    if kernel != "v3" and (persistent or prefetch or max_registers or half_tile or fold):
-        raise ValueError("persistent, prefetch, max_registers, half_tile and fold are v3 launch options")
+    if kernel != "v3" and (persistent or prefetch or max_registers or half_tile or fold or tree):
+        raise ValueError(
+            "persistent, prefetch, max_registers, half_tile, fold and tree are v3 launch options"
+        )
     if num_warps is None:
         # 128 tile elements per thread (4 warps for 128 x 128): the tile stays in registers
         num_warps = max(1, min(8, g * d // 4096))
@@ -460,7 +465,15 @@ def compress_tiles(
         cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps, lanes_per_token or 8, key_bits=kb)
         cfg.update(
             compress_v3.launch_options(
-                n, k, persistent, prefetch, max_registers, cfg["num_warps"], half_tile=half_tile, fold=fold
+                n,
+                k,
+                persistent,
+                prefetch,
+                max_registers,
+                cfg["num_warps"],
+                half_tile=half_tile,
+                fold=fold,
+                tree=tree,
             )
         )
         programs = cfg.pop("programs")

@@ -166,26 +166,51 @@ def _sum_to_channels(a, LC: tl.constexpr):
 
 
 @jit
-def _moments_to_tokens(d, LT: tl.constexpr, LT2: tl.constexpr):
+def _moments_to_tokens(d, LT: tl.constexpr, LT2: tl.constexpr, TREE: tl.constexpr = False):
     """(sum d, sum d^2) over channels -> compact token vectors. The two sums travel as one
-    [.., 2] tensor, so the transpose is one shared-memory round trip (one pair of barriers)."""
+    [.., 2] tensor, so the transpose is one shared-memory round trip (one pair of barriers).
+    TREE: add the partials after the transpose pairwise (log2 CG levels of independent adds)
+    instead of in one chain (CG - 1 dependent adds): a shorter serial phase, same count."""
     p = gl.join(d, d * d)  # [RG, RI, C2, CG, VEC, 2]
     p = gl.sum(gl.sum(p, 4), 2)  # in registers -> [RG, RI, CG, 2]
-    p = gl.sum(gl.convert_layout(p, LT2), 2)  # all CG partials of a token in one thread
-    s1, s2 = gl.split(p)
+    p = gl.convert_layout(p, LT2)  # all CG partials of a token in one thread
     TC: tl.constexpr = gl.SliceLayout(2, LT)
-    return gl.convert_layout(s1, TC, assert_trivial=True), gl.convert_layout(s2, TC, assert_trivial=True)
+    if TREE:
+        RG: tl.constexpr = p.shape[0]
+        RI: tl.constexpr = p.shape[1]
+        CG: tl.constexpr = p.shape[2]
+        for i in gl.static_range(8):
+            if (CG >> i) > 1:
+                p = gl.sum(gl.reshape(p, [RG, RI, 2, CG >> (i + 1), 2]), 2)
+        p = gl.reshape(p, [RG, RI, 2])
+        s1, s2 = gl.split(p)
+        return gl.convert_layout(s1, TC), gl.convert_layout(s2, TC)
+    else:
+        s1, s2 = gl.split(gl.sum(p, 2))
+        return gl.convert_layout(s1, TC, assert_trivial=True), gl.convert_layout(s2, TC, assert_trivial=True)
 
 
 @jit
-def _moments_to_channels(d, LC: tl.constexpr, LC2: tl.constexpr):
-    """(sum d, sum d^2) over tokens -> compact channel vectors."""
+def _moments_to_channels(d, LC: tl.constexpr, LC2: tl.constexpr, TREE: tl.constexpr = False):
+    """(sum d, sum d^2) over tokens -> compact channel vectors (TREE: as in _moments_to_tokens)."""
     p = gl.join(d, d * d)
     p = gl.sum(p, 1)  # the thread's RI tokens -> [RG, C2, CG, VEC, 2]
-    p = gl.sum(gl.convert_layout(p, LC2), 0)  # all RG partials of a channel in one thread
-    s1, s2 = gl.split(p)
+    p = gl.convert_layout(p, LC2)  # all RG partials of a channel in one thread
     CC: tl.constexpr = gl.SliceLayout(0, LC)
-    return gl.convert_layout(s1, CC, assert_trivial=True), gl.convert_layout(s2, CC, assert_trivial=True)
+    if TREE:
+        RG: tl.constexpr = p.shape[0]
+        C2: tl.constexpr = p.shape[1]
+        CG: tl.constexpr = p.shape[2]
+        VEC: tl.constexpr = p.shape[3]
+        for i in gl.static_range(8):
+            if (RG >> i) > 1:
+                p = gl.sum(gl.reshape(p, [2, RG >> (i + 1), C2, CG, VEC, 2]), 0)
+        p = gl.reshape(p, [C2, CG, VEC, 2])
+        s1, s2 = gl.split(p)
+        return gl.convert_layout(s1, CC), gl.convert_layout(s2, CC)
+    else:
+        s1, s2 = gl.split(gl.sum(p, 0))
+        return gl.convert_layout(s1, CC, assert_trivial=True), gl.convert_layout(s2, CC, assert_trivial=True)
 
 
 @jit
@@ -305,18 +330,20 @@ def _ratio(hmax, hmin):
 
 @jit
 def _token_log_std(x, chan_mult_b, token_shift_b, LT: tl.constexpr, LT2: tl.constexpr, D: tl.constexpr,
-                   HL_D: tl.constexpr, COMPILED: tl.constexpr, OPAQUE: tl.constexpr, zero=0):  # fmt: skip
+                   HL_D: tl.constexpr, COMPILED: tl.constexpr, OPAQUE: tl.constexpr, zero=0,
+                   TREE: tl.constexpr = False):  # fmt: skip
     """Compact log2 std of each token over channels of x * chan_mult (broadcast operands)."""
     d = _f32(x, OPAQUE, COMPILED, zero) * _channel_bcast(chan_mult_b) - _token_bcast(token_shift_b)
-    s1, s2 = _moments_to_tokens(d, LT, LT2)
+    s1, s2 = _moments_to_tokens(d, LT, LT2, TREE)
     return _half_log2_var(s1, s2, D, HL_D, COMPILED)
 
 
 @jit
 def _channel_log_std(x, token_mult_b, chan_shift_b, LC: tl.constexpr, LC2: tl.constexpr, G: tl.constexpr,
-                     HL_G: tl.constexpr, COMPILED: tl.constexpr, OPAQUE: tl.constexpr, zero=0):  # fmt: skip
+                     HL_G: tl.constexpr, COMPILED: tl.constexpr, OPAQUE: tl.constexpr, zero=0,
+                     TREE: tl.constexpr = False):  # fmt: skip
     d = _f32(x, OPAQUE, COMPILED, zero) * _token_bcast(token_mult_b) - _channel_bcast(chan_shift_b)
-    s1, s2 = _moments_to_channels(d, LC, LC2)
+    s1, s2 = _moments_to_channels(d, LC, LC2, TREE)
     return _half_log2_var(s1, s2, G, HL_G, COMPILED)
 
 
@@ -325,7 +352,7 @@ def _normalize(
     x, mt_b, mc_b, IS_KEY: tl.constexpr, ITERS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HL_G: tl.constexpr, HL_D: tl.constexpr, LT: tl.constexpr, LC: tl.constexpr, LT2: tl.constexpr,
     LC2: tl.constexpr, TB: tl.constexpr, CB: tl.constexpr, CB2: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
-    VEC: tl.constexpr, COMPILED: tl.constexpr, OPAQUE: tl.constexpr,
+    VEC: tl.constexpr, COMPILED: tl.constexpr, OPAQUE: tl.constexpr, TREE: tl.constexpr = False,
 ):  # fmt: skip
     """SPEC step 3 on compact vectors: best log2 multipliers (nt [RG, RI] in
     Slice(2, LT), nc [C2, CG, VEC] in Slice(0, LC)); mt_b/mc_b are the raw means, broadcast."""
@@ -355,14 +382,14 @@ def _normalize(
         if IS_KEY:
             nt = nt_next  # column step (tokens), taken above
             hc_pre = _channel_log_std(
-                x, st_b, mc_b * (ssum / G), LC, LC2, G, HL_G, COMPILED, OPAQUE, _opaque_zero(ssum)
+                x, st_b, mc_b * (ssum / G), LC, LC2, G, HL_G, COMPILED, OPAQUE, _opaque_zero(ssum), TREE
             )
             nc = _step(nc, hc_pre + nc)  # row step (channels)
             hc = hc_pre + nc
             sc_b, cmax, cmin, csum = _broadcast_channel_stats(hc, gl.exp2(nc), CB, CB2, COMPILED)
             ht = (
                 _token_log_std(
-                    x, sc_b, mt_b * (csum / D), LT, LT2, D, HL_D, COMPILED, OPAQUE, _opaque_zero(csum)
+                    x, sc_b, mt_b * (csum / D), LT, LT2, D, HL_D, COMPILED, OPAQUE, _opaque_zero(csum), TREE
                 )
                 + nt
             )
@@ -373,7 +400,7 @@ def _normalize(
         else:
             nc = nc_next  # column step (channels), taken above
             ht_pre = _token_log_std(
-                x, sc_b, mt_b * (ssum / D), LT, LT2, D, HL_D, COMPILED, OPAQUE, _opaque_zero(ssum)
+                x, sc_b, mt_b * (ssum / D), LT, LT2, D, HL_D, COMPILED, OPAQUE, _opaque_zero(ssum), TREE
             )
             nt = _step(nt, ht_pre + nt)  # row step (tokens)
             ht = ht_pre + nt
@@ -382,7 +409,7 @@ def _normalize(
             st_b = gl.convert_layout(st, TB)
             hc = (
                 _channel_log_std(
-                    x, st_b, mc_b * (tsum / G), LC, LC2, G, HL_G, COMPILED, OPAQUE, _opaque_zero(tsum)
+                    x, st_b, mc_b * (tsum / G), LC, LC2, G, HL_G, COMPILED, OPAQUE, _opaque_zero(tsum), TREE
                 )
                 + nc
             )
@@ -477,11 +504,12 @@ def _compress_tile_v3(
     NORMALIZE: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
     VEC: tl.constexpr, HL_G: tl.constexpr, HL_D: tl.constexpr, L5: tl.constexpr, LT: tl.constexpr,
     LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, L6: tl.constexpr, KS: tl.constexpr,
-    COMPILED: tl.constexpr, HALF_TILE: tl.constexpr, FOLD: tl.constexpr,
+    COMPILED: tl.constexpr, HALF_TILE: tl.constexpr, FOLD: tl.constexpr, TREE: tl.constexpr,
 ):  # fmt: skip
     """Encode one tile. HALF_TILE: keep the tile in registers in its 16-bit input dtype and widen
     it in every sweep (see _f32). FOLD: round the column-scaled tile y with the row scale folded
-    into the code multiplier (see below) instead of materializing B = y * row scale."""
+    into the code multiplier (see below) instead of materializing B = y * row scale. TREE: add
+    the partial moments after each transpose pairwise (see _moments_to_tokens)."""
     TB: tl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5)))  # [RG, RI]
     CB: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L5))  # [C2, CG, VEC]
     CB2: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L6))  # [C2, CG, VEC, 2]: CB with a pair axis
@@ -505,7 +533,7 @@ def _compress_tile_v3(
         mc_b = gl.convert_layout(_sum_to_channels(_f32(x, HALF_TILE, COMPILED), LC) / G, CB)
         nt, nc = _normalize(
             x, mt_b, mc_b, IS_KEY, ITERS, G, D, HL_G, HL_D, LT, LC, LT2, LC2, TB, CB, CB2, RG, RI, C2, CG, VEC,
-            COMPILED, HALF_TILE,
+            COMPILED, HALF_TILE, TREE,
         )  # fmt: skip
         st_b = gl.convert_layout(gl.exp2(nt), TB)
         sc_b = gl.convert_layout(gl.exp2(nc), CB)
@@ -602,7 +630,7 @@ def _compress_kernel_v3(
     NORMALIZE: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
     VEC: tl.constexpr, HL_G: tl.constexpr, HL_D: tl.constexpr, L5: tl.constexpr, LT: tl.constexpr,
     LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, L6: tl.constexpr, KS: tl.constexpr,
-    COMPILED: tl.constexpr, HALF_TILE: tl.constexpr = False, FOLD: tl.constexpr = False,
+    COMPILED: tl.constexpr, HALF_TILE: tl.constexpr = False, FOLD: tl.constexpr = False, TREE: tl.constexpr = False,
     PERSISTENT: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     LINES: tl.constexpr = 1, LINE_ELEMS: tl.constexpr = 64, LP: tl.constexpr = None,
 ):  # fmt: skip
@@ -620,7 +648,7 @@ def _compress_kernel_v3(
                                       LINE_ELEMS, LP)  # fmt: skip
                 _compress_tile_v3(
                     k_ptr, k_stride_n, k_stride_t, kc_ptr, ka_ptr, kz_ptr, kr_ptr, n, True, KB, G, D, ITERS,
-                    NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED, HALF_TILE, FOLD,
+                    NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED, HALF_TILE, FOLD, TREE,
                 )  # fmt: skip
             else:
                 if PREFETCH:
@@ -628,7 +656,7 @@ def _compress_kernel_v3(
                                       LINE_ELEMS, LP)  # fmt: skip
                 _compress_tile_v3(
                     v_ptr, v_stride_n, v_stride_t, vc_ptr, va_ptr, vz_ptr, vs_ptr, n, False, VB, G, D, ITERS,
-                    NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED, HALF_TILE, FOLD,
+                    NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED, HALF_TILE, FOLD, TREE,
                 )  # fmt: skip
             n += n_programs  # n_programs: the grid's axis 0
     else:
@@ -636,12 +664,12 @@ def _compress_kernel_v3(
         if gl.program_id(1) == 0:
             _compress_tile_v3(
                 k_ptr, k_stride_n, k_stride_t, kc_ptr, ka_ptr, kz_ptr, kr_ptr, n, True, KB, G, D, ITERS,
-                NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED, HALF_TILE, FOLD,
+                NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED, HALF_TILE, FOLD, TREE,
             )  # fmt: skip
         else:
             _compress_tile_v3(
                 v_ptr, v_stride_n, v_stride_t, vc_ptr, va_ptr, vz_ptr, vs_ptr, n, False, VB, G, D, ITERS,
-                NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED, HALF_TILE, FOLD,
+                NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED, HALF_TILE, FOLD, TREE,
             )  # fmt: skip
 
 
@@ -732,9 +760,10 @@ def launch_options(
     num_warps: int,
     half_tile: bool = False,
     fold: bool = False,
+    tree: bool = False,
 ) -> dict:
     """Grid size (``programs``, per axis-1 index: keys / values) and the constexpr / compile options
-    of the persistent, prefetch, register-cap, 16-bit-tile and folded-epilogue launch variants
+    of the persistent, prefetch, register-cap, 16-bit-tile, folded-epilogue and tree-sum launch variants
     (see ``compress_tiles``)."""
     if persistent is not None and persistent < 1:
         raise ValueError(f"persistent={persistent}: expected a number of programs per SM >= 1")
@@ -742,7 +771,7 @@ def launch_options(
         raise ValueError("prefetch needs a persistent launch (persistent=R programs per SM)")
     if max_registers is not None and not 24 <= max_registers <= 255:
         raise ValueError(f"max_registers={max_registers}: expected 24..255")
-    opts: dict = {"programs": n, "HALF_TILE": bool(half_tile), "FOLD": bool(fold)}
+    opts: dict = {"programs": n, "HALF_TILE": bool(half_tile), "FOLD": bool(fold), "TREE": bool(tree)}
     if persistent:
         # the interpreter has no SMs: 2 "SMs" make a small batch loop
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
