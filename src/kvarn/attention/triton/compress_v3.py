@@ -552,6 +552,7 @@ def _compress_tile_v3(
         out_c = gl.exp2(-nc)
     else:
         y = _f32(x, HALF_TILE, COMPILED)
+        row_s = 1.0
         out_t = gl.full([RG, RI], 1.0, gl.float32, layout=TC)
         out_c = gl.full([C2, CG, VEC], 1.0, gl.float32, layout=CC)
     # Without FOLD y is B. With FOLD, B = y * row_s (row_s > 0 per RTN row) is never formed:
@@ -563,36 +564,20 @@ def _compress_tile_v3(
     md = a_ptr.dtype.element_ty
     if IS_KEY:
         # RTN per channel over the tile's tokens; a, z per channel, r per token.
-        lo, hi = _to_channels(y, y, True, LC, COMPILED)
-        lo_y = lo
-        if FOLD and NORMALIZE:
-            lo = lo * row_s
-            hi = hi * row_s
-        step = gl.maximum((hi - lo) / QMAX, _STEP_FLOOR)
+        lo_y, hi_y = _to_channels(y, y, True, LC, COMPILED)
+        lo, step, inv = _rtn_row_params(lo_y, hi_y, row_s, QMAX, FOLD and NORMALIZE)
         gl.store(a_ptr + n64 * D + ch_c, (out_c * step).to(md))
         gl.store(z_ptr + n64 * D + ch_c, (out_c * lo).to(md))
         gl.store(s_ptr + n64 * G + tok_c, out_t.to(md))
-        if FOLD and NORMALIZE:
-            inv = gl.where(hi > lo, row_s / step, 0.0)
-        else:
-            inv = 1.0 / step
         lo_b = gl.convert_layout(lo_y, CB)
         inv_b = gl.convert_layout(inv, CB)
         v = _sub_exact(y, _channel_bcast(lo_b), COMPILED) * _channel_bcast(inv_b)
     else:
-        lo, hi = _to_tokens(y, y, True, LT, COMPILED)
-        lo_y = lo
-        if FOLD and NORMALIZE:
-            lo = lo * row_s
-            hi = hi * row_s
-        step = gl.maximum((hi - lo) / QMAX, _STEP_FLOOR)
+        lo_y, hi_y = _to_tokens(y, y, True, LT, COMPILED)
+        lo, step, inv = _rtn_row_params(lo_y, hi_y, row_s, QMAX, FOLD and NORMALIZE)
         gl.store(a_ptr + n64 * G + tok_c, (out_t * step).to(md))
         gl.store(z_ptr + n64 * G + tok_c, (out_t * lo).to(md))
         gl.store(s_ptr + n64 * D + ch_c, out_c.to(md))
-        if FOLD and NORMALIZE:
-            inv = gl.where(hi > lo, row_s / step, 0.0)
-        else:
-            inv = 1.0 / step
         lo_b = gl.convert_layout(lo_y, TB)
         inv_b = gl.convert_layout(inv, TB)
         v = _sub_exact(y, _token_bcast(lo_b), COMPILED) * _token_bcast(inv_b)
@@ -607,6 +592,22 @@ def _compress_tile_v3(
         _pack_store(codes, codes_ptr + n64 * (D * G * BITS // 8), 1, BITS, G, D, RG, RI, C2, CG, VEC, L5, KS)
     else:
         _pack_store(codes, codes_ptr + n64 * (G * D * BITS // 8), 4, BITS, G, D, RG, RI, C2, CG, VEC, L5, KS)
+
+
+@jit
+def _rtn_row_params(lo_y, hi_y, row_s, QMAX: tl.constexpr, FOLD: tl.constexpr):
+    """(lo, step, code multiplier) of each RTN row from the min/max of y over the row. Without FOLD
+    y is B itself: lo = min, step from the range, multiplier 1 / step. With FOLD, B = y * row_s
+    (row_s > 0): lo and hi are min/max y times row_s (exactly min/max B: rounding is monotone) and
+    the multiplier row_s / step applies to y - min y; 0 where hi == lo (a row of one B value)."""
+    if FOLD:
+        lo = lo_y * row_s
+        hi = hi_y * row_s
+        step = gl.maximum((hi - lo) / QMAX, _STEP_FLOOR)
+        return lo, step, gl.where(hi > lo, row_s / step, 0.0)
+    else:
+        step = gl.maximum((hi_y - lo_y) / QMAX, _STEP_FLOOR)
+        return lo_y, step, 1.0 / step
 
 
 @jit
