@@ -1,6 +1,6 @@
 """Compile the tile-compression kernels for sm_90 without a GPU and count what they execute.
 
-    PYTHONPATH=src python3 benchmarks/compress_sass.py [--variants v1,v2,v2-w8,...] [--dump DIR]
+    PYTHONPATH=src python3 benchmarks/compress_sass.py [--variants v1,v3,v3-w8,...] [--dump DIR]
 
 Triton compiles for a target it does not run on (``triton.compile`` with ``GPUTarget("cuda", 90,
 32)``), and the ptxas/cuobjdump bundled with Triton give registers, spills and SASS. For each
@@ -28,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kvarn.attention.triton import compress, compress_v2, compress_v3
+from kvarn.attention.triton import compress, compress_v3
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ITERS, G, D, KB, VB = 8, 128, 128, 4, 2
@@ -48,24 +48,17 @@ def _v1(num_warps: int = 4) -> tuple:
     return compress._compress_kernel, sig, const, num_warps
 
 
-def _v2(num_warps: int = 4, lanes_per_token: int = 8) -> tuple:
-    import torch
-
-    lay = compress_v2.tile_layout(G, D, torch.bfloat16, num_warps, lanes_per_token)
-    nw = lay.pop("num_warps")
-    sig = dict(_PTR + _OUT)
-    const = dict(KB=KB, VB=VB, G=G, D=D, ITERS=ITERS, NORMALIZE=True, COMPILED=True, **lay)
-    return compress_v2._compress_kernel_v2, sig, const, nw
-
-
 def _v3(num_warps: int = 4, lanes_per_token: int = 8, persistent: int | None = None, prefetch: bool = False,
-        max_registers: int | None = None) -> tuple:  # fmt: skip
+        max_registers: int | None = None, half_tile: bool = False, fold: bool = False,
+        tree: bool = False) -> tuple:  # fmt: skip
     import torch
 
     cfg = compress_v3.kernel_config(G, D, torch.bfloat16, num_warps, lanes_per_token, key_bits=KB)
     nw = cfg.pop("num_warps")
     x = torch.empty(1, G, D, dtype=torch.bfloat16)
-    opts = compress_v3.launch_options(TILES // 2, x, persistent, prefetch, max_registers, nw)
+    opts = compress_v3.launch_options(
+        TILES // 2, x, persistent, prefetch, max_registers, nw, half_tile, fold, tree
+    )
     opts.pop("programs")
     maxnreg = opts.pop("maxnreg", None)
     sig = dict(_PTR + _OUT + [("n_tiles", "i32"), ("n_programs", "i32")])
@@ -75,11 +68,6 @@ def _v3(num_warps: int = 4, lanes_per_token: int = 8, persistent: int | None = N
 
 VARIANTS = {
     "v1": lambda: _v1(4),
-    "v2": lambda: _v2(4, 8),
-    "v2-cg16": lambda: _v2(4, 16),
-    "v2-cg4": lambda: _v2(4, 4),
-    "v2-w8": lambda: _v2(8, 8),
-    "v2-w2": lambda: _v2(2, 8),
     "v3": lambda: _v3(4, 8),
     "v3-cg16": lambda: _v3(4, 16),
     "v3-cg4": lambda: _v3(4, 4),
@@ -91,6 +79,15 @@ VARIANTS = {
     "v3-r168": lambda: _v3(4, 8, max_registers=168),
     "v3-w8-r128": lambda: _v3(8, 8, max_registers=128),
     "v3-w8-r128-p2f": lambda: _v3(8, 8, persistent=2, prefetch=True, max_registers=128),
+    # code variants (compress_tiles fold=, half_tile=)
+    "v3-e": lambda: _v3(4, 8, fold=True),
+    "v3-t": lambda: _v3(4, 8, tree=True),
+    "v3-e-t": lambda: _v3(4, 8, fold=True, tree=True),
+    "v3-h-e-t-r168": lambda: _v3(4, 8, half_tile=True, fold=True, tree=True, max_registers=168),
+    "v3-h": lambda: _v3(4, 8, half_tile=True),
+    "v3-h-r168": lambda: _v3(4, 8, half_tile=True, max_registers=168),
+    "v3-h-r128": lambda: _v3(4, 8, half_tile=True, max_registers=128),
+    "v3-h-e-r168": lambda: _v3(4, 8, half_tile=True, fold=True, max_registers=168),
 }
 
 
@@ -120,14 +117,57 @@ _ALIGNED_TYPES = {"*bf16", "*u8", "*fp32", "i32"}
 _OP = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*([^;]*);")
 
 
-def sass(cubin: bytes) -> list[tuple[int, str, str]]:
-    """(address, opcode, operands) of every SASS instruction."""
+def sass_text(cubin: bytes) -> str:
+    """cuobjdump's SASS listing (with the encodings, whose second word holds the control bits)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
                               check=True).stdout  # fmt: skip
+    return text
+
+
+def sass(text: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of every SASS instruction of a listing."""
     return [(int(m.group(1), 16), m.group(3), m.group(5)) for m in _OP.finditer(text)]
+
+
+# Latencies (cycles) assumed for variable-latency SASS ops, whose consumers wait on a scoreboard;
+# fixed-latency ops (FP32, integer) are covered by the stall counts ptxas writes into each
+# instruction's control bits. Rough sm_90 figures; the model ranks variants, it is not a timing.
+_VAR_LATENCY = {"LDS": 30, "LDSM": 30, "SHFL": 25, "MUFU": 20, "LDG": 600, "LDL": 30, "S2R": 20, "S2UR": 20,
+                "F2I": 15, "I2F": 15, "F2F": 15, "FRND": 15, "STS": 12, "STSM": 12, "STL": 12, "STG": 12}  # fmt: skip
+_BARRIER_CYCLES = 20  # a BAR.SYNC whose warps arrive together
+_CTRL = re.compile(
+    r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*;\s*/\* 0x[0-9a-f]+ \*/\s*/\* (0x[0-9a-f]+) \*/"
+)
+
+
+def cycles_alone(cubin_sass: str, lo: int, hi: int, reps: int = 3) -> int:
+    """Cycles one warp alone needs for one pass over the code between addresses lo and hi (a loop
+    body), issuing in order: each instruction waits for the stall count of the previous one (its
+    control bits) and for the scoreboards it names (variable-latency producers, _VAR_LATENCY); a
+    barrier adds _BARRIER_CYCLES. Steady state of ``reps`` passes. Compared with the instruction
+    count it shows how much latency a warp exposes that other warps must fill."""
+    body = []
+    for m in _CTRL.finditer(cubin_sass):
+        addr = int(m.group(1), 16)
+        if lo <= addr <= hi:
+            c = int(m.group(4), 16) >> 41  # stall 4 bits, yield, write sb 3, read sb 3, wait mask 6
+            body.append((m.group(3), c & 15, (c >> 5) & 7, (c >> 8) & 7, (c >> 11) & 63))
+    t, sb, per = 0, [0] * 6, 0
+    for _ in range(reps):
+        t0 = t
+        for op, stall, wsb, rsb, wait in body:
+            t = max([sb[j] for j in range(6) if wait >> j & 1] + [t])
+            lat = _VAR_LATENCY.get(op, 6)
+            if wsb < 6:
+                sb[wsb] = t + lat
+            if rsb < 6:
+                sb[rsb] = t + min(lat, 8)
+            t += max(stall, 1) + (_BARRIER_CYCLES if op == "BAR" else 0)
+        per = t - t0
+    return per
 
 
 def ptxas_usage(ptx: str) -> tuple[int, int]:
@@ -182,13 +222,15 @@ def analyze(name: str, dump: str | None) -> dict:
         for ext in ("ttgir", "ptx"):
             with open(os.path.join(dump, f"{name}.{ext}"), "w") as f:
                 f.write(k.asm[ext])
-    instrs = sass(k.asm["cubin"])
+    text = sass_text(k.asm["cubin"])
+    instrs = sass(text)
     lps = loops(instrs)
     total = len(instrs)
-    in_loops = []
+    in_loops, alone = [], []
     for lo, hi in lps:
         body = [op for a, op, _ in instrs if lo <= a <= hi]
         in_loops.append((len(body), collections.Counter(body)))
+        alone.append(cycles_alone(text, lo, hi))
     straight = total - sum(n for n, _ in in_loops)
     # both programs' straight-line code is in the binary; one program runs one half of it
     per_tile = sum(n * ITERS for n, _ in in_loops) / max(1, len(in_loops)) + straight / 2
@@ -198,14 +240,14 @@ def analyze(name: str, dump: str | None) -> dict:
     by_smem = (228 * 1024) // max(smem + 1024, 1)
     return {
         "name": name, "warps": nw, "regs": regs, "spills": spills, "smem": smem,
-        "progs/SM": min(by_regs, by_smem, 32 // nw), "loops": in_loops, "straight": straight,
+        "progs/SM": min(by_regs, by_smem, 32 // nw), "loops": in_loops, "straight": straight, "alone": alone,
         "warp_instr_tile": per_tile * nw,
     }  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", default="v1,v2,v2-cg16,v2-w8")
+    ap.add_argument("--variants", default="v1,v3")
     ap.add_argument("--dump", default=None, help="write each variant's TTGIR and PTX here")
     args = ap.parse_args()
     print(
@@ -213,8 +255,8 @@ def main() -> None:
     )
     print()
     print("| variant | warps | regs | spills (B) | smem (B) | progs/SM | loop instr/warp/iter (K; V) "
-          "| fp32 | shfl | bar | lds+sts | mufu | warp-instr/tile | issue ms |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| fp32 | shfl | bar | lds+sts | mufu | 1-warp cycles/iter (K; V) | warp-instr/tile | issue ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.variants.split(","):
         r = analyze(name.strip(), args.dump)
         cls = [classify(ops) for _, ops in r["loops"]]
@@ -227,6 +269,7 @@ def main() -> None:
             f"| {r['name']} | {r['warps']} | {r['regs']} | {r['spills']} | {r['smem']} | {r['progs/SM']} "
             f"| {'; '.join(str(n) for n, _ in r['loops'])} | {both('fp32')} | {both('shfl')} | {both('bar')} "
             f"| {'; '.join(str(c['lds'] + c['sts']) for c in cls)} | {both('mufu')} "
+            f"| {'; '.join(str(c) for c in r['alone'])} "
             f"| {r['warp_instr_tile']:.0f} | {ms:.2f} |"
         )
 

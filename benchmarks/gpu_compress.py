@@ -1,29 +1,37 @@
 """Tile compression throughput on the GPU: every kernel variant, checked against the codec, then timed.
 
-    PYTHONPATH=src python3 benchmarks/gpu_compress.py [--variants v1,v2,v3,v3:l16,v3:w8]
+    PYTHONPATH=src python3 benchmarks/gpu_compress.py [--variants v3,v3:e,v1] [--rounds 5]
         [--tokens 32768] [--layers 32] [--check-pairs 2048] [--csv out.csv]
+    ncu ... python3 benchmarks/gpu_compress.py --variants v3 --layers 4 --profile-calls 3   (no checks, no timing)
 
 Workload: a 32k-token prefill of a Llama-3-8B-shaped model (32 layers x 8 KV heads, head_dim 128,
 bf16), i.e. 65,536 (tile, head) pairs of 128 tokens, keys and values, KVarN K4V2 (8 normalization
 iterations, bf16 metadata): 4.29 GB read, 0.91 GB written. Target: <= 10 ms on an H100.
 
-A variant is ``kernel[:wN][:lN][:pN][:f][:rN]``: kernel v1 (baseline), v2 (Triton) or v3 (Gluon),
-N warps per program (default 4), N lanes per token (v2/v3, default 8); v3 launch options: pN a
+A variant is ``kernel[:wN][:lN][:pN][:f][:rN][:e][:h][:t]``: kernel v1 (baseline) or v3 (Gluon),
+N warps per program (default 4), N lanes per token (v3, default 8); v3 launch options: pN a
 persistent grid of N programs per SM looping over the tiles, f (with pN) an L2 prefetch of each
-program's next tile, rN at most N registers per thread (ptxas maxnreg). Each variant is first checked on
+program's next tile, rN at most N registers per thread (ptxas maxnreg), e the folded epilogue
+(``fold``), h the 16-bit tile in registers (``half_tile``; with r168 three programs per SM), t
+pairwise sums of the partial moments (``tree``). Each variant is first checked on
 ``--check-pairs`` pairs (and 16 pairs of constant tiles) against ``kvarn.codec.encode_tiles`` (float32 metadata, outputs poisoned):
 codes must be identical except at rounding ties (a mismatch off by one step, at a value within 1e-3
 of a .5 boundary, under 1e-3 of all codes); metadata and reconstruction differences are printed
 for information (near-tied imbalance scores may pick a neighbouring state; see docs/gpu_compress.md).
-Then the whole workload is timed as one launch (``triton.testing.do_bench`` median, L2 flushed),
-and the best passing variant also as one launch per layer (how the cache calls it). Prints a table:
-ms, effective GB/s (bytes read + written), ratio to the 10 ms target.
+Then the whole workload is timed as one launch (``triton.testing.do_bench`` median of one
+measurement, L2 flushed) in ``--rounds`` rounds, each round timing every passing variant once in
+turn, so that clock and thermal drift hit all variants alike; the table gives each variant's median
+and min-max over the rounds. The best passing variant (by median) is also timed as one launch per
+layer (how the cache calls it), and the SM clock and power are sampled while the default variant
+runs back to back (throttling check). Prints a table: ms, effective GB/s (bytes read + written),
+ratio to the 10 ms target.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import time
 
 import torch
@@ -57,10 +65,16 @@ def parse_variant(spec: str) -> dict:
             kw["prefetch"] = True
         elif opt[:1] == "r":
             kw["max_registers"] = int(opt[1:])
+        elif opt == "e":
+            kw["fold"] = True
+        elif opt == "h":
+            kw["half_tile"] = True
+        elif opt == "t":
+            kw["tree"] = True
         else:
             raise ValueError(
                 f"variant {spec!r}: unknown option {opt!r} (wN: warps, lN: lanes per token, pN: persistent "
-                "programs per SM, f: prefetch, rN: max registers)"
+                "programs per SM, f: prefetch, rN: max registers, e: folded epilogue, h: 16-bit tile, t: tree sums)"
             )
     if kernel not in tcompress.KERNELS:
         raise ValueError(f"variant {spec!r}: kernel must be one of {tcompress.KERNELS}")
@@ -144,13 +158,45 @@ def check_against_codec(
     return res
 
 
+def sample_clock(fn, seconds: float) -> str:
+    """Run fn back to back for ~seconds and sample the SM clock (MHz) and power (W) from the host
+    meanwhile (torch.cuda.clock_rate / power_draw: NVML). '' when NVML is not available."""
+    try:
+        torch.cuda.clock_rate()
+    except Exception as exc:  # pynvml missing or no permission: report, do not fail the benchmark
+        return f"clock n/a ({type(exc).__name__})"
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < seconds / 2:  # queue ~seconds of work (launches are async)
+        fn()
+        n += 1
+    clocks, power = [], []
+    while True:
+        time.sleep(0.05)
+        clocks.append(torch.cuda.clock_rate())
+        power.append(torch.cuda.power_draw() / 1000.0)
+        if torch.cuda.current_stream().query():
+            break
+    torch.cuda.synchronize()
+    clocks, power = clocks[:-1] or clocks, power[:-1] or power
+    return (
+        f"{n} launches back to back: SM clock {min(clocks)}-{max(clocks)} MHz "
+        f"(median {statistics.median(clocks):.0f}), power {min(power):.0f}-{max(power):.0f} W, {len(clocks)} samples"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", default="v1,v2,v2:l16,v3,v3:l16,v3:w8")
+    ap.add_argument("--variants", default="v3,v3:e,v1")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--check-pairs", type=int, default=2048)
-    ap.add_argument("--rep-ms", type=int, default=300, help="do_bench measurement time per variant")
+    ap.add_argument("--rounds", type=int, default=5, help="timing rounds (each times every variant once)")
+    ap.add_argument("--rep-ms", type=int, default=150, help="do_bench measurement time per variant and round")
+    ap.add_argument("--profile-calls", type=int, default=0,
+                    help="only run each variant this many times (for ncu): no checks, no timing")  # fmt: skip
     ap.add_argument("--csv", default=None)
     ap.add_argument("--device", default="cuda", help="cpu: smoke test under TRITON_INTERPRET=1 (tiny sizes)")
     args = ap.parse_args()
@@ -174,6 +220,14 @@ def main() -> None:
     n = args.layers * per_layer
     gen = torch.Generator(device=dev).manual_seed(0)
     k, v = random_kv((n, G, D), torch.bfloat16, dev, gen)
+    if args.profile_calls:
+        for spec in args.variants.split(","):
+            for _ in range(args.profile_calls):
+                compress_tiles(k, v, cfg, **parse_variant(spec))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"ran {args.variants} x {args.profile_calls} on {n} pairs")
+        return
     in_bytes = 2 * k.numel() * k.element_size()
     out_bytes = compress_tiles(k[:1], v[:1], cfg, kernel="v1").nbytes() * n
     gb = (in_bytes + out_bytes) / 1e9
@@ -193,54 +247,68 @@ def main() -> None:
             chk = check_against_codec(kw, kc, vc, cfg, meta_pairs=kc.shape[0] - ck.shape[0])
         except Exception as exc:  # a variant that fails to compile or run is reported, not fatal
             print(f"{spec}: FAILED to run: {type(exc).__name__}: {str(exc)[:300]}")
-            rows.append({"variant": spec, "check": "ERROR", "ms": float("nan")})
+            rows.append({"variant": spec, "check": "ERROR", "ms": float("nan"), "times": []})
             continue
         launch = tcompress.LAST_LAUNCH[0]
         regs, spills = getattr(launch, "n_regs", -1), getattr(launch, "n_spills", -1)
-        ms = bench(lambda kw=kw: compress_tiles(k, v, cfg, **kw), 50, args.rep_ms)
         status = "PASS" if chk["ok"] else "FAIL"
         print(
             f"{spec}: {status} ({chk['mismatch']} of {chk['codes']} codes differ; metadata rel diff "
             f"{chk['meta_rel']:.1e}, reconstruction rel diff {chk['recon_rel']:.1e}) {chk['worst']}"
-            f"regs={regs} spills={spills}; {ms:.2f} ms [{time.time() - t0:.0f} s incl. compile]"
+            f"regs={regs} spills={spills} [{time.time() - t0:.0f} s incl. compile]"
         )
         rows.append({
-            "variant": spec, "check": status, "regs": regs, "spills": spills, "ms": ms,
+            "variant": spec, "kw": kw, "check": status, "regs": regs, "spills": spills, "times": [],
             "code_mismatch": chk["mismatch"], "meta_rel": chk["meta_rel"], "recon_rel": chk["recon_rel"],
         })  # fmt: skip
-    passing = [r for r in rows if r["check"] == "PASS"]
+    timed = [r for r in rows if r["check"] in ("PASS", "FAIL")]  # failing variants are timed too, marked
+    for rnd in range(args.rounds):
+        for r in timed:
+            r["times"].append(bench(lambda kw=r["kw"]: compress_tiles(k, v, cfg, **kw), 25, args.rep_ms))
+        print(f"round {rnd + 1}: " + ", ".join(f"{r['variant']} {r['times'][-1]:.2f}" for r in timed))
+    for r in timed:
+        r["ms"] = statistics.median(r["times"])
+    passing = [r for r in timed if r["check"] == "PASS"]
     if passing:
         best = min(passing, key=lambda r: r["ms"])
-        kw = parse_variant(best["variant"])
 
-        def per_layer_calls(kw=kw):
+        def per_layer_calls(kw=best["kw"]):
             for i in range(args.layers):
                 s = slice(i * per_layer, (i + 1) * per_layer)
                 compress_tiles(k[s], v[s], cfg, **kw)
 
-        ms = bench(per_layer_calls, 5, args.rep_ms)
-        rows.append(
-            {**best, "variant": f"{best['variant']}, {args.layers} launches (one per layer)", "ms": ms}
-        )
+        times = [bench(per_layer_calls, 5, args.rep_ms) for _ in range(3)]
+        rows.append({
+            **best, "variant": f"{best['variant']}, {args.layers} launches (one per layer)", "times": times,
+            "ms": statistics.median(times),
+        })  # fmt: skip
     ks, vs = k[:per_layer], v[:per_layer]
     t_torch = bench(lambda: encode_tiles(ks, vs, cfg), 2, 200)
-    rows.append(
-        {
-            "variant": f"PyTorch encode_tiles, one layer x {args.layers}",
-            "check": "-",
-            "ms": t_torch * args.layers,
-        }
-    )
-    print()
-    print(f"| variant | check | regs | spills | ms | GB/s (read + written) | x target ({TARGET_MS:g} ms) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        ms = r["ms"]
+    rows.append({"variant": f"PyTorch encode_tiles, one layer x {args.layers}", "check": "-", "ms": t_torch * args.layers,
+                 "times": []})  # fmt: skip
+    if dev.type == "cuda":
+        default = {"kernel": tcompress.default_kernel()}
         print(
-            f"| {r['variant']} | {r['check']} | {r.get('regs', '-')} | {r.get('spills', '-')} | {ms:.2f} "
+            f"default ({default['kernel']}): "
+            + sample_clock(lambda: compress_tiles(k, v, cfg, **default), 3.0)
+        )
+    print()
+    print(
+        f"| variant | check | regs | spills | ms (median of {args.rounds}) | min-max | GB/s (read + written) "
+        f"| x target ({TARGET_MS:g} ms) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ms, t = r["ms"], r["times"]
+        spread = f"{min(t):.2f}-{max(t):.2f}" if t else "-"
+        print(
+            f"| {r['variant']} | {r['check']} | {r.get('regs', '-')} | {r.get('spills', '-')} | {ms:.2f} | {spread} "
             f"| {gb / ms * 1e3:.0f} | {ms / TARGET_MS:.2f} |"
         )
     if args.csv:
+        for r in rows:
+            r.pop("kw", None)
+            r["times"] = " ".join(f"{t:.3f}" for t in r["times"])
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=sorted({key for r in rows for key in r}))
             w.writeheader()

@@ -1,10 +1,10 @@
 """Fused tile compression: (optional rotation) + variance normalization + RTN + packing, K and V.
 
-``compress_tiles`` is the entry point for every kernel: v1 (this module: the first kernel, the
-baseline, and the only one that rotates), v2 (``compress_v2.py``: same result, fewer instructions,
-plain Triton) and v3 (``compress_v3.py``: v2's arithmetic in Gluon with hand-chosen layouts). Which
-one runs by default: ``default_kernel()``; docs/gpu_compress.md compares them. The rest of this
-docstring describes v1; v2 and v3 share its contract.
+``compress_tiles`` is the entry point for both kernels: v1 (this module: the first kernel, the
+baseline, and the only one that rotates) and v3 (``compress_v3.py``: same result, fewer
+instructions, Gluon with hand-chosen layouts). Which one runs by default: ``default_kernel()``;
+docs/gpu_compress.md compares them (and v2, a plain-Triton kernel removed in session 3: v3 was
+faster everywhere). The rest of this docstring describes v1; v3 shares its contract.
 
 One launch compresses any number of (tile, KV head) pairs, keys and values together: program
 ``(n, 0)`` encodes key tile ``n`` and program ``(n, 1)`` its value tile. Each program keeps its
@@ -53,11 +53,11 @@ _LOG_MAX = tl.constexpr(LOG_SCALE_MAX)
 _FLOOR = tl.constexpr(IMBALANCE_FLOOR)
 _STEP_FLOOR = tl.constexpr(STEP_FLOOR)
 
-# Kernels: "v3" (compress_v3.py, Gluon), "v2" (compress_v2.py, Triton) and "v1" (below, the
-# baseline and the only one that rotates). compress_tiles runs by default the first kernel of
-# GPU_CHECKED_COMPRESS, the kernels that have passed scripts/gpu_check.py on a GPU, fastest first;
-# KVARN_COMPRESS_KERNEL=v1|v2|v3 forces one (benchmarks, checks, trying an unchecked kernel).
-KERNELS = ("v3", "v2", "v1")
+# Kernels: "v3" (compress_v3.py, Gluon) and "v1" (below, the baseline and the only one that
+# rotates). compress_tiles runs by default the first kernel of GPU_CHECKED_COMPRESS, the kernels
+# that have passed scripts/gpu_check.py on a GPU, fastest first; KVARN_COMPRESS_KERNEL=v1|v3 forces
+# one (benchmarks, checks, trying an unchecked kernel).
+KERNELS = ("v3", "v1")
 # v3 passed on an H100 (session 2: 10 gpu_check cases, 2,048-pair checks; 10.7 ms for the 32k x 32
 # layers x 8 heads K4V2 workload vs v1 23.2 ms, docs/gpu_compress.md).
 GPU_CHECKED_COMPRESS = ("v3", "v1")
@@ -368,6 +368,9 @@ def compress_tiles(
     persistent: int | None = None,
     prefetch: bool = False,
     max_registers: int | None = None,
+    half_tile: bool = False,
+    fold: bool = False,
+    tree: bool = False,
 ) -> QuantizedTiles:
     """Quantize matching key and value tiles ``[..., G, D]`` with one fused launch.
 
@@ -378,14 +381,21 @@ def compress_tiles(
         config: a tile-family configuration (kvarn, kivi, hadamard_rtn, varn_norot).
         out: optional destination with exactly the returned layout (contiguous tensors), e.g.
             pre-poisoned buffers in checks; written in place and returned.
-        kernel: "v3", "v2" or "v1" (see ``KERNELS``); None: ``default_kernel()``. With
-            ``rotate=True`` v1 runs whatever is asked (v2 and v3 do not rotate).
-        num_warps, lanes_per_token: launch options for benchmarks (v2, v3: lanes that share a token).
+        kernel: "v3" or "v1" (see ``KERNELS``); None: ``default_kernel()``. With
+            ``rotate=True`` v1 runs whatever is asked (v3 does not rotate).
+        num_warps, lanes_per_token: launch options for benchmarks (v3: lanes that share a token).
         persistent, prefetch, max_registers: v3 launch options for benchmarks. ``persistent=R``
             launches R programs per SM (half keys, half values) that loop over the tiles instead of
             one program per tile; ``prefetch`` (with ``persistent``) has each program ask L2 for
             its next tile before encoding the current one; ``max_registers`` caps registers per
             thread (ptxas ``maxnreg``; spills instead), e.g. 128 for two 8-warp programs per SM.
+        half_tile, fold, tree: v3 code variants for benchmarks (same contract). ``half_tile`` keeps a
+            16-bit tile in registers in its input dtype (half the registers, one widening
+            instruction per element per sweep; with ``max_registers=168`` three programs fit per
+            SM). ``fold`` rounds the column-scaled tile with the row scale folded into the code
+            multiplier (one multiply per element less) and skips the per-code mask for 2/4/8 bits.
+            ``tree`` adds the partial moments after each transpose pairwise (shorter dependent
+            chains between the sweeps, same instruction count).
 
     Returns:
         :class:`QuantizedTiles` with the codec's layout and ``config.metadata_dtype`` metadata.
@@ -442,8 +452,10 @@ def compress_tiles(
     kernel = kernel or default_kernel()
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
-    if kernel != "v3" and (persistent or prefetch or max_registers):
-        raise ValueError("persistent, prefetch and max_registers are v3 launch options")
+    if kernel != "v3" and (persistent or prefetch or max_registers or half_tile or fold or tree):
+        raise ValueError(
+            "persistent, prefetch, max_registers, half_tile, fold and tree are v3 launch options"
+        )
     if num_warps is None:
         # 128 tile elements per thread (4 warps for 128 x 128): the tile stays in registers
         num_warps = max(1, min(8, g * d // 4096))
@@ -451,21 +463,24 @@ def compress_tiles(
         from kvarn.attention.triton import compress_v3
 
         cfg = compress_v3.kernel_config(g, d, k.dtype, num_warps, lanes_per_token or 8, key_bits=kb)
-        cfg.update(compress_v3.launch_options(n, k, persistent, prefetch, max_registers, cfg["num_warps"]))
+        cfg.update(
+            compress_v3.launch_options(
+                n,
+                k,
+                persistent,
+                prefetch,
+                max_registers,
+                cfg["num_warps"],
+                half_tile=half_tile,
+                fold=fold,
+                tree=tree,
+            )
+        )
         programs = cfg.pop("programs")
         LAST_LAUNCH[0] = compress_v3._compress_kernel_v3[(programs, 2)](
             k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs, n, programs,
             KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
             COMPILED=not interpreting(), **cfg,
-        )  # fmt: skip
-    elif n and kernel == "v2" and not rotate:
-        from kvarn.attention.triton import compress_v2
-
-        lay = compress_v2.tile_layout(g, d, k.dtype, num_warps, lanes_per_token or 8)
-        LAST_LAUNCH[0] = compress_v2._compress_kernel_v2[(n, 2)](
-            k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), kc, ka, kz, kr, vc, va, vz, vs,
-            KB=kb, VB=vb, G=g, D=d, ITERS=config.iterations, NORMALIZE=config.normalize,
-            COMPILED=not interpreting(), **lay,
         )  # fmt: skip
     elif n:
         if rotate:

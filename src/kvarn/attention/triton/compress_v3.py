@@ -1,10 +1,23 @@
-"""Tile compression kernel v3 (Gluon): v2's arithmetic with every layout chosen by hand.
+"""Tile compression kernel v3 (Gluon): the normalization with fewer instructions and hand-chosen layouts.
 
-v2 (``compress_v2.py``) cut the arithmetic; what is left there is Triton's default handling of
-reductions in a 2-D distributed tile: each reduction over an axis spread over lanes is a
-butterfly whose result is then held, and all later math on it done, by every lane that took part
-(8 copies of each token value, 16 of each channel value), and each cross-warp reduction costs
-three barriers. v3 writes the same kernel in Gluon (Triton with explicit layouts), which lets it
+Same result and contract as v1 (``compress.py``: SPEC step 3 in float32, codes identical to
+``kvarn.codec.encode_tiles`` except at rounding ties, metadata within float32 rounding), computed
+with less arithmetic:
+
+* **One-pass shifted moments.** Each standard deviation comes from ``sum d`` and ``sum d^2`` of
+  ``d = x * s - K`` in one sweep (one FMA, one add, one FMA per element) and one reduction, instead
+  of two dependent reductions. ``K`` is the row's mean of the raw tile times the mean of the scale
+  vector: close to the row's actual mean, so ``sum d^2 - (sum d)^2 / n`` does not cancel (keys with
+  large per-channel offsets stay exact to float32 rounding).
+* **Log2 domain.** Scales are kept as log2 multipliers (``nu = -u / ln 2``, multiplier ``2^nu``);
+  ``log(clamp(std))`` is ``clamp(0.5 * log2(var))`` (no square root; log2 on the MUFU unit), and the
+  max/min ratio of the imbalance score is ``2^(max - min)`` of the log2 stds the step computes anyway.
+* **v1's shortcut**: a row's std does not depend on the row's own scale, so each iteration is one
+  sweep over ``X * column multipliers`` and one over ``X * row multipliers``.
+* **No code clamp**: ``0 <= (b - lo) / step <= QMAX`` up to a few ulps, so the reference's clamp is a
+  no-op; the magic-number rounding and a mask keep non-finite input in range.
+
+and with explicit layouts (Gluon: Triton with explicit layouts), which lets it
 
 * **transpose instead of butterfly**: each thread first sums its own slice of a row (in
   registers), then one layout conversion (through shared memory, ``stmatrix``/``ldmatrix`` where
@@ -14,13 +27,12 @@ three barriers. v3 writes the same kernel in Gluon (Triton with explicit layouts
   bookkeeping run on the compact vectors (no replicated copies);
 * **broadcast once**: the new multipliers go back to the tile layout with one conversion.
 
-The tile view is v2's split, as the 5-D ``[RG, RI, C2, CG, VEC]`` (token ``rg * RI + ri``, channel
-``c2 * CG * VEC + cg * VEC + ci``; each thread holds RI consecutive tokens x C2 * VEC channels),
-now as an explicit ``BlockedLayout``. Compact token vectors are ``[RG, RI]`` in ``Slice(2, LT)``,
-compact channel vectors ``[C2, CG, VEC]`` in ``Slice(0, LC)``; ``TB`` and ``CB`` are the layouts
-that broadcast them over the tile. Arithmetic, shifts, log2 domain, tie rules and output are v2's
-(and so SPEC step 3 to float32 rounding; see ``compress_v2.py``); packing reshapes the codes so
-that the codes of one byte meet in one thread and reduces them there.
+The tile view is the 5-D ``[RG, RI, C2, CG, VEC]`` (token ``rg * RI + ri``, channel
+``c2 * CG * VEC + cg * VEC + ci``; each thread holds RI consecutive tokens x C2 * VEC channels;
+``tile_layout``), as an explicit ``BlockedLayout``. Compact token vectors are ``[RG, RI]`` in
+``Slice(2, LT)``, compact channel vectors ``[C2, CG, VEC]`` in ``Slice(0, LC)``; ``TB`` and ``CB``
+are the layouts that broadcast them over the tile. Packing reshapes the codes so that the codes of
+one byte meet in one thread and reduces them there.
 
 Testing: layouts never change values in Gluon (``convert_layout`` only moves data), so under
 ``TRITON_INTERPRET=1`` this module binds ``gl`` to ``gluon_interp`` (layout arguments dropped,
@@ -28,6 +40,7 @@ Testing: layouts never change values in Gluon (``convert_layout`` only moves dat
 source; ``tests/triton_kernels/test_triton_compress.py`` compares it with the codec. The layouts
 themselves are exercised only by a GPU build (``benchmarks/compress_sass.py`` compiles it offline;
 ``benchmarks/gpu_compress.py`` checks it against the codec on the GPU before timing it).
+docs/gpu_compress.md has the instruction counts and timings.
 """
 
 from __future__ import annotations
@@ -39,7 +52,6 @@ import triton
 import triton.language as tl
 
 from kvarn.attention.triton import interpreting
-from kvarn.attention.triton.compress_v2 import tile_layout
 from kvarn.method.normalize import IMBALANCE_FLOOR, LOG_SCALE_MAX, LOG_SCALE_MIN, STD_MAX, STD_MIN
 from kvarn.method.rtn import STEP_FLOOR
 
@@ -154,26 +166,51 @@ def _sum_to_channels(a, LC: tl.constexpr):
 
 
 @jit
-def _moments_to_tokens(d, LT: tl.constexpr, LT2: tl.constexpr):
+def _moments_to_tokens(d, LT: tl.constexpr, LT2: tl.constexpr, TREE: tl.constexpr = False):
     """(sum d, sum d^2) over channels -> compact token vectors. The two sums travel as one
-    [.., 2] tensor, so the transpose is one shared-memory round trip (one pair of barriers)."""
+    [.., 2] tensor, so the transpose is one shared-memory round trip (one pair of barriers).
+    TREE: add the partials after the transpose pairwise (log2 CG levels of independent adds)
+    instead of in one chain (CG - 1 dependent adds): a shorter serial phase, same count."""
     p = gl.join(d, d * d)  # [RG, RI, C2, CG, VEC, 2]
     p = gl.sum(gl.sum(p, 4), 2)  # in registers -> [RG, RI, CG, 2]
-    p = gl.sum(gl.convert_layout(p, LT2), 2)  # all CG partials of a token in one thread
-    s1, s2 = gl.split(p)
+    p = gl.convert_layout(p, LT2)  # all CG partials of a token in one thread
     TC: tl.constexpr = gl.SliceLayout(2, LT)
-    return gl.convert_layout(s1, TC, assert_trivial=True), gl.convert_layout(s2, TC, assert_trivial=True)
+    if TREE:
+        RG: tl.constexpr = p.shape[0]
+        RI: tl.constexpr = p.shape[1]
+        CG: tl.constexpr = p.shape[2]
+        for i in gl.static_range(8):
+            if (CG >> i) > 1:
+                p = gl.sum(gl.reshape(p, [RG, RI, 2, CG >> (i + 1), 2]), 2)
+        p = gl.reshape(p, [RG, RI, 2])
+        s1, s2 = gl.split(p)
+        return gl.convert_layout(s1, TC), gl.convert_layout(s2, TC)
+    else:
+        s1, s2 = gl.split(gl.sum(p, 2))
+        return gl.convert_layout(s1, TC, assert_trivial=True), gl.convert_layout(s2, TC, assert_trivial=True)
 
 
 @jit
-def _moments_to_channels(d, LC: tl.constexpr, LC2: tl.constexpr):
-    """(sum d, sum d^2) over tokens -> compact channel vectors."""
+def _moments_to_channels(d, LC: tl.constexpr, LC2: tl.constexpr, TREE: tl.constexpr = False):
+    """(sum d, sum d^2) over tokens -> compact channel vectors (TREE: as in _moments_to_tokens)."""
     p = gl.join(d, d * d)
     p = gl.sum(p, 1)  # the thread's RI tokens -> [RG, C2, CG, VEC, 2]
-    p = gl.sum(gl.convert_layout(p, LC2), 0)  # all RG partials of a channel in one thread
-    s1, s2 = gl.split(p)
+    p = gl.convert_layout(p, LC2)  # all RG partials of a channel in one thread
     CC: tl.constexpr = gl.SliceLayout(0, LC)
-    return gl.convert_layout(s1, CC, assert_trivial=True), gl.convert_layout(s2, CC, assert_trivial=True)
+    if TREE:
+        RG: tl.constexpr = p.shape[0]
+        C2: tl.constexpr = p.shape[1]
+        CG: tl.constexpr = p.shape[2]
+        VEC: tl.constexpr = p.shape[3]
+        for i in gl.static_range(8):
+            if (RG >> i) > 1:
+                p = gl.sum(gl.reshape(p, [2, RG >> (i + 1), C2, CG, VEC, 2]), 0)
+        p = gl.reshape(p, [C2, CG, VEC, 2])
+        s1, s2 = gl.split(p)
+        return gl.convert_layout(s1, CC), gl.convert_layout(s2, CC)
+    else:
+        s1, s2 = gl.split(gl.sum(p, 0))
+        return gl.convert_layout(s1, CC, assert_trivial=True), gl.convert_layout(s2, CC, assert_trivial=True)
 
 
 @jit
@@ -230,19 +267,51 @@ def _sub_exact(a, b, COMPILED: tl.constexpr):
 
 
 @jit
+def _f32(x, OPAQUE: tl.constexpr, COMPILED: tl.constexpr, zero=0):
+    """The tile as float32. With OPAQUE (``half_tile``: the tile stays in its 16-bit input dtype in
+    registers, half the registers) each call widens through an asm statement that takes ``zero``,
+    an int32 that is 0 but that the compilers cannot prove constant (pass one derived from a value
+    that changes every iteration), so neither LLVM nor ptxas can hoist the widening out of the
+    normalization loop and keep a float32 copy of the tile: every sweep widens its elements again
+    (one instruction each)."""
+    if OPAQUE and COMPILED and x.dtype != gl.float32:
+        # two elements per 32-bit register (pack=2), so the 16-bit tile stays packed in registers
+        if x.dtype == gl.bfloat16:
+            return gl.inline_asm_elementwise(
+                "{ .reg .b32 s, m; add.u32 s, $3, 16; or.b32 m, $3, 0xffff0000; shl.b32 $0, $2, s; and.b32 $1, $2, m; }",
+                "=r,=r,r,r,r", [x, zero], dtype=gl.float32, is_pure=False, pack=2,
+            )  # fmt: skip
+        else:
+            return gl.inline_asm_elementwise(
+                "{ .reg .b16 lo, hi; .reg .b32 y; xor.b32 y, $2, $3; mov.b32 {lo, hi}, y; cvt.f32.f16 $0, lo; "
+                "cvt.f32.f16 $1, hi; }",
+                "=r,=r,r,r,r", [x, zero], dtype=gl.float32, is_pure=False, pack=2,
+            )  # fmt: skip
+    else:
+        return x.to(gl.float32)
+
+
+@jit
+def _opaque_zero(v):
+    """0 as int32, computed from the float v (> 0 or NaN) so that compilers cannot fold it: its
+    sign bit."""
+    return (v.to(gl.uint32, bitcast=True) >> 31).to(gl.int32)
+
+
+@jit
 def _half_log2_var(s1, s2, n: tl.constexpr, HALF_LOG2_N1: tl.constexpr, COMPILED: tl.constexpr):
-    """log2 of the unbiased std from (sum d, sum d^2) of n shifted values (see compress_v2)."""
+    """log2 of the unbiased std from (sum d, sum d^2) of n shifted values (shifted one-pass moments, module docstring)."""
     return _log2(gl.abs(s2 - s1 * (s1 * (1.0 / n))), COMPILED) * 0.5 - HALF_LOG2_N1
 
 
 @jit
 def _centered_log_std(x, mt_b, mc_b, LT: tl.constexpr, LC: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                      HL_G: tl.constexpr, HL_D: tl.constexpr, COMPILED: tl.constexpr):  # fmt: skip
+                      HL_G: tl.constexpr, HL_D: tl.constexpr, COMPILED: tl.constexpr, OPAQUE: tl.constexpr):  # fmt: skip
     """log2 std of each token and of each channel of the raw tile (the identity state): the
     reference's two-pass form, sum of squared deviations from the exact mean."""
-    d = x - _token_bcast(mt_b)
+    d = _f32(x, OPAQUE, COMPILED) - _token_bcast(mt_b)
     ht = _log2(_sum_to_tokens(d * d, LT), COMPILED) * 0.5 - HL_D
-    d = x - _channel_bcast(mc_b)
+    d = _f32(x, OPAQUE, COMPILED) - _channel_bcast(mc_b)
     hc = _log2(_sum_to_channels(d * d, LC), COMPILED) * 0.5 - HL_G
     return ht, hc
 
@@ -261,18 +330,20 @@ def _ratio(hmax, hmin):
 
 @jit
 def _token_log_std(x, chan_mult_b, token_shift_b, LT: tl.constexpr, LT2: tl.constexpr, D: tl.constexpr,
-                   HL_D: tl.constexpr, COMPILED: tl.constexpr):  # fmt: skip
+                   HL_D: tl.constexpr, COMPILED: tl.constexpr, OPAQUE: tl.constexpr, zero=0,
+                   TREE: tl.constexpr = False):  # fmt: skip
     """Compact log2 std of each token over channels of x * chan_mult (broadcast operands)."""
-    d = x * _channel_bcast(chan_mult_b) - _token_bcast(token_shift_b)
-    s1, s2 = _moments_to_tokens(d, LT, LT2)
+    d = _f32(x, OPAQUE, COMPILED, zero) * _channel_bcast(chan_mult_b) - _token_bcast(token_shift_b)
+    s1, s2 = _moments_to_tokens(d, LT, LT2, TREE)
     return _half_log2_var(s1, s2, D, HL_D, COMPILED)
 
 
 @jit
 def _channel_log_std(x, token_mult_b, chan_shift_b, LC: tl.constexpr, LC2: tl.constexpr, G: tl.constexpr,
-                     HL_G: tl.constexpr, COMPILED: tl.constexpr):  # fmt: skip
-    d = x * _token_bcast(token_mult_b) - _channel_bcast(chan_shift_b)
-    s1, s2 = _moments_to_channels(d, LC, LC2)
+                     HL_G: tl.constexpr, COMPILED: tl.constexpr, OPAQUE: tl.constexpr, zero=0,
+                     TREE: tl.constexpr = False):  # fmt: skip
+    d = _f32(x, OPAQUE, COMPILED, zero) * _token_bcast(token_mult_b) - _channel_bcast(chan_shift_b)
+    s1, s2 = _moments_to_channels(d, LC, LC2, TREE)
     return _half_log2_var(s1, s2, G, HL_G, COMPILED)
 
 
@@ -281,9 +352,9 @@ def _normalize(
     x, mt_b, mc_b, IS_KEY: tl.constexpr, ITERS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HL_G: tl.constexpr, HL_D: tl.constexpr, LT: tl.constexpr, LC: tl.constexpr, LT2: tl.constexpr,
     LC2: tl.constexpr, TB: tl.constexpr, CB: tl.constexpr, CB2: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
-    VEC: tl.constexpr, COMPILED: tl.constexpr,
+    VEC: tl.constexpr, COMPILED: tl.constexpr, OPAQUE: tl.constexpr, TREE: tl.constexpr = False,
 ):  # fmt: skip
-    """compress_v2._normalize with compact vectors: best log2 multipliers (nt [RG, RI] in
+    """SPEC step 3 on compact vectors: best log2 multipliers (nt [RG, RI] in
     Slice(2, LT), nc [C2, CG, VEC] in Slice(0, LC)); mt_b/mc_b are the raw means, broadcast."""
     TC: tl.constexpr = gl.SliceLayout(2, LT)
     CC: tl.constexpr = gl.SliceLayout(0, LC)
@@ -291,7 +362,7 @@ def _normalize(
     one_c = gl.full([C2, CG, VEC], 1.0, gl.float32, layout=CC)
     nt = gl.zeros([RG, RI], gl.float32, layout=TC)
     nc = gl.zeros([C2, CG, VEC], gl.float32, layout=CC)
-    ht, hc = _centered_log_std(x, mt_b, mc_b, LT, LC, G, D, HL_G, HL_D, COMPILED)  # identity state
+    ht, hc = _centered_log_std(x, mt_b, mc_b, LT, LC, G, D, HL_G, HL_D, COMPILED, OPAQUE)  # identity state
     # the first step is taken one step ahead so that the sum of its multipliers (the next shift's
     # factor) rides on the reduction the score needs anyway
     if IS_KEY:
@@ -310,24 +381,38 @@ def _normalize(
     for _ in range(ITERS):
         if IS_KEY:
             nt = nt_next  # column step (tokens), taken above
-            hc_pre = _channel_log_std(x, st_b, mc_b * (ssum / G), LC, LC2, G, HL_G, COMPILED)
+            hc_pre = _channel_log_std(
+                x, st_b, mc_b * (ssum / G), LC, LC2, G, HL_G, COMPILED, OPAQUE, _opaque_zero(ssum), TREE
+            )
             nc = _step(nc, hc_pre + nc)  # row step (channels)
             hc = hc_pre + nc
             sc_b, cmax, cmin, csum = _broadcast_channel_stats(hc, gl.exp2(nc), CB, CB2, COMPILED)
-            ht = _token_log_std(x, sc_b, mt_b * (csum / D), LT, LT2, D, HL_D, COMPILED) + nt
+            ht = (
+                _token_log_std(
+                    x, sc_b, mt_b * (csum / D), LT, LT2, D, HL_D, COMPILED, OPAQUE, _opaque_zero(csum), TREE
+                )
+                + nt
+            )
             nt_next = _step(nt, ht)
             st = gl.exp2(nt_next)
             tmax, tmin, ssum = _token_stats(ht, st, COMPILED)
             st_b = gl.convert_layout(st, TB)
         else:
             nc = nc_next  # column step (channels), taken above
-            ht_pre = _token_log_std(x, sc_b, mt_b * (ssum / D), LT, LT2, D, HL_D, COMPILED)
+            ht_pre = _token_log_std(
+                x, sc_b, mt_b * (ssum / D), LT, LT2, D, HL_D, COMPILED, OPAQUE, _opaque_zero(ssum), TREE
+            )
             nt = _step(nt, ht_pre + nt)  # row step (tokens)
             ht = ht_pre + nt
             st = gl.exp2(nt)
             tmax, tmin, tsum = _token_stats(ht, st, COMPILED)
             st_b = gl.convert_layout(st, TB)
-            hc = _channel_log_std(x, st_b, mc_b * (tsum / G), LC, LC2, G, HL_G, COMPILED) + nc
+            hc = (
+                _channel_log_std(
+                    x, st_b, mc_b * (tsum / G), LC, LC2, G, HL_G, COMPILED, OPAQUE, _opaque_zero(tsum), TREE
+                )
+                + nc
+            )
             nc_next = _step(nc, hc)
             sc_b, cmax, cmin, ssum = _broadcast_channel_stats(hc, gl.exp2(nc_next), CB, CB2, COMPILED)
         score = _ratio(tmax, tmin) + _ratio(cmax, cmin)
@@ -419,8 +504,12 @@ def _compress_tile_v3(
     NORMALIZE: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
     VEC: tl.constexpr, HL_G: tl.constexpr, HL_D: tl.constexpr, L5: tl.constexpr, LT: tl.constexpr,
     LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, L6: tl.constexpr, KS: tl.constexpr,
-    COMPILED: tl.constexpr,
+    COMPILED: tl.constexpr, HALF_TILE: tl.constexpr, FOLD: tl.constexpr, TREE: tl.constexpr,
 ):  # fmt: skip
+    """Encode one tile. HALF_TILE: keep the tile in registers in its 16-bit input dtype and widen
+    it in every sweep (see _f32). FOLD: round the column-scaled tile y with the row scale folded
+    into the code multiplier (see below) instead of materializing B = y * row scale. TREE: add
+    the partial moments after each transpose pairwise (see _moments_to_tokens)."""
     TB: tl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5)))  # [RG, RI]
     CB: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L5))  # [C2, CG, VEC]
     CB2: tl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L6))  # [C2, CG, VEC, 2]: CB with a pair axis
@@ -434,54 +523,91 @@ def _compress_tile_v3(
     ch_c = _channel_index(C2, CG, VEC, CC)
     tok = _token_bcast(tok_b)
     ch = _channel_bcast(ch_b)
-    x = gl.load(x_ptr + n64 * x_stride_n + tok * x_stride_t + ch).to(gl.float32)
+    x = gl.load(x_ptr + n64 * x_stride_n + tok * x_stride_t + ch)
+    if not HALF_TILE:
+        x = x.to(gl.float32)
     if NORMALIZE:
-        mt_b = gl.convert_layout(_sum_to_tokens(x, LT) / D, TB)  # raw means: shifts' base
-        mc_b = gl.convert_layout(_sum_to_channels(x, LC) / G, CB)
+        mt_b = gl.convert_layout(
+            _sum_to_tokens(_f32(x, HALF_TILE, COMPILED), LT) / D, TB
+        )  # raw means: shifts' base
+        mc_b = gl.convert_layout(_sum_to_channels(_f32(x, HALF_TILE, COMPILED), LC) / G, CB)
         nt, nc = _normalize(
             x, mt_b, mc_b, IS_KEY, ITERS, G, D, HL_G, HL_D, LT, LC, LT2, LC2, TB, CB, CB2, RG, RI, C2, CG, VEC,
-            COMPILED,
+            COMPILED, HALF_TILE, TREE,
         )  # fmt: skip
         st_b = gl.convert_layout(gl.exp2(nt), TB)
         sc_b = gl.convert_layout(gl.exp2(nc), CB)
         # B = X / s_col / s_row, column scale first (SPEC columns: tokens for keys, channels for values)
         if IS_KEY:
-            b = x * _token_bcast(st_b) * _channel_bcast(sc_b)
+            y = _f32(x, HALF_TILE, COMPILED) * _token_bcast(st_b)
+            row_s = gl.exp2(nc)
+            if not FOLD:
+                y = y * _channel_bcast(sc_b)
         else:
-            b = x * _channel_bcast(sc_b) * _token_bcast(st_b)
+            y = _f32(x, HALF_TILE, COMPILED) * _channel_bcast(sc_b)
+            row_s = gl.exp2(nt)
+            if not FOLD:
+                y = y * _token_bcast(st_b)
         out_t = gl.exp2(-nt)
         out_c = gl.exp2(-nc)
     else:
-        b = x
+        y = _f32(x, HALF_TILE, COMPILED)
+        row_s = 1.0
         out_t = gl.full([RG, RI], 1.0, gl.float32, layout=TC)
         out_c = gl.full([C2, CG, VEC], 1.0, gl.float32, layout=CC)
+    # Without FOLD y is B. With FOLD, B = y * row_s (row_s > 0 per RTN row) is never formed:
+    # rounding is monotone, so min B = round(min y * row_s) exactly (and max), lo/hi/step are
+    # bit-identical, and the codes are (y - min y) * (row_s / step) instead of (B - lo) / step:
+    # a few ulps apart, i.e. different only at rounding ties. A row whose B values all round to one
+    # value (hi == lo) gets multiplier 0: codes 0 like the reference's, whatever y's ulps say.
     QMAX: tl.constexpr = (1 << BITS) - 1
     md = a_ptr.dtype.element_ty
     if IS_KEY:
         # RTN per channel over the tile's tokens; a, z per channel, r per token.
-        lo, hi = _to_channels(b, b, True, LC, COMPILED)
-        step = gl.maximum((hi - lo) / QMAX, _STEP_FLOOR)
+        lo_y, hi_y = _to_channels(y, y, True, LC, COMPILED)
+        lo, step, inv = _rtn_row_params(lo_y, hi_y, row_s, QMAX, FOLD and NORMALIZE)
         gl.store(a_ptr + n64 * D + ch_c, (out_c * step).to(md))
         gl.store(z_ptr + n64 * D + ch_c, (out_c * lo).to(md))
         gl.store(s_ptr + n64 * G + tok_c, out_t.to(md))
-        lo_b = gl.convert_layout(lo, CB)
-        inv_b = gl.convert_layout(1.0 / step, CB)
-        v = _sub_exact(b, _channel_bcast(lo_b), COMPILED) * _channel_bcast(inv_b)
+        lo_b = gl.convert_layout(lo_y, CB)
+        inv_b = gl.convert_layout(inv, CB)
+        v = _sub_exact(y, _channel_bcast(lo_b), COMPILED) * _channel_bcast(inv_b)
     else:
-        lo, hi = _to_tokens(b, b, True, LT, COMPILED)
-        step = gl.maximum((hi - lo) / QMAX, _STEP_FLOOR)
+        lo_y, hi_y = _to_tokens(y, y, True, LT, COMPILED)
+        lo, step, inv = _rtn_row_params(lo_y, hi_y, row_s, QMAX, FOLD and NORMALIZE)
         gl.store(a_ptr + n64 * G + tok_c, (out_t * step).to(md))
         gl.store(z_ptr + n64 * G + tok_c, (out_t * lo).to(md))
         gl.store(s_ptr + n64 * D + ch_c, out_c.to(md))
-        lo_b = gl.convert_layout(lo, TB)
-        inv_b = gl.convert_layout(1.0 / step, TB)
-        v = _sub_exact(b, _token_bcast(lo_b), COMPILED) * _token_bcast(inv_b)
-    # 0 <= v <= QMAX up to rounding, so the reference's clamp is a no-op (see compress_v2)
-    codes = (v + _ROUND_MAGIC).to(gl.int32, bitcast=True) & QMAX
+        lo_b = gl.convert_layout(lo_y, TB)
+        inv_b = gl.convert_layout(inv, TB)
+        v = _sub_exact(y, _token_bcast(lo_b), COMPILED) * _token_bcast(inv_b)
+    # 0 <= v <= QMAX up to rounding, so the reference's clamp is a no-op (module docstring); the
+    # magic-number rounding leaves code + 0x4B400000 in the bits. With FOLD and 2, 4 or 8 bits the
+    # code is not masked: packing shifts codes by at most 6 bits and stores only the low byte, which
+    # the magic's high bits (22 and up) never reach; 3-bit codes span 3 bytes and keep the mask.
+    codes = (v + _ROUND_MAGIC).to(gl.int32, bitcast=True)
+    if not FOLD or BITS == 3:
+        codes = codes & QMAX
     if IS_KEY:
         _pack_store(codes, codes_ptr + n64 * (D * G * BITS // 8), 1, BITS, G, D, RG, RI, C2, CG, VEC, L5, KS)
     else:
         _pack_store(codes, codes_ptr + n64 * (G * D * BITS // 8), 4, BITS, G, D, RG, RI, C2, CG, VEC, L5, KS)
+
+
+@jit
+def _rtn_row_params(lo_y, hi_y, row_s, QMAX: tl.constexpr, FOLD: tl.constexpr):
+    """(lo, step, code multiplier) of each RTN row from the min/max of y over the row. Without FOLD
+    y is B itself: lo = min, step from the range, multiplier 1 / step. With FOLD, B = y * row_s
+    (row_s > 0): lo and hi are min/max y times row_s (exactly min/max B: rounding is monotone) and
+    the multiplier row_s / step applies to y - min y; 0 where hi == lo (a row of one B value)."""
+    if FOLD:
+        lo = lo_y * row_s
+        hi = hi_y * row_s
+        step = gl.maximum((hi - lo) / QMAX, _STEP_FLOOR)
+        return lo, step, gl.where(hi > lo, row_s / step, 0.0)
+    else:
+        step = gl.maximum((hi_y - lo_y) / QMAX, _STEP_FLOOR)
+        return lo_y, step, 1.0 / step
 
 
 @jit
@@ -505,7 +631,8 @@ def _compress_kernel_v3(
     NORMALIZE: tl.constexpr, RG: tl.constexpr, RI: tl.constexpr, C2: tl.constexpr, CG: tl.constexpr,
     VEC: tl.constexpr, HL_G: tl.constexpr, HL_D: tl.constexpr, L5: tl.constexpr, LT: tl.constexpr,
     LC: tl.constexpr, LT2: tl.constexpr, LC2: tl.constexpr, L6: tl.constexpr, KS: tl.constexpr,
-    COMPILED: tl.constexpr, PERSISTENT: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    COMPILED: tl.constexpr, HALF_TILE: tl.constexpr = False, FOLD: tl.constexpr = False, TREE: tl.constexpr = False,
+    PERSISTENT: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     LINES: tl.constexpr = 1, LINE_ELEMS: tl.constexpr = 64, LP: tl.constexpr = None,
 ):  # fmt: skip
     """Program (p, 0) encodes key tiles, (p, 1) value tiles: tile p (grid (n_tiles, 2)) or, with
@@ -522,7 +649,7 @@ def _compress_kernel_v3(
                                       LINE_ELEMS, LP)  # fmt: skip
                 _compress_tile_v3(
                     k_ptr, k_stride_n, k_stride_t, kc_ptr, ka_ptr, kz_ptr, kr_ptr, n, True, KB, G, D, ITERS,
-                    NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
+                    NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED, HALF_TILE, FOLD, TREE,
                 )  # fmt: skip
             else:
                 if PREFETCH:
@@ -530,7 +657,7 @@ def _compress_kernel_v3(
                                       LINE_ELEMS, LP)  # fmt: skip
                 _compress_tile_v3(
                     v_ptr, v_stride_n, v_stride_t, vc_ptr, va_ptr, vz_ptr, vs_ptr, n, False, VB, G, D, ITERS,
-                    NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
+                    NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED, HALF_TILE, FOLD, TREE,
                 )  # fmt: skip
             n += n_programs  # n_programs: the grid's axis 0
     else:
@@ -538,12 +665,12 @@ def _compress_kernel_v3(
         if gl.program_id(1) == 0:
             _compress_tile_v3(
                 k_ptr, k_stride_n, k_stride_t, kc_ptr, ka_ptr, kz_ptr, kr_ptr, n, True, KB, G, D, ITERS,
-                NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
+                NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED, HALF_TILE, FOLD, TREE,
             )  # fmt: skip
         else:
             _compress_tile_v3(
                 v_ptr, v_stride_n, v_stride_t, vc_ptr, va_ptr, vz_ptr, vs_ptr, n, False, VB, G, D, ITERS,
-                NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED,
+                NORMALIZE, RG, RI, C2, CG, VEC, HL_G, HL_D, L5, LT, LC, LT2, LC2, L6, KS, COMPILED, HALF_TILE, FOLD, TREE,
             )  # fmt: skip
 
 
@@ -570,6 +697,26 @@ def _blocked(
         wpc[dim], rest[dim], left = take, rest[dim] // take, left // take
     wpc[warp_dims[-1]] *= left
     return BlockedLayout(rest, tpw, wpc, order or list(range(rank - 1, -1, -1)))
+
+
+def tile_layout(g: int, d: int, dtype: torch.dtype, num_warps: int, lanes_per_token: int) -> dict:
+    """Split of the tile [G, D] into the kernel's 5-D view for this launch.
+
+    ``lanes_per_token`` lanes share a token (CG), the other ``32 / CG`` lanes and all warps split
+    the tokens; each thread holds ``RI`` consecutive tokens x ``C2 * VEC`` channels (VEC: 16 bytes
+    of the input dtype). ``HL_G``, ``HL_D``: half log2 of the unbiased std's divisors.
+    """
+    vec = min(16 // torch.empty((), dtype=dtype).element_size(), d)
+    cg = min(lanes_per_token, d // vec)
+    rows_per_warp = 32 // cg
+    warps = max(1, min(num_warps, g // rows_per_warp))
+    rg = rows_per_warp * warps
+    if rg > g:
+        raise ValueError(f"tile of {g} tokens is too small for {cg} lanes per token")
+    return {
+        "C2": d // (cg * vec), "RI": g // rg, "RG": rg, "CG": cg, "VEC": vec, "num_warps": warps,
+        "HL_G": 0.5 * math.log2(g - 1), "HL_D": 0.5 * math.log2(d - 1),
+    }  # fmt: skip
 
 
 def kernel_config(
@@ -606,17 +753,26 @@ def kernel_config(
 
 
 def launch_options(
-    n: int, x: torch.Tensor, persistent: int | None, prefetch: bool, max_registers: int | None, num_warps: int
+    n: int,
+    x: torch.Tensor,
+    persistent: int | None,
+    prefetch: bool,
+    max_registers: int | None,
+    num_warps: int,
+    half_tile: bool = False,
+    fold: bool = False,
+    tree: bool = False,
 ) -> dict:
     """Grid size (``programs``, per axis-1 index: keys / values) and the constexpr / compile options
-    of the persistent, prefetch and register-cap launch variants (see ``compress_tiles``)."""
+    of the persistent, prefetch, register-cap, 16-bit-tile, folded-epilogue and tree-sum launch variants
+    (see ``compress_tiles``)."""
     if persistent is not None and persistent < 1:
         raise ValueError(f"persistent={persistent}: expected a number of programs per SM >= 1")
     if prefetch and not persistent:
         raise ValueError("prefetch needs a persistent launch (persistent=R programs per SM)")
     if max_registers is not None and not 24 <= max_registers <= 255:
         raise ValueError(f"max_registers={max_registers}: expected 24..255")
-    opts: dict = {"programs": n}
+    opts: dict = {"programs": n, "HALF_TILE": bool(half_tile), "FOLD": bool(fold), "TREE": bool(tree)}
     if persistent:
         # the interpreter has no SMs: 2 "SMs" make a small batch loop
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
