@@ -68,14 +68,11 @@ KERNEL_BITS = (2, 4, 8)
 # per key plane; "words" = key codes as 16-bit words, one online-softmax step per tile.
 VARIANTS = ("planes", "words")
 # How a packed code field becomes a float16 tensor-core operand (launch option ``code_operands``,
-# "words" only; ``_field_placement``): "fma" = OR into float16 1024 then one f16x2 fma leaves the
-# code (exact, 1 fma per 2 codes); "offset" = the OR-ed float16 is ``2**(10-s) + code`` and the
-# offset is taken back out of the float32 products (per row: offset * sum of the operand);
-# "subnormal" = the masked field alone is the subnormal float16 ``code * 2**(s-24)`` and the power
-# of two goes into the float32 step that already adds the zero-point term. The last two drop the
-# fma (sm_90: 128 of 956 loop instructions per warp per tile at K4V2 D=G=128, m_block=4).
-CODE_OPERANDS = ("fma", "offset", "subnormal")
-_CODES = {name: i for i, name in enumerate(CODE_OPERANDS)}  # the kernel's CODES constexpr
+# "words" only): "fma" = OR-ed into float16 1024, one f16x2 fma leaves the code; "subnormal" = the
+# masked field alone, a subnormal float16 ``code * 2**(s-24)``, and the power of two goes into the
+# float32 step that already adds the zero-point term (no fma: sm_90, K4V2 D=G=128 m_block=4, 128 of
+# the loop's 956 instructions per warp per tile). Both exact; docs/gpu_decode_notes.md, round 4.
+CODE_OPERANDS = ("fma", "subnormal")
 # Set by scripts/gpu_check.py: fill the split-K workspace with NaN before each launch.
 POISON_WORKSPACE = False
 # The last compiled launch (registers, spills) for benchmark diagnostics.
@@ -205,81 +202,39 @@ def _word_asm_text(bits: int, j: int) -> str:
 
 
 @triton.constexpr_function
-def code_operand_mode(mode) -> str:
-    """The mode name of ``mode`` (a name, or the kernel's CODES index into ``CODE_OPERANDS``)."""
-    names = ("fma", "offset", "subnormal")  # == CODE_OPERANDS (checked below); a literal, for Triton
-    return names[mode] if isinstance(mode, int) else mode
-
-
-assert tuple(code_operand_mode(i) for i in range(len(CODE_OPERANDS))) == CODE_OPERANDS
-
-
-@triton.constexpr_function
-def field_placement(bits: int, pos: int) -> tuple[int, int]:
-    """(right shift, s) for "offset" / "subnormal" code operands: the field at bits
-    [pos, pos + bits) of a 16-bit lane is shifted right so it sits at mantissa bits [s, s + bits)
-    of a float16 (s + bits <= 10). Fields that fit stay in place (no shift); the others (pos >=
-    11 - bits) all take the same shift by 6, one instruction per register for all of them (ptxas
-    merges the equal shifts): the top field lands at s = 10 - bits, the lowest moved one at
-    s >= 2 (offsets <= 256 for "offset")."""
+def subnormal_field_position(bits: int, pos: int) -> tuple[int, int]:
+    """(right shift, s) for "subnormal" code operands: the field at bits [pos, pos + bits) of a
+    16-bit lane goes to mantissa bits [s, s + bits) of a float16 (s + bits <= 10, exponent bits
+    zero: the value is ``code * 2**(s-24)``). Fields that fit stay where they are; the others
+    (pos >= 11 - bits) all take the same right shift by 6, so ptxas shares one shift per register
+    among them; the top field lands at s = 10 - bits."""
     if pos + bits <= 10:
         return 0, pos
     return 6, pos - 6
 
 
 @triton.constexpr_function
-def field_operand(bits: int, pos: int, mode) -> tuple[float, float]:
-    """(offset, unit): the float16 operand a code c becomes is exactly ``offset + c * unit``."""
-    mode = code_operand_mode(mode)
-    s = field_placement(bits, pos)[1]
-    if mode == "offset":
-        return float(2 ** (10 - s)), 1.0
-    if mode == "subnormal":
-        return 0.0, 2.0 ** (s - 24)
-    raise ValueError(f"code operand mode {mode!r} has no (offset, unit); expected 'offset' or 'subnormal'")
-
-
-@triton.constexpr_function
-def field_exponent_bits(bits: int, pos: int, mode) -> int:
-    """Float16 exponent bits OR-ed onto the placed field: biased exponent 25 - s makes the mantissa
-    step 1 ("offset": value 2**(10-s) + code); none leaves a subnormal ("subnormal")."""
-    s = field_placement(bits, pos)[1]
-    return (25 - s) << 10 if code_operand_mode(mode) == "offset" else 0
-
-
-@triton.constexpr_function
-def field_asm_text(bits: int, pos: int, mode) -> str:
-    """PTX for the field at bit pos of 2 packed 16-bit lanes -> 2 float16 operands (one f16x2
-    register) ``offset + code * unit`` (``field_operand``): one lop3 per 2 codes (mask and OR of
-    the exponent), plus one shr for fields that do not fit in the mantissa where they are. A right
-    shift by k <= 6 moves the high lane's low bits into the low lane's bits 16-k.. 15, above any
-    placed field (s + bits <= 10), so the mask clears them."""
-    shift, s = field_placement(bits, pos)
+def subnormal_field_asm_text(bits: int, pos: int) -> str:
+    """PTX for the field at bit pos of 2 packed 16-bit lanes -> 2 subnormal float16 operands
+    ``code * 2**(s-24)`` (one f16x2 register): one and per 2 codes, plus a shr for fields above
+    the mantissa. The right shift by 6 moves the high lane's bits 0..5 into the low lane's bits
+    10..15, above every placed field, so the mask clears them."""
+    shift, s = subnormal_field_position(bits, pos)
     mask = ((1 << bits) - 1) << s
-    expo = field_exponent_bits(bits, pos, mode)
-    pre, src = "", "$1"
     if shift:
-        pre, src = f"shr.b32 t, $1, {shift};\n", "t"
-    return (
-        "{\n.reg .b32 t;\n"
-        + pre
-        + f"lop3.b32 $0, {src}, 0x{mask:04X}{mask:04X}, 0x{expo:04X}{expo:04X}, 0xea;\n}}"
-    )
+        return f"{{\n.reg .b32 t;\nshr.b32 t, $1, {shift};\nand.b32 $0, t, 0x{mask:04X}{mask:04X};\n}}"
+    return f"and.b32 $0, $1, 0x{mask:04X}{mask:04X};"
 
 
 @triton.constexpr_function
-def _field_s(bits, pos):
-    return field_placement(bits, pos)[1]
+def subnormal_field_scale(bits: int, pos: int) -> float:
+    """2**(24 - s): what a product of subnormal field operands is multiplied by to count codes."""
+    return float(2 ** (24 - subnormal_field_position(bits, pos)[1]))
 
 
 @triton.constexpr_function
-def _field_offset(bits, pos, mode):
-    return field_operand(bits, pos, mode)[0]
-
-
-@triton.constexpr_function
-def _field_inv_unit(bits, pos, mode):
-    return 1.0 / field_operand(bits, pos, mode)[1]
+def _subnormal_field_s(bits, pos):
+    return subnormal_field_position(bits, pos)[1]
 
 
 # One PTX text per (bits, field): 8-bit keys have 2 fields per word, 4-bit 4, 2-bit 8.
@@ -327,11 +282,12 @@ def _word_field_asm(words, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _word_field(words, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, CODES: tl.constexpr):
+def _word_field(words, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, SUBNORMAL: tl.constexpr):
     """Field j of every little-endian 16-bit word of codes (uint16) as a float16 operand: the
-    code of token ``(16 / BITS) * n + j`` for word n of a key channel row. CODES 0 ("fma"): the
-    code itself, exactly; else ``offset + code * unit`` (``field_operand``), exactly."""
-    if CODES == 0:
+    code of token ``(16 / BITS) * n + j`` for word n of a key channel row; exactly the code, or
+    with SUBNORMAL exactly ``code * 2**(s-24)`` (``subnormal_field_position``; the products are
+    scaled back by ``subnormal_field_scale``)."""
+    if not SUBNORMAL:
         if ASM:
             return _word_field_asm(words, j, BITS)
         else:
@@ -340,39 +296,39 @@ def _word_field(words, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, C
     else:
         if ASM:
             return tl.inline_asm_elementwise(
-                field_asm_text(BITS, BITS * j, CODES), "=r,r", [words], dtype=tl.float16, is_pure=True, pack=2
+                subnormal_field_asm_text(BITS, BITS * j),
+                "=r,r",
+                [words],
+                dtype=tl.float16,
+                is_pure=True,
+                pack=2,
             )
         else:
             code = ((words >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.int16)
-            lane = (code << _field_s(BITS, BITS * j)) | field_exponent_bits(BITS, BITS * j, CODES)
-            return lane.to(tl.float16, bitcast=True)
+            return (code << _subnormal_field_s(BITS, BITS * j)).to(tl.float16, bitcast=True)
 
 
 @triton.jit
-def _plane_scores(qa, qa_lo, kwords, qz, s_qa, j: tl.constexpr, KB: tl.constexpr, QA_SPLIT: tl.constexpr,
-                  ASM: tl.constexpr, INTERPRET: tl.constexpr, CODES: tl.constexpr):  # fmt: skip
+def _plane_scores(qa, qa_lo, kwords, qz, j: tl.constexpr, KB: tl.constexpr, QA_SPLIT: tl.constexpr,
+                  ASM: tl.constexpr, INTERPRET: tl.constexpr, SUBNORMAL: tl.constexpr):  # fmt: skip
     """(q * a_k) @ key word-plane j: scores of tokens NPW*n + j, [M, G/NPW].
 
-    CODES 0: the raw product (``_tile_scores`` adds q . z_k after the interleave). Else the
-    operand is ``offset + code * unit`` and this returns the product with q . z_k already in:
-    "offset" adds ``q . z_k - offset * s_qa`` (s_qa: row sum of the operand as fed, so the offset
-    cancels exactly but for float32 rounding), "subnormal" scales by 1 / unit (a power of two) in
-    the same fma. Either way one float32 op per score, as the q . z_k add it replaces.
+    The raw product (``_tile_scores`` adds q . z_k after the interleave), or with SUBNORMAL
+    operands the product scaled back to codes and q . z_k added in one fma, per field (the
+    scale depends on it): one float32 op per score, as the add it replaces.
     """
-    kp = _word_field(kwords, j, KB, ASM, CODES)
+    kp = _word_field(kwords, j, KB, ASM, SUBNORMAL)
     s = _dot(qa, kp, INTERPRET)
     if QA_SPLIT:
         s += _dot(qa_lo, kp, INTERPRET)
-    if CODES == 1:
-        s = s + (qz - _field_offset(KB, KB * j, CODES) * s_qa)[:, None]
-    elif CODES == 2:
-        s = s * _field_inv_unit(KB, KB * j, CODES) + qz[:, None]
+    if SUBNORMAL:
+        s = s * subnormal_field_scale(KB, KB * j) + qz[:, None]
     return s
 
 
 @triton.jit
-def _tile_scores(qa, qa_lo, kwords, qz, s_qa, KB: tl.constexpr, QA_SPLIT: tl.constexpr, ASM: tl.constexpr,
-                 INTERPRET: tl.constexpr, CODES: tl.constexpr):  # fmt: skip
+def _tile_scores(qa, qa_lo, kwords, qz, KB: tl.constexpr, QA_SPLIT: tl.constexpr, ASM: tl.constexpr,
+                 INTERPRET: tl.constexpr, SUBNORMAL: tl.constexpr):  # fmt: skip
     """Scores ``(q * a_k) @ codes + q . z_k`` of all G tokens of a tile, in token order.
 
     Word n of channel row d holds tokens NPW*n .. NPW*n + NPW-1 (NPW = 16 / KB), so field j of
@@ -381,27 +337,27 @@ def _tile_scores(qa, qa_lo, kwords, qz, s_qa, KB: tl.constexpr, QA_SPLIT: tl.con
     [M, G] tile.
     """
     NPW: tl.constexpr = 16 // KB
-    s0 = _plane_scores(qa, qa_lo, kwords, qz, s_qa, 0, KB, QA_SPLIT, ASM, INTERPRET, CODES)
-    s1 = _plane_scores(qa, qa_lo, kwords, qz, s_qa, 1, KB, QA_SPLIT, ASM, INTERPRET, CODES)
+    s0 = _plane_scores(qa, qa_lo, kwords, qz, 0, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
+    s1 = _plane_scores(qa, qa_lo, kwords, qz, 1, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
     if NPW == 2:
         s = tl.interleave(s0, s1)
     else:
-        s2 = _plane_scores(qa, qa_lo, kwords, qz, s_qa, 2, KB, QA_SPLIT, ASM, INTERPRET, CODES)
-        s3 = _plane_scores(qa, qa_lo, kwords, qz, s_qa, 3, KB, QA_SPLIT, ASM, INTERPRET, CODES)
+        s2 = _plane_scores(qa, qa_lo, kwords, qz, 2, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
+        s3 = _plane_scores(qa, qa_lo, kwords, qz, 3, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
         if NPW == 4:
             # interleave(a, b)[2m + k] = (a, b)[k][m]: token 4n + 2k + k' from plane 2k + k'
             s = tl.interleave(tl.interleave(s0, s2), tl.interleave(s1, s3))
         else:
-            s4 = _plane_scores(qa, qa_lo, kwords, qz, s_qa, 4, KB, QA_SPLIT, ASM, INTERPRET, CODES)
-            s5 = _plane_scores(qa, qa_lo, kwords, qz, s_qa, 5, KB, QA_SPLIT, ASM, INTERPRET, CODES)
-            s6 = _plane_scores(qa, qa_lo, kwords, qz, s_qa, 6, KB, QA_SPLIT, ASM, INTERPRET, CODES)
-            s7 = _plane_scores(qa, qa_lo, kwords, qz, s_qa, 7, KB, QA_SPLIT, ASM, INTERPRET, CODES)
+            s4 = _plane_scores(qa, qa_lo, kwords, qz, 4, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
+            s5 = _plane_scores(qa, qa_lo, kwords, qz, 5, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
+            s6 = _plane_scores(qa, qa_lo, kwords, qz, 6, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
+            s7 = _plane_scores(qa, qa_lo, kwords, qz, 7, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
             # token 8n + 4k + 2k' + k'' from plane 4k + 2k' + k''
             s = tl.interleave(
                 tl.interleave(tl.interleave(s0, s4), tl.interleave(s2, s6)),
                 tl.interleave(tl.interleave(s1, s5), tl.interleave(s3, s7)),
             )
-    if CODES == 0:
+    if not SUBNORMAL:
         s = s + qz[:, None]
     return s
 
@@ -614,56 +570,32 @@ def _token_meta(
 
 
 @triton.jit
-def _add_triples(a0, b0, c0, a1, b1, c1):
-    return a0 + a1, b0 + b1, c0 + c1
-
-
-@triton.jit
-def _value_plane_update(acc, pa, pa_lo, vrows, c: tl.constexpr, cv, pz, s_pa, al, VB: tl.constexpr,
+def _value_plane_update(acc, pa, pa_lo, vrows, c: tl.constexpr, cv, pz, al, VB: tl.constexpr,
                         ASM: tl.constexpr, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
-                        CODES: tl.constexpr):  # fmt: skip
-    """acc * alpha + ((p * a_v) @ value plane c + p . z_v) * c_v (channels NPV*i + c).
-
-    With "offset" operands the product carries ``offset * s_pa`` (s_pa: row sum of the operand
-    as fed), taken out together with p . z_v; with "subnormal" ones the power of two goes into
-    the fma that adds p . z_v: one float32 op per element either way, as for "fma".
-    """
-    pv = _pv(pa, pa_lo, _word_field(vrows, c, VB, ASM, CODES), PA_SPLIT, INTERPRET)
-    if CODES == 0:
-        pv = pv + pz
-    elif CODES == 1:
-        pv = pv + (pz - _field_offset(VB, VB * c, CODES) * s_pa)
+                        SUBNORMAL: tl.constexpr):  # fmt: skip
+    """acc * alpha + ((p * a_v) @ value plane c + p . z_v) * c_v (channels NPV*i + c); with
+    SUBNORMAL operands the product's power of two goes into the fma that adds p . z_v."""
+    pv = _pv(pa, pa_lo, _word_field(vrows, c, VB, ASM, SUBNORMAL), PA_SPLIT, INTERPRET)
+    if SUBNORMAL:
+        pv = pv * subnormal_field_scale(VB, VB * c) + pz
     else:
-        pv = pv * _field_inv_unit(VB, VB * c, CODES) + pz
+        pv = pv + pz
     return acc * al + pv * cv.to(tl.float32)[None, :]
-
-
-@triton.jit
-def _value_operands(p, va, PA_SPLIT: tl.constexpr):
-    """p * a_v as float16, and its rounding remainder (the second operand when PA_SPLIT)."""
-    pa32 = p * va.to(tl.float32)[None, :]
-    pa = pa32.to(tl.float16)
-    pa_lo = pa
-    if PA_SPLIT:
-        pa_lo = (pa32 - pa.to(tl.float32)).to(tl.float16)
-    return pa, pa_lo
 
 
 @triton.jit
 def _attend_tile_words(
     qs, m_i, l_i, acc0, acc1, acc2, acc3, kwords, vrows, ka, kz, r, va, vz, c0, c1, c2, c3,
     KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
-    PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr, CODES: tl.constexpr,
+    PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr, SUBNORMAL: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax update with one quantized tile in ONE step (variant "words").
 
     ``kwords``: the tile's key codes as 16-bit words ``[D, G*kb/16]``; ``vrows``: its value codes
     ``[G, D*vb/8]``; metadata from ``_key_meta`` / ``_token_meta``. All G scores first (``_tile_scores``, token
     order), then one max, one joint reduction for the row sum and p . z_v, one rescale, then the
-    value planes over all G tokens at once. "offset" code operands (CODES 1) also need the row
-    sums of the float16 operands q * a_k and p * a_v as fed to the products (float32 sums of the
-    rounded values: the offset, up to 1024, multiplies any difference); they join the existing
-    reductions.
+    value planes over all G tokens at once. SUBNORMAL: codes as subnormal float16 operands
+    (``_word_field``).
     """
     NPV: tl.constexpr = 8 // VB
     qa32 = qs * ka.to(tl.float32)[None, :]
@@ -671,47 +603,32 @@ def _attend_tile_words(
     qa_lo = qa
     if QA_SPLIT:  # the rounding remainder as a second operand: ~22 significant bits in q * a_k
         qa_lo = (qa32 - qa.to(tl.float32)).to(tl.float16)
-    qzt = qs * kz.to(tl.float32)[None, :]
-    if CODES == 1:
-        qa_fed = qa.to(tl.float32)
-        if QA_SPLIT:
-            qa_fed += qa_lo.to(tl.float32)  # exact: hi + lo spans < 24 bits
-        qz, s_qa = tl.reduce((qzt, qa_fed), 1, _add_pairs)
-    else:
-        qz = tl.sum(qzt, axis=1)
-        s_qa = qz  # unused
-    s = _tile_scores(qa, qa_lo, kwords, qz, s_qa, KB, QA_SPLIT, ASM, INTERPRET, CODES)
+    qz = tl.sum(qs * kz.to(tl.float32)[None, :], axis=1)
+    s = _tile_scores(qa, qa_lo, kwords, qz, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
     s = s * r.to(tl.float32)[None, :]
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    if CODES == 1:
-        pa, pa_lo = _value_operands(p, va, PA_SPLIT)
-        pa_fed = pa.to(tl.float32)
-        if PA_SPLIT:
-            pa_fed += pa_lo.to(tl.float32)
-        p_sum, pz, s_pa = tl.reduce((p, p * vz.to(tl.float32)[None, :], pa_fed), 1, _add_triples)
-        s_pa = s_pa[:, None]
-    else:
-        p_sum, pz = tl.reduce((p, p * vz.to(tl.float32)[None, :]), 1, _add_pairs)
-        pa, pa_lo = _value_operands(p, va, PA_SPLIT)
-        s_pa = pz[:, None]  # unused
+    p_sum, pz = tl.reduce((p, p * vz.to(tl.float32)[None, :]), 1, _add_pairs)
+    pa32 = p * va.to(tl.float32)[None, :]
+    pa = pa32.to(tl.float16)
+    pa_lo = pa
+    if PA_SPLIT:
+        pa_lo = (pa32 - pa.to(tl.float32)).to(tl.float16)
     l_i = l_i * alpha + p_sum
     al = alpha[:, None]
     pz = pz[:, None]
-    acc0 = _value_plane_update(
-        acc0, pa, pa_lo, vrows, 0, c0, pz, s_pa, al, VB, ASM, PA_SPLIT, INTERPRET, CODES
-    )
+    acc0 = _value_plane_update(acc0, pa, pa_lo, vrows, 0, c0, pz, al, VB, ASM, PA_SPLIT, INTERPRET, SUBNORMAL)
     if NPV >= 2:
         acc1 = _value_plane_update(
-            acc1, pa, pa_lo, vrows, 1, c1, pz, s_pa, al, VB, ASM, PA_SPLIT, INTERPRET, CODES
+            acc1, pa, pa_lo, vrows, 1, c1, pz, al, VB, ASM, PA_SPLIT, INTERPRET, SUBNORMAL
         )
     if NPV >= 4:
         acc2 = _value_plane_update(
-            acc2, pa, pa_lo, vrows, 2, c2, pz, s_pa, al, VB, ASM, PA_SPLIT, INTERPRET, CODES
+            acc2, pa, pa_lo, vrows, 2, c2, pz, al, VB, ASM, PA_SPLIT, INTERPRET, SUBNORMAL
         )
         acc3 = _value_plane_update(
-            acc3, pa, pa_lo, vrows, 3, c3, pz, s_pa, al, VB, ASM, PA_SPLIT, INTERPRET, CODES
+            acc3, pa, pa_lo, vrows, 3, c3, pz, al, VB, ASM, PA_SPLIT, INTERPRET, SUBNORMAL
         )
     return m_new, l_i, acc0, acc1, acc2, acc3
 
@@ -723,7 +640,7 @@ def _words_iteration(
     vc_base, svc_n, vc_off, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr, META_AHEAD: tl.constexpr,
-    CODES: tl.constexpr,
+    SUBNORMAL: tl.constexpr,
 ):  # fmt: skip
     """Tile j of ``_words_loop``. The metadata passed in is tile j's where loaded ahead; the
     metadata returned is what the next iteration gets."""
@@ -745,7 +662,7 @@ def _words_iteration(
     vrows = tl.load(vc_base + j64 * svc_n + vc_off).to(tl.uint16)
     m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile_words(
         qs, m_i, l_i, acc0, acc1, acc2, acc3, kwords, vrows, ka, kz, r, va, vz, c0, c1, c2, c3,
-        KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, CODES,
+        KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, SUBNORMAL,
     )  # fmt: skip
     return m_i, l_i, acc0, acc1, acc2, acc3, nka, nkz, nr, nva, nvz, nc0, nc1, nc2, nc3
 
@@ -757,7 +674,7 @@ def _words_loop(
     vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr, META_AHEAD: tl.constexpr,
-    CODES: tl.constexpr,
+    SUBNORMAL: tl.constexpr,
 ):  # fmt: skip
     """Tiles [start, end) with variant "words": the key codes read as 16-bit words.
 
@@ -788,7 +705,7 @@ def _words_loop(
                 j, end, qs, m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3,
                 kw_base, skw_n, kw_off, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
                 vc_base, svc_n, vc_off, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
-                D, G, KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, META_AHEAD, CODES,
+                D, G, KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, META_AHEAD, SUBNORMAL,
             )  # fmt: skip
             j += 1
     else:
@@ -797,7 +714,7 @@ def _words_loop(
                 j, end, qs, m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3,
                 kw_base, skw_n, kw_off, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
                 vc_base, svc_n, vc_off, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
-                D, G, KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, META_AHEAD, CODES,
+                D, G, KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, META_AHEAD, SUBNORMAL,
             )  # fmt: skip
     return m_i, l_i, acc0, acc1, acc2, acc3
 
@@ -828,7 +745,7 @@ def _decode_tc_kernel(
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     M_BLOCK: tl.constexpr, DC: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, DENSE: tl.constexpr, PREFETCH: tl.constexpr, UNPACK_ASM: tl.constexpr,
-    INTERPRET: tl.constexpr, WORDS: tl.constexpr, META_AHEAD: tl.constexpr, CODES: tl.constexpr,
+    INTERPRET: tl.constexpr, WORDS: tl.constexpr, META_AHEAD: tl.constexpr, SUBNORMAL: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     # Two launches of this kernel: DENSE (split 0 only) and the tiles (splits 1..NUM_SPLITS), so
@@ -891,7 +808,7 @@ def _decode_tc_kernel(
                 qs, m_i, l_i, acc0, acc1, acc2, acc3, start, end,
                 kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
                 vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
-                D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET, META_AHEAD, CODES,
+                D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET, META_AHEAD, SUBNORMAL,
             )  # fmt: skip
         else:
             # With PREFETCH the key codes [D, G*kb/8] (two thirds of a K4V2 tile's bytes) are loaded
@@ -1028,9 +945,10 @@ def quantized_decode_attention(
     with ``meta_ahead=1`` where it applies (H100: 32k x 8 175 us vs planes 265 us, 128k x 1
     106 us vs 154 us; docs/gpu.md), else "planes".
     ``code_operands`` (words only; ``CODE_OPERANDS``): how packed codes become float16 tensor-core
-    operands: "fma" (exact codes, one f16x2 fma per 2 codes), "offset" (``2**(10-s) + code``, the
-    offset taken back out per row) or "subnormal" (``code * 2**(s-24)``, the power of two folded
-    into the zero-point step); the last two save the fma (docs/gpu_decode_notes.md, round 4).
+    operands: "fma" (the codes, one f16x2 fma per 2 codes) or "subnormal" (``code * 2**(s-24)``,
+    the power of two folded into the zero-point step; no fma). Both exact; "subnormal" relies on
+    the tensor cores taking float16 subnormal inputs, which PTX leaves unspecified
+    (docs/gpu_decode_notes.md, round 4).
     """
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
@@ -1131,7 +1049,7 @@ def quantized_decode_attention(
     _TILE_LAUNCH(
         (bsz * hkv, 1, n_mb), args,
         {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp, "WORDS": False,
-         "META_AHEAD": 0, "CODES": 0},
+         "META_AHEAD": 0, "SUBNORMAL": False},
         num_warps=4, num_stages=1,
     )  # fmt: skip
     tile_options = {"num_warps": num_warps, "num_stages": num_stages}
@@ -1140,7 +1058,7 @@ def quantized_decode_attention(
     LAST_LAUNCH[0] = _TILE_LAUNCH(
         (bsz * hkv, num_splits, n_mb), args,
         {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp, "INTERPRET": interp,
-         "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0, "CODES": _CODES[code_operands]},
+         "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0, "SUBNORMAL": code_operands == "subnormal"},
         **tile_options,
     )  # fmt: skip
     _MERGE_LAUNCH(
