@@ -73,6 +73,11 @@ VARIANTS = ("planes", "words")
 # float32 step that already adds the zero-point term (no fma: sm_90, K4V2 D=G=128 m_block=4, 128 of
 # the loop's 956 instructions per warp per tile). Both exact; docs/gpu_decode_notes.md, round 4.
 CODE_OPERANDS = ("fma", "subnormal")
+# What code_operands="auto" gives "words" ("planes" always takes "fma"). "subnormal" is exact and
+# bit for bit the fma path's result wherever float16 subnormals reach the tensor cores intact
+# (interpreter; V100/T4/A100 per Fasi et al. 2021; PTX leaves it unspecified): to be confirmed by
+# scripts/gpu_check.py on the H100; "fma" here restores the previous default everywhere.
+WORDS_CODE_OPERANDS = "subnormal"
 # Set by scripts/gpu_check.py: fill the split-K workspace with NaN before each launch.
 POISON_WORKSPACE = False
 # The last compiled launch (registers, spills) for benchmark diagnostics.
@@ -916,7 +921,7 @@ def quantized_decode_attention(
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool | None = None,
     prefetch: bool = False, unpack_asm: bool = True, pa_split: bool | None = None,
     maxnreg: int | None | str = "auto", variant: str = "auto", meta_ahead: int | None = None,
-    code_operands: str = "fma",
+    code_operands: str = "auto",
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -944,11 +949,12 @@ def quantized_decode_attention(
     / all metadata one tile ahead. ``prefetch`` applies to "planes" only. ``"auto"`` picks "words"
     with ``meta_ahead=1`` where it applies (H100: 32k x 8 175 us vs planes 265 us, 128k x 1
     106 us vs 154 us; docs/gpu.md), else "planes".
-    ``code_operands`` (words only; ``CODE_OPERANDS``): how packed codes become float16 tensor-core
-    operands: "fma" (the codes, one f16x2 fma per 2 codes) or "subnormal" (``code * 2**(s-24)``,
-    the power of two folded into the zero-point step; no fma). Both exact; "subnormal" relies on
-    the tensor cores taking float16 subnormal inputs, which PTX leaves unspecified
-    (docs/gpu_decode_notes.md, round 4).
+    ``code_operands`` (``CODE_OPERANDS``): how packed codes become float16 tensor-core operands:
+    "fma" (the codes, one f16x2 fma per 2 codes) or, words only, "subnormal" (``code * 2**(s-24)``,
+    the power of two folded into the zero-point step; no fma: sm_90 words K4V2 D=128 loop 956 ->
+    818 instructions per warp per tile). Both exact; "subnormal" relies on the tensor cores taking
+    float16 subnormal inputs, which PTX leaves unspecified (docs/gpu_decode_notes.md, round 4).
+    ``"auto"``: ``WORDS_CODE_OPERANDS`` for "words", "fma" for "planes".
     """
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
@@ -1000,8 +1006,10 @@ def quantized_decode_attention(
         meta_ahead = 1 if words else 0
     if meta_ahead not in (0, 1, 2):
         raise ValueError(f"meta_ahead={meta_ahead!r}: expected 0 (none), 1 (key channel metadata) or 2 (all)")
+    if code_operands == "auto":
+        code_operands = WORDS_CODE_OPERANDS if words else "fma"
     if code_operands not in CODE_OPERANDS:
-        raise ValueError(f"code_operands={code_operands!r}: expected one of {CODE_OPERANDS}")
+        raise ValueError(f"code_operands={code_operands!r}: expected 'auto' or one of {CODE_OPERANDS}")
     if code_operands != "fma" and not words:
         raise ValueError(
             f"code_operands={code_operands!r} applies to variant='words' only (this launch: variant={variant!r})"
