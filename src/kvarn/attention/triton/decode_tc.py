@@ -615,12 +615,12 @@ def _attend_tile_words(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     p_sum, pz = tl.reduce((p, p * vz.to(tl.float32)[None, :]), 1, _add_pairs)
+    l_i = l_i * alpha + p_sum
     pa32 = p * va.to(tl.float32)[None, :]
     pa = pa32.to(tl.float16)
     pa_lo = pa
     if PA_SPLIT:
         pa_lo = (pa32 - pa.to(tl.float32)).to(tl.float16)
-    l_i = l_i * alpha + p_sum
     al = alpha[:, None]
     pz = pz[:, None]
     acc0 = _value_plane_update(acc0, pa, pa_lo, vrows, 0, c0, pz, al, VB, ASM, PA_SPLIT, INTERPRET, SUBNORMAL)
