@@ -88,6 +88,35 @@ def test_decode_tc_words_variant_matches_reference(group, nq, d, g, kb, vb, dtyp
     _check(kw, num_splits=2, variant="words", meta_ahead=meta_ahead)
 
 
+# code_operands="subnormal": the same words kernel with codes fed as subnormal float16 (no fma).
+SUBNORMAL_CASES = [
+    # group, L, head_dim, tile, kb, vb, dtype, n_tiles, sink_len, tail_len, num_splits, m_block
+    (4, 1, 64, 64, 4, 2, torch.bfloat16, [3, 0], [64, 7], [5, 63], 1, 4),  # 3 tiles in one split
+    (1, 2, 64, 128, 2, 4, torch.float16, [2, 1], [128, 0], [3, 9], 2, None),  # K2: 8 fields, 3 shifted
+    (2, 1, 128, 32, 8, 8, torch.float16, [4, 1], [32, 32], [0, 31], 1, None),  # K8V8, 4 tiles per split
+    (8, 1, 64, 128, 2, 2, torch.bfloat16, [2, 2], [128, 1], [127, 0], 2, 8),  # K2V2, tile boundaries
+]
+
+
+@pytest.mark.parametrize("group,nq,d,g,kb,vb,dtype,nt,sl,tl,num_splits,m_block", SUBNORMAL_CASES)
+def test_decode_tc_subnormal_code_operands_match_fma_twin_and_reference(
+    group, nq, d, g, kb, vb, dtype, nt, sl, tl, num_splits, m_block
+):
+    """code_operands="subnormal" vs the float64 reference and vs the fma path: the two differ
+    only by exact powers of two inside the products, so the outputs are bit for bit equal (here:
+    float32 products; on the GPU if the tensor cores take float16 subnormals exactly). K2/K4/K8
+    keys (fields in place and shifted), V2/V4/V8, bf16 (one operand) and float16 (two), GQA,
+    multi-query, odd lengths, tile boundaries, several tiles per split, outliers."""
+    cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=g)
+    kw = random_layer_storage(
+        batch=len(nt), kv_heads=2, group=group, num_queries=nq, head_dim=d, config=cfg,
+        n_tiles=nt, sink_len=sl, tail_len=tl, capacity=max(nt) + 1, dtype=dtype,
+    )  # fmt: skip
+    launch = dict(num_splits=num_splits, variant="words", m_block=m_block)
+    out = _check(kw, **launch, code_operands="subnormal")
+    assert torch.equal(out, decode_tc.quantized_decode_attention(**kw, **launch, code_operands="fma"))
+
+
 @pytest.mark.parametrize("num_splits,meta_ahead", [(1, 2), (8, 1)])
 def test_decode_tc_words_split_count_and_row_blocks(num_splits, meta_ahead):
     """variant="words": empty splits, runs of one tile (the look-ahead masked off at once), and
@@ -149,6 +178,13 @@ def test_decode_tc_words_variant_rejects_small_planes_and_bad_options():
         decode_tc.quantized_decode_attention(**kw, variant="bytes")
     with pytest.raises(ValueError, match="meta_ahead="):
         decode_tc.quantized_decode_attention(**kw, meta_ahead=3)
+    with pytest.raises(ValueError, match="code_operands='offset'"):
+        decode_tc.quantized_decode_attention(**kw, code_operands="offset")
+    # this shape runs "planes" (key planes of 8 words): subnormal operands are words-only
+    with pytest.raises(ValueError, match="variant='words' only"):
+        decode_tc.quantized_decode_attention(**kw, code_operands="subnormal")
+    with pytest.raises(ValueError, match="variant='words' only"):
+        decode_tc.quantized_decode_attention(**kw, variant="planes", code_operands="subnormal")
 
 
 @pytest.mark.parametrize("num_splits,prefetch", [(1, False), (3, True), (8, False), (8, True)])
@@ -353,3 +389,31 @@ def test_default_split_count_fills_one_wave(monkeypatch, batch, kv_heads, slots_
     if batch * kv_heads * 2 <= 132 * slots_per_sm:
         assert batch * kv_heads * splits <= 132 * slots_per_sm
     assert decode_tc.programs_per_sm(168, 4) == 3 and decode_tc.programs_per_sm(None, 4) == 2
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_subnormal_field_asm_gives_exact_scaled_codes(bits):
+    """The PTX of code_operands="subnormal" (GPU only) emulated on its own text for both 16-bit
+    lanes of a register: every field j of every 16-bit word becomes the float16 code * 2**(s-24)
+    exactly, which ``subnormal_field_scale`` turns back into the code; value bytes widened to 16
+    bits (fields of bits * c < 8) take the same text."""
+    import re
+
+    import numpy as np
+
+    words = np.arange(1 << 16, dtype=np.uint32)
+    for j in range(16 // bits):
+        text = decode_tc.subnormal_field_asm_text(bits, bits * j)
+        mask = int(re.search(r"and\.b32 \$0, (?:t|\$1), 0x([0-9A-F]{8})", text).group(1), 16)
+        shift = re.search(r"shr\.b32 t, \$1, (\d+);", text)
+        assert ("lop3" not in text) and ("fma" not in text)
+        # the word in the low lane, a different word (its bitwise complement) in the high lane
+        reg = words | ((~words & 0xFFFF) << 16)
+        if shift:
+            reg = reg >> int(shift.group(1))
+        lanes = reg & mask
+        scale = np.float64(decode_tc.subnormal_field_scale(bits, bits * j))
+        for lane, word in ((lanes & 0xFFFF, words), (lanes >> 16, ~words & 0xFFFF)):
+            assert not (lane & 0x7C00).any()  # exponent bits zero: subnormal (or zero)
+            halves = lane.astype(np.uint16).view(np.float16).astype(np.float64)
+            assert np.array_equal(halves * scale, (word >> (bits * j)) & ((1 << bits) - 1)), (bits, j)

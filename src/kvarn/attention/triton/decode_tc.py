@@ -69,6 +69,17 @@ KERNEL_BITS = (2, 4, 8)
 # Tile-loop variants (launch option ``variant``): "planes" = byte planes, one online-softmax step
 # per key plane; "words" = key codes as 16-bit words, one online-softmax step per tile.
 VARIANTS = ("planes", "words")
+# How a packed code field becomes a float16 tensor-core operand (launch option ``code_operands``,
+# "words" only): "fma" = OR-ed into float16 1024, one f16x2 fma leaves the code; "subnormal" = the
+# masked field alone, a subnormal float16 ``code * 2**(s-24)``, and the power of two goes into the
+# float32 step that already adds the zero-point term (no fma: sm_90, K4V2 D=G=128 m_block=4, 128 of
+# the loop's 956 instructions per warp per tile). Both exact; docs/gpu_decode_notes.md, round 4.
+CODE_OPERANDS = ("fma", "subnormal")
+# What code_operands="auto" gives "words" ("planes" always takes "fma"). "subnormal" is exact and
+# bit for bit the fma path's result wherever float16 subnormals reach the tensor cores intact
+# (interpreter; V100/T4/A100 per Fasi et al. 2021; PTX leaves it unspecified): to be confirmed by
+# scripts/gpu_check.py on the H100; "fma" here restores the previous default everywhere.
+WORDS_CODE_OPERANDS = "subnormal"
 # Set by scripts/gpu_check.py: fill the split-K workspace with NaN before each launch.
 POISON_WORKSPACE = False
 # The last compiled launch (registers, spills) for benchmark diagnostics.
@@ -197,6 +208,42 @@ def _word_asm_text(bits: int, j: int) -> str:
     )
 
 
+@triton.constexpr_function
+def subnormal_field_position(bits: int, pos: int) -> tuple[int, int]:
+    """(right shift, s) for "subnormal" code operands: the field at bits [pos, pos + bits) of a
+    16-bit lane goes to mantissa bits [s, s + bits) of a float16 (s + bits <= 10, exponent bits
+    zero: the value is ``code * 2**(s-24)``). Fields that fit stay where they are; the others
+    (pos >= 11 - bits) all take the same right shift by 6, so ptxas shares one shift per register
+    among them; the top field lands at s = 10 - bits."""
+    if pos + bits <= 10:
+        return 0, pos
+    return 6, pos - 6
+
+
+@triton.constexpr_function
+def subnormal_field_asm_text(bits: int, pos: int) -> str:
+    """PTX for the field at bit pos of 2 packed 16-bit lanes -> 2 subnormal float16 operands
+    ``code * 2**(s-24)`` (one f16x2 register): one and per 2 codes, plus a shr for fields above
+    the mantissa. The right shift by 6 moves the high lane's bits 0..5 into the low lane's bits
+    10..15, above every placed field, so the mask clears them."""
+    shift, s = subnormal_field_position(bits, pos)
+    mask = ((1 << bits) - 1) << s
+    if shift:
+        return f"{{\n.reg .b32 t;\nshr.b32 t, $1, {shift};\nand.b32 $0, t, 0x{mask:04X}{mask:04X};\n}}"
+    return f"and.b32 $0, $1, 0x{mask:04X}{mask:04X};"
+
+
+@triton.constexpr_function
+def subnormal_field_scale(bits: int, pos: int) -> float:
+    """2**(24 - s): what a product of subnormal field operands is multiplied by to count codes."""
+    return float(2 ** (24 - subnormal_field_position(bits, pos)[1]))
+
+
+@triton.constexpr_function
+def _subnormal_field_s(bits, pos):
+    return subnormal_field_position(bits, pos)[1]
+
+
 # One PTX text per (bits, field): 8-bit keys have 2 fields per word, 4-bit 4, 2-bit 8.
 _WASM_8_0, _WASM_8_1 = (tl.constexpr(_word_asm_text(8, j)) for j in range(2))
 _WASM_4_0, _WASM_4_1, _WASM_4_2, _WASM_4_3 = (tl.constexpr(_word_asm_text(4, j)) for j in range(4))
@@ -242,31 +289,54 @@ def _word_field_asm(words, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _word_field(words, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
-    """Field j of every little-endian 16-bit word of codes (uint16) as float16, exactly: the
-    code of token ``(16 / BITS) * n + j`` for word n of a key channel row."""
-    if ASM:
-        return _word_field_asm(words, j, BITS)
+def _word_field(words, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, SUBNORMAL: tl.constexpr):
+    """Field j of every little-endian 16-bit word of codes (uint16) as a float16 operand: the
+    code of token ``(16 / BITS) * n + j`` for word n of a key channel row; exactly the code, or
+    with SUBNORMAL exactly ``code * 2**(s-24)`` (``subnormal_field_position``; the products are
+    scaled back by ``subnormal_field_scale``)."""
+    if not SUBNORMAL:
+        if ASM:
+            return _word_field_asm(words, j, BITS)
+        else:
+            code = ((words >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.int16)
+            return (code | 0x6400).to(tl.float16, bitcast=True) - 1024.0
     else:
-        code = ((words >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.int16)
-        return (code | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        if ASM:
+            return tl.inline_asm_elementwise(
+                subnormal_field_asm_text(BITS, BITS * j),
+                "=r,r",
+                [words],
+                dtype=tl.float16,
+                is_pure=True,
+                pack=2,
+            )
+        else:
+            code = ((words >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.int16)
+            return (code << _subnormal_field_s(BITS, BITS * j)).to(tl.float16, bitcast=True)
 
 
 @triton.jit
-def _plane_scores(qa, qa_lo, kwords, j: tl.constexpr, KB: tl.constexpr, QA_SPLIT: tl.constexpr,
-                  ASM: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
-    """(q * a_k) @ key word-plane j: scores of tokens NPW*n + j, [M, G/NPW]."""
-    kp = _word_field(kwords, j, KB, ASM)
+def _plane_scores(qa, qa_lo, kwords, qz, j: tl.constexpr, KB: tl.constexpr, QA_SPLIT: tl.constexpr,
+                  ASM: tl.constexpr, INTERPRET: tl.constexpr, SUBNORMAL: tl.constexpr):  # fmt: skip
+    """(q * a_k) @ key word-plane j: scores of tokens NPW*n + j, [M, G/NPW].
+
+    The raw product (``_tile_scores`` adds q . z_k after the interleave), or with SUBNORMAL
+    operands the product scaled back to codes and q . z_k added in one fma, per field (the
+    scale depends on it): one float32 op per score, as the add it replaces.
+    """
+    kp = _word_field(kwords, j, KB, ASM, SUBNORMAL)
     s = _dot(qa, kp, INTERPRET)
     if QA_SPLIT:
         s += _dot(qa_lo, kp, INTERPRET)
+    if SUBNORMAL:
+        s = s * subnormal_field_scale(KB, KB * j) + qz[:, None]
     return s
 
 
 @triton.jit
-def _tile_scores(qa, qa_lo, kwords, KB: tl.constexpr, QA_SPLIT: tl.constexpr, ASM: tl.constexpr,
-                 INTERPRET: tl.constexpr):  # fmt: skip
-    """Raw scores ``(q * a_k) @ codes`` of all G tokens of a tile, in token order.
+def _tile_scores(qa, qa_lo, kwords, qz, KB: tl.constexpr, QA_SPLIT: tl.constexpr, ASM: tl.constexpr,
+                 INTERPRET: tl.constexpr, SUBNORMAL: tl.constexpr):  # fmt: skip
+    """Scores ``(q * a_k) @ codes + q . z_k`` of all G tokens of a tile, in token order.
 
     Word n of channel row d holds tokens NPW*n .. NPW*n + NPW-1 (NPW = 16 / KB), so field j of
     every word is a [D, G/NPW] operand (tokens NPW*n + j); the NPW products are interleaved back
@@ -274,26 +344,28 @@ def _tile_scores(qa, qa_lo, kwords, KB: tl.constexpr, QA_SPLIT: tl.constexpr, AS
     [M, G] tile.
     """
     NPW: tl.constexpr = 16 // KB
-    s0 = _plane_scores(qa, qa_lo, kwords, 0, KB, QA_SPLIT, ASM, INTERPRET)
-    s1 = _plane_scores(qa, qa_lo, kwords, 1, KB, QA_SPLIT, ASM, INTERPRET)
+    s0 = _plane_scores(qa, qa_lo, kwords, qz, 0, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
+    s1 = _plane_scores(qa, qa_lo, kwords, qz, 1, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
     if NPW == 2:
         s = tl.interleave(s0, s1)
     else:
-        s2 = _plane_scores(qa, qa_lo, kwords, 2, KB, QA_SPLIT, ASM, INTERPRET)
-        s3 = _plane_scores(qa, qa_lo, kwords, 3, KB, QA_SPLIT, ASM, INTERPRET)
+        s2 = _plane_scores(qa, qa_lo, kwords, qz, 2, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
+        s3 = _plane_scores(qa, qa_lo, kwords, qz, 3, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
         if NPW == 4:
             # interleave(a, b)[2m + k] = (a, b)[k][m]: token 4n + 2k + k' from plane 2k + k'
             s = tl.interleave(tl.interleave(s0, s2), tl.interleave(s1, s3))
         else:
-            s4 = _plane_scores(qa, qa_lo, kwords, 4, KB, QA_SPLIT, ASM, INTERPRET)
-            s5 = _plane_scores(qa, qa_lo, kwords, 5, KB, QA_SPLIT, ASM, INTERPRET)
-            s6 = _plane_scores(qa, qa_lo, kwords, 6, KB, QA_SPLIT, ASM, INTERPRET)
-            s7 = _plane_scores(qa, qa_lo, kwords, 7, KB, QA_SPLIT, ASM, INTERPRET)
+            s4 = _plane_scores(qa, qa_lo, kwords, qz, 4, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
+            s5 = _plane_scores(qa, qa_lo, kwords, qz, 5, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
+            s6 = _plane_scores(qa, qa_lo, kwords, qz, 6, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
+            s7 = _plane_scores(qa, qa_lo, kwords, qz, 7, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
             # token 8n + 4k + 2k' + k'' from plane 4k + 2k' + k''
             s = tl.interleave(
                 tl.interleave(tl.interleave(s0, s4), tl.interleave(s2, s6)),
                 tl.interleave(tl.interleave(s1, s5), tl.interleave(s3, s7)),
             )
+    if not SUBNORMAL:
+        s = s + qz[:, None]
     return s
 
 
@@ -589,24 +661,31 @@ def _token_meta(
 
 @triton.jit
 def _value_plane_update(acc, pa, pa_lo, vrows, c: tl.constexpr, cv, pz, al, VB: tl.constexpr,
-                        ASM: tl.constexpr, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
-    """acc * alpha + ((p * a_v) @ value plane c + p . z_v) * c_v (channels NPV*i + c)."""
-    pv = _pv(pa, pa_lo, _word_field(vrows, c, VB, ASM), PA_SPLIT, INTERPRET)
-    return acc * al + (pv + pz) * cv.to(tl.float32)[None, :]
+                        ASM: tl.constexpr, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+                        SUBNORMAL: tl.constexpr):  # fmt: skip
+    """acc * alpha + ((p * a_v) @ value plane c + p . z_v) * c_v (channels NPV*i + c); with
+    SUBNORMAL operands the product's power of two goes into the fma that adds p . z_v."""
+    pv = _pv(pa, pa_lo, _word_field(vrows, c, VB, ASM, SUBNORMAL), PA_SPLIT, INTERPRET)
+    if SUBNORMAL:
+        pv = pv * subnormal_field_scale(VB, VB * c) + pz
+    else:
+        pv = pv + pz
+    return acc * al + pv * cv.to(tl.float32)[None, :]
 
 
 @triton.jit
 def _attend_tile_words(
     qs, m_i, l_i, acc0, acc1, acc2, acc3, kwords, vrows, ka, kz, r, va, vz, c0, c1, c2, c3,
     KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
-    PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr,
+    PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr, SUBNORMAL: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax update with one quantized tile in ONE step (variant "words").
 
     ``kwords``: the tile's key codes as 16-bit words ``[D, G*kb/16]``; ``vrows``: its value codes
     ``[G, D*vb/8]``; metadata from ``_key_meta`` / ``_token_meta``. All G scores first (``_tile_scores``, token
     order), then one max, one joint reduction for the row sum and p . z_v, one rescale, then the
-    value planes over all G tokens at once.
+    value planes over all G tokens at once. SUBNORMAL: codes as subnormal float16 operands
+    (``_word_field``).
     """
     NPV: tl.constexpr = 8 // VB
     qa32 = qs * ka.to(tl.float32)[None, :]
@@ -615,8 +694,8 @@ def _attend_tile_words(
     if QA_SPLIT:  # the rounding remainder as a second operand: ~22 significant bits in q * a_k
         qa_lo = (qa32 - qa.to(tl.float32)).to(tl.float16)
     qz = tl.sum(qs * kz.to(tl.float32)[None, :], axis=1)
-    s = _tile_scores(qa, qa_lo, kwords, KB, QA_SPLIT, ASM, INTERPRET)
-    s = (s + qz[:, None]) * r.to(tl.float32)[None, :]
+    s = _tile_scores(qa, qa_lo, kwords, qz, KB, QA_SPLIT, ASM, INTERPRET, SUBNORMAL)
+    s = s * r.to(tl.float32)[None, :]
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -629,12 +708,18 @@ def _attend_tile_words(
         pa_lo = (pa32 - pa.to(tl.float32)).to(tl.float16)
     al = alpha[:, None]
     pz = pz[:, None]
-    acc0 = _value_plane_update(acc0, pa, pa_lo, vrows, 0, c0, pz, al, VB, ASM, PA_SPLIT, INTERPRET)
+    acc0 = _value_plane_update(acc0, pa, pa_lo, vrows, 0, c0, pz, al, VB, ASM, PA_SPLIT, INTERPRET, SUBNORMAL)
     if NPV >= 2:
-        acc1 = _value_plane_update(acc1, pa, pa_lo, vrows, 1, c1, pz, al, VB, ASM, PA_SPLIT, INTERPRET)
+        acc1 = _value_plane_update(
+            acc1, pa, pa_lo, vrows, 1, c1, pz, al, VB, ASM, PA_SPLIT, INTERPRET, SUBNORMAL
+        )
     if NPV >= 4:
-        acc2 = _value_plane_update(acc2, pa, pa_lo, vrows, 2, c2, pz, al, VB, ASM, PA_SPLIT, INTERPRET)
-        acc3 = _value_plane_update(acc3, pa, pa_lo, vrows, 3, c3, pz, al, VB, ASM, PA_SPLIT, INTERPRET)
+        acc2 = _value_plane_update(
+            acc2, pa, pa_lo, vrows, 2, c2, pz, al, VB, ASM, PA_SPLIT, INTERPRET, SUBNORMAL
+        )
+        acc3 = _value_plane_update(
+            acc3, pa, pa_lo, vrows, 3, c3, pz, al, VB, ASM, PA_SPLIT, INTERPRET, SUBNORMAL
+        )
     return m_new, l_i, acc0, acc1, acc2, acc3
 
 
@@ -645,6 +730,7 @@ def _words_iteration(
     vc_base, svc_n, vc_off, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr, META_AHEAD: tl.constexpr,
+    SUBNORMAL: tl.constexpr,
 ):  # fmt: skip
     """Tile j of ``_words_loop``. The metadata passed in is tile j's where loaded ahead; the
     metadata returned is what the next iteration gets."""
@@ -666,7 +752,7 @@ def _words_iteration(
     vrows = tl.load(vc_base + j64 * svc_n + vc_off).to(tl.uint16)
     m_i, l_i, acc0, acc1, acc2, acc3 = _attend_tile_words(
         qs, m_i, l_i, acc0, acc1, acc2, acc3, kwords, vrows, ka, kz, r, va, vz, c0, c1, c2, c3,
-        KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET,
+        KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, SUBNORMAL,
     )  # fmt: skip
     return m_i, l_i, acc0, acc1, acc2, acc3, nka, nkz, nr, nva, nvz, nc0, nc1, nc2, nc3
 
@@ -678,6 +764,7 @@ def _words_loop(
     vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr, META_AHEAD: tl.constexpr,
+    SUBNORMAL: tl.constexpr,
 ):  # fmt: skip
     """Tiles [start, end) with variant "words": the key codes read as 16-bit words.
 
@@ -708,7 +795,7 @@ def _words_loop(
                 j, end, qs, m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3,
                 kw_base, skw_n, kw_off, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
                 vc_base, svc_n, vc_off, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
-                D, G, KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, META_AHEAD,
+                D, G, KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, META_AHEAD, SUBNORMAL,
             )  # fmt: skip
             j += 1
     else:
@@ -717,7 +804,7 @@ def _words_loop(
                 j, end, qs, m_i, l_i, acc0, acc1, acc2, acc3, ka, kz, r, va, vz, c0, c1, c2, c3,
                 kw_base, skw_n, kw_off, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
                 vc_base, svc_n, vc_off, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
-                D, G, KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, META_AHEAD,
+                D, G, KB, VB, QA_SPLIT, PA_SPLIT, ASM, INTERPRET, META_AHEAD, SUBNORMAL,
             )  # fmt: skip
     return m_i, l_i, acc0, acc1, acc2, acc3
 
@@ -749,7 +836,7 @@ def _decode_tc_kernel(
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     M_BLOCK: tl.constexpr, DC: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, DENSE: tl.constexpr, PREFETCH: tl.constexpr, UNPACK_ASM: tl.constexpr,
-    INTERPRET: tl.constexpr, WORDS: tl.constexpr, META_AHEAD: tl.constexpr,
+    INTERPRET: tl.constexpr, WORDS: tl.constexpr, META_AHEAD: tl.constexpr, SUBNORMAL: tl.constexpr,
     FUSED: tl.constexpr, MERGE_SLOTS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
@@ -813,7 +900,7 @@ def _decode_tc_kernel(
                 qs, m_i, l_i, acc0, acc1, acc2, acc3, start, end,
                 kc_base, skc_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
                 vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
-                D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET, META_AHEAD,
+                D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET, META_AHEAD, SUBNORMAL,
             )  # fmt: skip
         else:
             # With PREFETCH the key codes [D, G*kb/8] (two thirds of a K4V2 tile's bytes) are loaded
@@ -952,7 +1039,7 @@ def quantized_decode_attention(
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool | None = None,
     prefetch: bool = False, unpack_asm: bool = True, pa_split: bool | None = None,
     maxnreg: int | None | str = "auto", variant: str = "auto", meta_ahead: int | None = None,
-    fused: bool = True, merge_chunk: int = 16, dense_chunk: int | None = None,
+    code_operands: str = "auto", fused: bool = True, merge_chunk: int = 16, dense_chunk: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -980,6 +1067,12 @@ def quantized_decode_attention(
     / all metadata one tile ahead. ``prefetch`` applies to "planes" only. ``"auto"`` picks "words"
     with ``meta_ahead=1`` where it applies (H100: 32k x 8 175 us vs planes 265 us, 128k x 1
     106 us vs 154 us; docs/gpu.md), else "planes".
+    ``code_operands`` (``CODE_OPERANDS``): how packed codes become float16 tensor-core operands:
+    "fma" (the codes, one f16x2 fma per 2 codes) or, words only, "subnormal" (``code * 2**(s-24)``,
+    the power of two folded into the zero-point step; no fma: sm_90 words K4V2 D=128 loop 956 ->
+    818 instructions per warp per tile). Both exact; "subnormal" relies on the tensor cores taking
+    float16 subnormal inputs, which PTX leaves unspecified (docs/gpu_decode_notes.md, round 4).
+    ``"auto"``: ``WORDS_CODE_OPERANDS`` for "words", "fma" for "planes".
     ``fused=True`` makes the call one launch: the tile runs of each (row, KV head) share the
     16-bit segments' chunks (``_dense_share``), and the last program to finish merges the partials
     (``split_k.merge_if_last``); ``False`` keeps the three launches (16-bit segments, tiles,
@@ -1040,6 +1133,14 @@ def quantized_decode_attention(
         meta_ahead = 1 if words else 0
     if meta_ahead not in (0, 1, 2):
         raise ValueError(f"meta_ahead={meta_ahead!r}: expected 0 (none), 1 (key channel metadata) or 2 (all)")
+    if code_operands == "auto":
+        code_operands = WORDS_CODE_OPERANDS if words else "fma"
+    if code_operands not in CODE_OPERANDS:
+        raise ValueError(f"code_operands={code_operands!r}: expected 'auto' or one of {CODE_OPERANDS}")
+    if code_operands != "fma" and not words:
+        raise ValueError(
+            f"code_operands={code_operands!r} applies to variant='words' only (this launch: variant={variant!r})"
+        )
     if words and g * key_bits // 16 < 16:
         raise ValueError(
             f"variant='words' needs key word planes of >= 16 tokens; tile_size={g} at {key_bits}-bit keys "
@@ -1088,7 +1189,7 @@ def quantized_decode_attention(
         _TILE_LAUNCH(
             (bsz * hkv, 1, n_mb), args,
             {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp, "WORDS": False,
-             "META_AHEAD": 0, "FUSED": False},
+             "META_AHEAD": 0, "SUBNORMAL": False, "FUSED": False},
             num_warps=4, num_stages=1,
         )  # fmt: skip
     tile_options = {"num_warps": num_warps, "num_stages": num_stages}
@@ -1097,7 +1198,8 @@ def quantized_decode_attention(
     LAST_LAUNCH[0] = _TILE_LAUNCH(
         (bsz * hkv, num_splits, n_mb), args,
         {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp, "INTERPRET": interp,
-         "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0, "FUSED": fused},
+         "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0, "SUBNORMAL": code_operands == "subnormal",
+         "FUSED": fused},
         **tile_options,
     )  # fmt: skip
     if fused:
