@@ -46,15 +46,13 @@ KB, VB = 4, 2
 
 # tc launch variants for --sweep (splits are swept separately: a run-time argument, no recompile).
 VARIANTS = [
-    dict(),  # defaults: words + meta_ahead 1 where it applies, PTX unpack, one key operand (bf16), 168-reg cap
-    dict(variant="words", maxnreg=128),
-    dict(m_block=4),  # 4 query rows per program (group 4 x L 1) instead of 16 padded
-    dict(m_block=4, meta_ahead=0),
-    dict(m_block=4, maxnreg=128),
-    dict(m_block=4, meta_ahead=0, maxnreg=128),
-    dict(m_block=4, maxnreg=None),
-    dict(m_block=4, num_stages=3),
-    dict(variant="planes", m_block=4),
+    dict(),  # defaults: one launch, words, subnormal code operands, 4 rows, 3 stages, cap 168
+    dict(fused=False),  # three launches (16-bit segments, tiles, merge)
+    dict(code_operands="fma"),  # session 2's code operands (one f16x2 fma per 2 codes)
+    dict(num_stages=2),
+    dict(maxnreg=128),  # 4 programs per SM
+    dict(meta_ahead=0),
+    dict(dense_chunk=64),
 ]
 
 

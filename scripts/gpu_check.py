@@ -415,6 +415,30 @@ def main() -> int:
         (f16, 128, 128, 8, 5, 16, 4, 2, 7, {"tc_launch": {"fused": False}}),
         (bf, 128, 128, 4, 1, 1, 4, 2, 300, {"splits": 49}),
         (bf, 128, 128, 8, 3, 16, 4, 2, 40, {"splits": 160}),
+        # subnormal code operands (the words default) and the fma twin explicitly
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"code_operands": "subnormal"}}),
+        (f16, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"code_operands": "subnormal"}}),
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"code_operands": "fma"}}),
+        (f16, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"code_operands": "fma"}}),
+        (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"tc_launch": {"code_operands": "subnormal"}}),  # ~300-tile rows
+        (
+            f16,
+            128,
+            128,
+            2,
+            3,
+            1,
+            2,
+            4,
+            40,
+            {"tc_launch": {"code_operands": "subnormal"}},
+        ),  # K2: shifted fields
+        (bf, 128, 32, 4, 3, 1, 8, 8, 40, {"tc_launch": {"code_operands": "subnormal"}}),  # K8V8
+        (f16, 64, 128, 8, 3, 2, 2, 2, 40, {"tc_launch": {"code_operands": "subnormal"}}),  # D64 K2V2, 16 rows
+        (bf, 256, 128, 2, 2, 1, 4, 2, 20, {"tc_launch": {"code_operands": "subnormal"}}),
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"num_stages": 2}}),
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"maxnreg": 128}}),
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"dense_chunk": 64, "merge_chunk": 8}}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]
@@ -445,6 +469,7 @@ def main() -> int:
             check_cuda_graph("tc", {"variant": "words", "meta_ahead": 1})
             check_cuda_graph("tc", {"m_block": 4})
             check_cuda_graph("tc", {"fused": False})
+            check_cuda_graph("tc", {"code_operands": "fma"})
     # One verdict line per decode kernel (scripts and dispatch decisions read these).
     for kernel in args.decode_kernels.split(","):
         bad = [f for f in FAILURES if f"[{kernel}]" in f]
