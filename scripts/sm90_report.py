@@ -131,8 +131,9 @@ def main() -> None:
         flags = {n: kwargs[n] for n in ("DENSE", "num_warps", "num_stages") if n in kwargs}
         total = sum(ops.values())
         print(f"launch {i}: {fn.__name__} grid={grid} {flags}")
+        # cuobjdump's SHARED is the static part; Triton's pipeline buffers are dynamic (metadata)
         print(f"  regs={usage['regs']} stack={usage['stack']} local={usage['local']} shared={usage['shared']} "
-              f"SASS={total}")  # fmt: skip
+              f"dynamic_shared={k.metadata.shared} SASS={total}")  # fmt: skip
         print("  " + " ".join(f"{op}:{n}" for op, n in ops.most_common(a.top)))
         if a.sass:
             Path(f"{a.sass}.{i}.sass").write_text(sass)

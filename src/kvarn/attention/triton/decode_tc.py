@@ -837,7 +837,7 @@ def _decode_tc_kernel(
     M_BLOCK: tl.constexpr, DC: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, DENSE: tl.constexpr, PREFETCH: tl.constexpr, UNPACK_ASM: tl.constexpr,
     INTERPRET: tl.constexpr, WORDS: tl.constexpr, META_AHEAD: tl.constexpr, SUBNORMAL: tl.constexpr,
-    FUSED: tl.constexpr, MERGE_SLOTS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    FUSED: tl.constexpr, FUSED_DENSE: tl.constexpr, MERGE_SLOTS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     # Two launches of this kernel: DENSE (split 0 only) and the tiles (splits 1..NUM_SPLITS), so
@@ -943,7 +943,7 @@ def _decode_tc_kernel(
                         vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET,
                     )  # fmt: skip
                     kbytes = k_next
-        if FUSED:
+        if FUSED_DENSE:
             q16 = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
             m_i, l_i, acc0, acc1, acc2, acc3 = _dense_share(
                 split, NUM_SPLITS, q16, m_i, l_i, acc0, acc1, acc2, acc3, q_pos, qk_scale, b, b64, h64,
@@ -967,7 +967,7 @@ def _decode_tc_kernel(
             out_off = b64 * so_b + q_head.to(tl.int64) * so_h + q_pos.to(tl.int64) * so_l
             merge_if_last(
                 cnt_ptr + bh * tl.num_programs(2) + mb, NUM_SPLITS, po_ptr, pm_ptr, pl_ptr,
-                bh * (NUM_SPLITS + 1) + 1, NUM_SPLITS, rows, row_ok, out_ptr, out_off,
+                bh * (NUM_SPLITS + 1) + FUSED_DENSE, NUM_SPLITS + 1 - FUSED_DENSE, rows, row_ok, out_ptr, out_off,
                 MROWS, D, MERGE_SLOTS, MERGE_CHUNK,
             )  # fmt: skip
 
@@ -1039,7 +1039,7 @@ def quantized_decode_attention(
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool | None = None,
     prefetch: bool = False, unpack_asm: bool = True, pa_split: bool | None = None,
     maxnreg: int | None | str = "auto", variant: str = "auto", meta_ahead: int | None = None,
-    code_operands: str = "auto", fused: bool = True, merge_chunk: int = 16, dense_chunk: int | None = None,
+    code_operands: str = "auto", fused: bool | str = True, merge_chunk: int = 16, dense_chunk: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -1076,7 +1076,8 @@ def quantized_decode_attention(
     ``fused=True`` makes the call one launch: the tile runs of each (row, KV head) share the
     16-bit segments' chunks (``_dense_share``), and the last program to finish merges the partials
     (``split_k.merge_if_last``); ``False`` keeps the three launches (16-bit segments, tiles,
-    merge), the twin the tests compare against. ``merge_chunk`` (power of two): partials per
+    merge), the twin the tests compare against; ``"merge"`` fuses the merge only (16-bit segments
+    in a launch of their own). ``merge_chunk`` (power of two): partials per
     unrolled step of the in-kernel merge; ``dense_chunk`` (power of two, default 32): 16-bit
     tokens per step of the dense segments.
     """
@@ -1158,7 +1159,10 @@ def quantized_decode_attention(
     dev = query.device
     part_o, part_m, part_l = split_workspace(bsz * hkv, s1, mrows, hd, dev, POISON_WORKSPACE)
     out = output_buffer(out, (bsz, hq, nq, hd), query.dtype, dev)
+    if fused not in (True, False, "merge"):
+        raise ValueError(f"fused={fused!r}: expected True, False or 'merge'")
     counters = merge_counters(dev, bsz * hkv * n_mb) if fused else None
+    fused_dense = fused is True and counters is not None
     fused = counters is not None
 
     def st(x, n):
@@ -1183,13 +1187,14 @@ def quantized_decode_attention(
         HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, _next_pow2(nq)),
         D=hd, G=g, KB=key_bits, VB=value_bits, M_BLOCK=m_block,
         DC=min(g, dense_chunk or 32), QA_SPLIT=qa_split, PA_SPLIT=pa_split,
-        MERGE_SLOTS=_next_pow2(num_splits), MERGE_CHUNK=min(_next_pow2(num_splits), merge_chunk),
+        MERGE_SLOTS=_next_pow2(num_splits + 1 - fused_dense),
+        MERGE_CHUNK=min(_next_pow2(num_splits + 1 - fused_dense), merge_chunk),
     )  # fmt: skip
-    if not fused:
+    if not fused_dense:
         _TILE_LAUNCH(
             (bsz * hkv, 1, n_mb), args,
             {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp, "WORDS": False,
-             "META_AHEAD": 0, "SUBNORMAL": False, "FUSED": False},
+             "META_AHEAD": 0, "SUBNORMAL": False, "FUSED": False, "FUSED_DENSE": False},
             num_warps=4, num_stages=1,
         )  # fmt: skip
     tile_options = {"num_warps": num_warps, "num_stages": num_stages}
@@ -1199,7 +1204,7 @@ def quantized_decode_attention(
         (bsz * hkv, num_splits, n_mb), args,
         {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp, "INTERPRET": interp,
          "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0, "SUBNORMAL": code_operands == "subnormal",
-         "FUSED": fused},
+         "FUSED": fused, "FUSED_DENSE": fused_dense},
         **tile_options,
     )  # fmt: skip
     if fused:
