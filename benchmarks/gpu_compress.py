@@ -71,10 +71,13 @@ def parse_variant(spec: str) -> dict:
             kw["half_tile"] = True
         elif opt == "t":
             kw["tree"] = True
+        elif opt == "plain":  # session 2's v3: none of fold / tree / half_tile (the defaults since)
+            kw.update(fold=False, tree=False, half_tile=False)
         else:
             raise ValueError(
                 f"variant {spec!r}: unknown option {opt!r} (wN: warps, lN: lanes per token, pN: persistent "
-                "programs per SM, f: prefetch, rN: max registers, e: folded epilogue, h: 16-bit tile, t: tree sums)"
+                "programs per SM, f: prefetch, rN: max registers, e: folded epilogue, h: 16-bit tile, t: tree sums, "
+                "plain: none of e / h / t)"
             )
     if kernel not in tcompress.KERNELS:
         raise ValueError(f"variant {spec!r}: kernel must be one of {tcompress.KERNELS}")
@@ -189,7 +192,7 @@ def sample_clock(fn, seconds: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", default="v3,v3:e,v1")
+    ap.add_argument("--variants", default="v3,v3:plain,v1")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--check-pairs", type=int, default=2048)

@@ -42,6 +42,7 @@ from kvarn.attention.triton.contract import (
     output_buffer,
 )
 from kvarn.attention.triton.split_k import (
+    merge_grid,
     merge_num_warps,
     merge_partials,
     online_step,
@@ -388,9 +389,10 @@ def quantized_decode_attention(
         D=hd, G=g, KB=key_bits, VB=value_bits, NUM_SPLITS=num_splits, M_BLOCK=m_block, TC=token_chunk, DC=min(g, 32), INTERPRET=interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    merge_partials[(bsz * hkv * mrows,)](
+    grid = merge_grid(bsz * hkv * mrows, hd)
+    merge_partials[grid](
         part_o, part_m, part_l, out, *st(out, 3),
-        HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=triton.next_power_of_2(s1),
+        HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=triton.next_power_of_2(s1), DB=hd // grid[1],
         num_warps=merge_num_warps(hd, triton.next_power_of_2(s1)),
     )  # fmt: skip
     return out

@@ -51,6 +51,7 @@ from kvarn.attention.triton.contract import (
 from kvarn.attention.triton.launch import FastLauncher
 from kvarn.attention.triton.split_k import (
     merge_counters,
+    merge_grid,
     merge_if_last,
     merge_num_warps,
     merge_partials,
@@ -983,9 +984,9 @@ def default_num_splits(batch: int, kv_heads: int, device: torch.device, programs
     program slots in ``ceil(programs / slots)`` waves; a run also pays a fixed cost of about 1.5
     tiles (query load, partial stores, merge). The model takes a nominal 1,024 tiles per row
     (128k tokens): the launch must not depend on the context length, so that CUDA graphs can
-    capture a decode step. H100, words kernel, 3 programs per SM: 128k x 1 49 splits (one wave)
-    82 us vs 132 splits 89 us; 32k x 8 6 splits 141 us, 12 splits 144 us, 17 splits 147 us
-    (docs/gpu.md). Of the split counts within 1.5% of the best, the fewest.
+    capture a decode step. H100, words kernel, 3 programs per SM (three launches): 128k x 1 49
+    splits (one wave) 82 us vs 132 splits 89 us; 32k x 8 6 splits 141 us, 12 splits 144 us, 17
+    splits 147 us (docs/gpu.md). Of the split counts within 1.5% of the best, the fewest.
     """
     slots = max(1, programs_per_sm) * sm_count(device)
     runs = max(1, batch * kv_heads)
@@ -1039,7 +1040,7 @@ def quantized_decode_attention(
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool | None = None,
     prefetch: bool = False, unpack_asm: bool = True, pa_split: bool | None = None,
     maxnreg: int | None | str = "auto", variant: str = "auto", meta_ahead: int | None = None,
-    code_operands: str = "auto", fused: bool | str = True, merge_chunk: int = 16, dense_chunk: int | None = None,
+    code_operands: str = "auto", fused: bool | str = False, merge_chunk: int = 16, dense_chunk: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -1073,11 +1074,14 @@ def quantized_decode_attention(
     818 instructions per warp per tile). Both exact; "subnormal" relies on the tensor cores taking
     float16 subnormal inputs, which PTX leaves unspecified (docs/gpu_decode_notes.md, round 4).
     ``"auto"``: ``WORDS_CODE_OPERANDS`` for "words", "fma" for "planes".
-    ``fused=True`` makes the call one launch: the tile runs of each (row, KV head) share the
+    ``fused`` (default False: three launches) ``=True`` makes the call one launch: the tile runs of each (row, KV head) share the
     16-bit segments' chunks (``_dense_share``), and the last program to finish merges the partials
     (``split_k.merge_if_last``); ``False`` keeps the three launches (16-bit segments, tiles,
     merge), the twin the tests compare against; ``"merge"`` fuses the merge only (16-bit segments
-    in a launch of their own). ``merge_chunk`` (power of two): partials per
+    in a launch of their own). Not the default because it does not pay on an H100: the in-kernel
+    merge and the shared 16-bit chunks land on the one wave's critical path (128k x 1: three
+    launches 79.2 us, one launch 80.4 us, merge only 86.0 us; 32k x 8: 132.9 / 132.6 / 134.1 us;
+    docs/gpu.md). ``merge_chunk`` (power of two): partials per
     unrolled step of the in-kernel merge; ``dense_chunk`` (power of two, default 32): 16-bit
     tokens per step of the dense segments.
     """
@@ -1209,9 +1213,10 @@ def quantized_decode_attention(
     )  # fmt: skip
     if fused:
         return out
+    grid = merge_grid(bsz * hkv * mrows, hd)
     _MERGE_LAUNCH(
-        (bsz * hkv * mrows,), (part_o, part_m, part_l, out, *st(out, 3)),
-        dict(HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=_next_pow2(s1)),
+        grid, (part_o, part_m, part_l, out, *st(out, 3)),
+        dict(HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=_next_pow2(s1), DB=hd // grid[1]),
         num_warps=merge_num_warps(hd, _next_pow2(s1)),
     )  # fmt: skip
     return out

@@ -40,15 +40,17 @@ def split_workspace(rows: int, splits: int, mrows: int, head_dim: int, device, p
 def merge_partials(
     po_ptr, pm_ptr, pl_ptr, out_ptr, so_b, so_h, so_l,
     HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
-    S1: tl.constexpr, S1_PAD: tl.constexpr,
+    S1: tl.constexpr, S1_PAD: tl.constexpr, DB: tl.constexpr,
 ):  # fmt: skip
-    """One program per query row: log-sum-exp combination of the 1 + num_splits partials."""
+    """One program per query row and DB channels: log-sum-exp combination of the 1 + num_splits
+    partials. Channel blocks spread one row's reads over several programs (its maxima and sums are
+    re-read by each: tiny), which shortens this latency-bound launch (H100, 128k x 1, 49 splits)."""
     pid = tl.program_id(0)
     MROWS: tl.constexpr = GROUP * L
     bh = pid // MROWS
     row = pid % MROWS
     s = tl.arange(0, S1_PAD)
-    d = tl.arange(0, D)
+    d = tl.program_id(1) * DB + tl.arange(0, DB)
     ok = s < S1
     slot = (bh * S1 + s).to(tl.int64) * MROWS + row
     m = tl.load(pm_ptr + slot, mask=ok, other=float("-inf"))
@@ -134,8 +136,16 @@ def merge_counters(device: torch.device, n: int) -> torch.Tensor:
     return bufs[-1]
 
 
+MERGE_CHANNELS = 32  # channels per merge program (grid: query rows x head_dim / MERGE_CHANNELS)
+
+
+def merge_grid(rows: int, head_dim: int) -> tuple[int, int]:
+    db = min(head_dim, MERGE_CHANNELS)
+    return rows, head_dim // db
+
+
 def merge_num_warps(head_dim: int, s1_pad: int) -> int:
-    return 4 if head_dim * s1_pad <= 8192 else 8
+    return 4 if min(head_dim, MERGE_CHANNELS) * s1_pad <= 8192 else 8
 
 
 @functools.lru_cache(maxsize=8)
