@@ -34,6 +34,7 @@ capture it). All query heads of the GQA group and all L queries are the rows of 
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import torch
@@ -1004,6 +1005,18 @@ def programs_per_sm(regs_per_thread: int | None, num_warps: int) -> int:
     return max(1, 65536 // (32 * num_warps * regs))
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One extra stream per device for the 16-bit segments' launch (created once: a new stream
+    per call would cost host time and cannot be made during a CUDA-graph capture)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
+
+
 def _next_pow2(n: int) -> int:
     # plain Python: triton.next_power_of_2 is a constexpr function with a per-call wrapper
     return 1 << max(0, n - 1).bit_length()
@@ -1040,7 +1053,7 @@ def quantized_decode_attention(
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool | None = None,
     prefetch: bool = False, unpack_asm: bool = True, pa_split: bool | None = None,
     maxnreg: int | None | str = "auto", variant: str = "auto", meta_ahead: int | None = None,
-    code_operands: str = "auto", fused: bool | str = False, merge_chunk: int = 16, dense_chunk: int | None = None,
+    code_operands: str = "auto", fused: bool | str = False, overlap_dense: bool = True, merge_chunk: int = 16, dense_chunk: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -1081,9 +1094,10 @@ def quantized_decode_attention(
     in a launch of their own). Not the default because it does not pay on an H100: the in-kernel
     merge and the shared 16-bit chunks land on the one wave's critical path (128k x 1: three
     launches 79.2 us, one launch 80.4 us, merge only 86.0 us; 32k x 8: 132.9 / 132.6 / 134.1 us;
-    docs/gpu.md). ``merge_chunk`` (power of two): partials per
-    unrolled step of the in-kernel merge; ``dense_chunk`` (power of two, default 32): 16-bit
-    tokens per step of the dense segments.
+    docs/gpu.md). ``overlap_dense`` (three launches, CUDA): the 16-bit segments' launch runs on
+    a second stream, concurrently with the tile launch. ``merge_chunk`` (power of two): partials per
+    unrolled step of the in-kernel merge; ``dense_chunk`` (power of two; default 128 at head_dim
+    <= 128, else 32): 16-bit tokens per step of the dense segments.
     """
     for name, value in (("merge_chunk", merge_chunk), ("dense_chunk", dense_chunk)):
         if value is not None and (not isinstance(value, int) or not is_pow2(value)):
@@ -1190,17 +1204,28 @@ def quantized_decode_attention(
     meta = dict(
         HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, _next_pow2(nq)),
         D=hd, G=g, KB=key_bits, VB=value_bits, M_BLOCK=m_block,
-        DC=min(g, dense_chunk or 32), QA_SPLIT=qa_split, PA_SPLIT=pa_split,
+        # 16-bit tokens per dense step: whole 128-token tiles at head_dim <= 128 (H100, three
+        # launches: 128k x 1 76.0 us vs 79.1 us with 32, 32k x 8 129.0 vs 132.7 us)
+        DC=min(g, dense_chunk or (128 if hd <= 128 else 32)), QA_SPLIT=qa_split, PA_SPLIT=pa_split,
         MERGE_SLOTS=_next_pow2(num_splits + 1 - fused_dense),
         MERGE_CHUNK=min(_next_pow2(num_splits + 1 - fused_dense), merge_chunk),
     )  # fmt: skip
+    main_stream = side = None
     if not fused_dense:
-        _TILE_LAUNCH(
-            (bsz * hkv, 1, n_mb), args,
-            {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp, "WORDS": False,
-             "META_AHEAD": 0, "SUBNORMAL": False, "FUSED": False, "FUSED_DENSE": False},
-            num_warps=4, num_stages=1,
-        )  # fmt: skip
+        if overlap_dense and dev.type == "cuda" and not interp:
+            # The 16-bit segments on a second stream, concurrently with the tile launch (their
+            # latency-bound few programs otherwise sit alone on the GPU before it); the merge
+            # waits for both. Captured by CUDA graphs as two branches.
+            main_stream = torch.cuda.current_stream(dev)
+            side = _side_stream(dev)
+            side.wait_stream(main_stream)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            _TILE_LAUNCH(
+                (bsz * hkv, 1, n_mb), args,
+                {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp,
+                 "WORDS": False, "META_AHEAD": 0, "SUBNORMAL": False, "FUSED": False, "FUSED_DENSE": False},
+                num_warps=4, num_stages=1,
+            )  # fmt: skip
     tile_options = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None and not interp:
         tile_options["maxnreg"] = maxnreg
@@ -1213,6 +1238,8 @@ def quantized_decode_attention(
     )  # fmt: skip
     if fused:
         return out
+    if side is not None:
+        main_stream.wait_stream(side)
     grid = merge_grid(bsz * hkv * mrows, hd)
     _MERGE_LAUNCH(
         grid, (part_o, part_m, part_l, out, *st(out, 3)),
