@@ -35,6 +35,7 @@ capture it). All query heads of the GQA group and all L queries are the rows of 
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
 
 import torch
@@ -989,8 +990,12 @@ def default_num_splits(batch: int, kv_heads: int, device: torch.device, programs
     splits (one wave) 82 us vs 132 splits 89 us; 32k x 8 6 splits 141 us, 12 splits 144 us, 17
     splits 147 us (docs/gpu.md). Of the split counts within 1.5% of the best, the fewest.
     """
-    slots = max(1, programs_per_sm) * sm_count(device)
-    runs = max(1, batch * kv_heads)
+    return _num_splits_for(max(1, batch * kv_heads), max(1, programs_per_sm) * sm_count(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _num_splits_for(runs: int, slots: int) -> int:
+    # (cached: the search costs ~40 us of host time, paid on every decode call otherwise)
 
     def cost(s: int) -> float:
         return -(-runs * s // slots) * (1024 / s + 1.5)
@@ -1053,7 +1058,7 @@ def quantized_decode_attention(
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool | None = None,
     prefetch: bool = False, unpack_asm: bool = True, pa_split: bool | None = None,
     maxnreg: int | None | str = "auto", variant: str = "auto", meta_ahead: int | None = None,
-    code_operands: str = "auto", fused: bool | str = False, overlap_dense: bool = True, merge_chunk: int = 16, dense_chunk: int | None = None,
+    code_operands: str = "auto", fused: bool | str = False, overlap_dense: bool | None = None, merge_chunk: int = 16, dense_chunk: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -1095,7 +1100,9 @@ def quantized_decode_attention(
     merge and the shared 16-bit chunks land on the one wave's critical path (128k x 1: three
     launches 79.2 us, one launch 80.4 us, merge only 86.0 us; 32k x 8: 132.9 / 132.6 / 134.1 us;
     docs/gpu.md). ``overlap_dense`` (three launches, CUDA): the 16-bit segments' launch runs on
-    a second stream, concurrently with the tile launch. ``merge_chunk`` (power of two): partials per
+    a second stream, concurrently with the tile launch; None (default): only while a CUDA graph
+    is captured (H100 graph replays: 32k x 8 125.9 vs 130.2 us, 128k x 1 74.0 vs 76.0 us); in
+    eager calls the stream switch costs more host time than it saves (decoding is host-bound). ``merge_chunk`` (power of two): partials per
     unrolled step of the in-kernel merge; ``dense_chunk`` (power of two; default 128 at head_dim
     <= 128, else 32): 16-bit tokens per step of the dense segments.
     """
@@ -1212,6 +1219,8 @@ def quantized_decode_attention(
     )  # fmt: skip
     main_stream = side = None
     if not fused_dense:
+        if overlap_dense is None:
+            overlap_dense = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if overlap_dense and dev.type == "cuda" and not interp:
             # The 16-bit segments on a second stream, concurrently with the tile launch (their
             # latency-bound few programs otherwise sit alone on the GPU before it); the merge
