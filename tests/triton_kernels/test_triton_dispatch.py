@@ -27,3 +27,27 @@ def test_available_is_a_bool_without_raising():
     assert isinstance(available(), bool)
     if not torch.cuda.is_available():
         assert available() is False
+
+
+def test_fast_launcher_sees_installed_launch_hooks_only():
+    """Triton 3.6 keeps an (empty, truthy) HookChain as the launch hook: only a chain with hooks
+    in it, or a plain function in older versions, must send launches down Triton's own path."""
+    from triton import knobs
+
+    from kvarn.attention.triton.launch import _hooked, launch_hooks_installed
+
+    assert not _hooked(None)
+    assert _hooked(lambda *a: None)
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "calls"):
+        assert not launch_hooks_installed()
+
+        def hook(*args):
+            return None
+
+        chain.add(hook)
+        try:
+            assert launch_hooks_installed()
+        finally:
+            chain.remove(hook)
+        assert not launch_hooks_installed()

@@ -33,6 +33,18 @@ def _arg_key(a):
 _INTERPRETING = interpreting()
 
 
+def _hooked(hook) -> bool:
+    """Whether a launch hook is installed. Triton 3.6 keeps a ``HookChain`` object there at all
+    times (truthy even when empty: testing the object itself sent every launch down the slow
+    path); older versions keep None or a function."""
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if calls is not None else hook is not None
+
+
+def launch_hooks_installed() -> bool:
+    return _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)
+
+
 class FastLauncher:
     """``launcher(grid, args, constexprs, **options)`` == ``fn[grid](*args, **constexprs, **options)``."""
 
@@ -41,7 +53,7 @@ class FastLauncher:
         self.cache: dict = {}
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options):
-        if _INTERPRETING or knobs.runtime.launch_enter_hook or knobs.runtime.launch_exit_hook:
+        if _INTERPRETING or launch_hooks_installed():
             return self.fn[grid](*args, **constexprs, **options)
         key = (tuple(_arg_key(a) for a in args), tuple(constexprs.items()), tuple(options.items()))
         compiled = self.cache.get(key)
