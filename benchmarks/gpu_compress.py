@@ -55,7 +55,9 @@ def parse_variant(spec: str) -> dict:
     kernel, *opts = spec.strip().split(":")
     kw = {"kernel": kernel}
     for opt in opts:
-        if opt[:1] == "w":
+        if opt == "plain":  # session 2's v3: none of fold / tree / half_tile (the defaults since)
+            kw.update(fold=False, tree=False, half_tile=False)
+        elif opt[:1] == "w":
             kw["num_warps"] = int(opt[1:])
         elif opt[:1] == "l":
             kw["lanes_per_token"] = int(opt[1:])
@@ -71,8 +73,6 @@ def parse_variant(spec: str) -> dict:
             kw["half_tile"] = True
         elif opt == "t":
             kw["tree"] = True
-        elif opt == "plain":  # session 2's v3: none of fold / tree / half_tile (the defaults since)
-            kw.update(fold=False, tree=False, half_tile=False)
         else:
             raise ValueError(
                 f"variant {spec!r}: unknown option {opt!r} (wN: warps, lN: lanes per token, pN: persistent "
