@@ -373,6 +373,27 @@ def _tile_scores(qa, qa_lo, kwords, qz, KB: tl.constexpr, QA_SPLIT: tl.constexpr
 
 
 @triton.jit
+def _dense_softmax_step(
+    q16, m_i, l_i, k_base, sk_t, t, valid, q_pos, qk_scale,
+    D: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Scores of 16-bit tokens ``t`` (rows of ``k_base``; ``valid`` masks them, CAUSAL against
+    the query positions) and the online-softmax step; p comes back as hi + lo parts in the key
+    dtype, so the value product loses nothing to operand rounding."""
+    d = tl.arange(0, D)
+    k = tl.load(k_base + t[:, None].to(tl.int64) * sk_t + d[None, :], mask=valid[:, None], other=0.0)
+    s = _dot(q16, tl.trans(k), INTERPRET) * qk_scale
+    keep = valid[None, :]
+    if CAUSAL:
+        keep = keep & (t[None, :] <= q_pos[:, None])
+    s = tl.where(keep, s, float("-inf"))
+    m_i, p, alpha, l_i = online_step(m_i, l_i, s)
+    p_hi = p.to(k.dtype)
+    p_lo = (p - p_hi.to(tl.float32)).to(k.dtype)
+    return m_i, l_i, alpha, p_hi, p_lo
+
+
+@triton.jit
 def _attend_dense(
     q16, m_i, l_i, acc, k_base, sk_t, v_base, sv_t, n_valid, q_pos, qk_scale,
     T: tl.constexpr, TC: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
@@ -388,17 +409,10 @@ def _attend_dense(
         if c * TC < n_valid:  # skip empty chunks (short tails, no sink)
             t = c * TC + tl.arange(0, TC)
             valid = t < n_valid
-            t64 = t[:, None].to(tl.int64)
-            k = tl.load(k_base + t64 * sk_t + d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(v_base + t64 * sv_t + d[None, :], mask=valid[:, None], other=0.0)
-            s = _dot(q16, tl.trans(k), INTERPRET) * qk_scale
-            keep = valid[None, :]
-            if CAUSAL:
-                keep = keep & (t[None, :] <= q_pos[:, None])
-            s = tl.where(keep, s, float("-inf"))
-            m_i, p, alpha, l_i = online_step(m_i, l_i, s)
-            p_hi = p.to(v.dtype)
-            p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+            v = tl.load(v_base + t[:, None].to(tl.int64) * sv_t + d[None, :], mask=valid[:, None], other=0.0)
+            m_i, l_i, alpha, p_hi, p_lo = _dense_softmax_step(
+                q16, m_i, l_i, k_base, sk_t, t, valid, q_pos, qk_scale, D, CAUSAL, INTERPRET
+            )
             acc = acc * alpha[:, None] + _dot(p_hi, v, INTERPRET) + _dot(p_lo, v, INTERPRET)
     return m_i, l_i, acc
 
@@ -449,21 +463,13 @@ def _dense_chunk_into(
     read per accumulator (channels NPV*i + c, the tile loop's order); p goes in hi + lo parts of
     the value dtype, so the 16-bit segments lose nothing to operand rounding (as in
     ``_attend_dense``)."""
-    d = tl.arange(0, D)
     t = t0 + tl.arange(0, TC)
     valid = t < n_valid
-    t64 = t[:, None].to(tl.int64)
-    k = tl.load(k_base + t64 * sk_t + d[None, :], mask=valid[:, None], other=0.0)
-    s = _dot(q16, tl.trans(k), INTERPRET) * qk_scale
-    keep = valid[None, :]
-    if CAUSAL:
-        keep = keep & (t[None, :] <= q_pos[:, None])
-    s = tl.where(keep, s, float("-inf"))
-    m_i, p, alpha, l_i = online_step(m_i, l_i, s)
-    p_hi = p.to(k.dtype)
-    p_lo = (p - p_hi.to(tl.float32)).to(k.dtype)
+    m_i, l_i, alpha, p_hi, p_lo = _dense_softmax_step(
+        q16, m_i, l_i, k_base, sk_t, t, valid, q_pos, qk_scale, D, CAUSAL, INTERPRET
+    )
     dv = tl.arange(0, D // NPV) * NPV
-    v_rows = v_base + t64 * sv_t
+    v_rows = v_base + t[:, None].to(tl.int64) * sv_t
     vmask = valid[:, None]
     v0 = tl.load(v_rows + dv[None, :], mask=vmask, other=0.0)
     acc0 = acc0 * alpha[:, None] + _dot(p_hi, v0, INTERPRET) + _dot(p_lo, v0, INTERPRET)
