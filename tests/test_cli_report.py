@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from kvarn import KVarNConfig, fake_quantize
 from kvarn.cli import report
 from kvarn.cli.report import CapturedAttention, QuantizerErrors, attention_output, report_configs
 from kvarn.integrations.models import save_tiny_model
+from tests.cli_support import subcommand_app
 
 TILE_METHODS = ("kvarn", "kivi", "hadamard_rtn", "varn_norot")
 
@@ -103,14 +103,7 @@ def test_report_configs_collapse_fp8_and_none():
 
 
 def _app():
-    app = typer.Typer()
-    report.register(app)
-
-    @app.callback()
-    def _root() -> None:  # a callback keeps "report" a subcommand, as in the real CLI
-        pass
-
-    return app
+    return subcommand_app(report.register)
 
 
 @pytest.fixture(scope="module")
