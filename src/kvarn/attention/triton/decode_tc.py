@@ -129,36 +129,21 @@ def _plane_asm_text(bits: int, j: int) -> str:
     )
 
 
-# Triton kernels read globals only as constexpr: one PTX text per (bits, plane).
-_ASM_8_0 = tl.constexpr(_plane_asm_text(8, 0))
-_ASM_4_0 = tl.constexpr(_plane_asm_text(4, 0))
-_ASM_4_1 = tl.constexpr(_plane_asm_text(4, 1))
-_ASM_2_0 = tl.constexpr(_plane_asm_text(2, 0))
-_ASM_2_1 = tl.constexpr(_plane_asm_text(2, 1))
-_ASM_2_2 = tl.constexpr(_plane_asm_text(2, 2))
-_ASM_2_3 = tl.constexpr(_plane_asm_text(2, 3))
+# PTX texts per (bits, plane / field), built once at import; kernels pick theirs at compile time
+# (Triton reads globals only as constexpr, and a constexpr_function may not call struct).
+_PLANE_ASM = tl.constexpr({(b, j): _plane_asm_text(b, j) for b in (2, 4, 8) for j in range(8 // b)})
+
+
+@triton.constexpr_function
+def _plane_asm_of(bits: int, j: int) -> str:
+    return _PLANE_ASM.value[(bits, j)]
 
 
 @triton.jit
 def _plane_asm(packed, j: tl.constexpr, BITS: tl.constexpr):
     """``_plane`` in hand-written PTX on 32-bit words (4 bytes per instance): ~1.5 instructions
     per code instead of ~4-5 for byte-wise shifts, masks and conversions. GPU only."""
-    if BITS == 8:
-        text: tl.constexpr = _ASM_8_0
-    elif BITS == 4:
-        if j == 0:
-            text: tl.constexpr = _ASM_4_0
-        else:
-            text: tl.constexpr = _ASM_4_1
-    else:
-        if j == 0:
-            text: tl.constexpr = _ASM_2_0
-        elif j == 1:
-            text: tl.constexpr = _ASM_2_1
-        elif j == 2:
-            text: tl.constexpr = _ASM_2_2
-        else:
-            text: tl.constexpr = _ASM_2_3
+    text: tl.constexpr = _plane_asm_of(BITS, j)
     return tl.inline_asm_elementwise(text, "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4)
 
 
@@ -247,47 +232,18 @@ def _subnormal_field_s(bits, pos):
     return subnormal_field_position(bits, pos)[1]
 
 
-# One PTX text per (bits, field): 8-bit keys have 2 fields per word, 4-bit 4, 2-bit 8.
-_WASM_8_0, _WASM_8_1 = (tl.constexpr(_word_asm_text(8, j)) for j in range(2))
-_WASM_4_0, _WASM_4_1, _WASM_4_2, _WASM_4_3 = (tl.constexpr(_word_asm_text(4, j)) for j in range(4))
-_WASM_2_0, _WASM_2_1, _WASM_2_2, _WASM_2_3 = (tl.constexpr(_word_asm_text(2, j)) for j in range(4))
-_WASM_2_4, _WASM_2_5, _WASM_2_6, _WASM_2_7 = (tl.constexpr(_word_asm_text(2, j)) for j in range(4, 8))
+_WORD_ASM = tl.constexpr({(b, j): _word_asm_text(b, j) for b in (2, 4, 8) for j in range(16 // b)})
+
+
+@triton.constexpr_function
+def _word_asm_of(bits: int, j: int) -> str:
+    return _WORD_ASM.value[(bits, j)]
 
 
 @triton.jit
 def _word_field_asm(words, j: tl.constexpr, BITS: tl.constexpr):
     """``_word_field`` in PTX on pairs of 16-bit words. GPU only."""
-    if BITS == 8:
-        if j == 0:
-            text: tl.constexpr = _WASM_8_0
-        else:
-            text: tl.constexpr = _WASM_8_1
-    elif BITS == 4:
-        if j == 0:
-            text: tl.constexpr = _WASM_4_0
-        elif j == 1:
-            text: tl.constexpr = _WASM_4_1
-        elif j == 2:
-            text: tl.constexpr = _WASM_4_2
-        else:
-            text: tl.constexpr = _WASM_4_3
-    else:
-        if j == 0:
-            text: tl.constexpr = _WASM_2_0
-        elif j == 1:
-            text: tl.constexpr = _WASM_2_1
-        elif j == 2:
-            text: tl.constexpr = _WASM_2_2
-        elif j == 3:
-            text: tl.constexpr = _WASM_2_3
-        elif j == 4:
-            text: tl.constexpr = _WASM_2_4
-        elif j == 5:
-            text: tl.constexpr = _WASM_2_5
-        elif j == 6:
-            text: tl.constexpr = _WASM_2_6
-        else:
-            text: tl.constexpr = _WASM_2_7
+    text: tl.constexpr = _word_asm_of(BITS, j)
     return tl.inline_asm_elementwise(text, "=r,r", [words], dtype=tl.float16, is_pure=True, pack=2)
 
 
