@@ -57,9 +57,10 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 import kvarn
 from kvarn.attention.triton import dispatch
+from kvarn.integrations.cuda_graph import GraphDecoder
 
 T0 = time.perf_counter()
-STATIC_SLACK = 256  # StaticCache positions beyond the prompt (decode, warm-up, profile, capacity steps)
+STATIC_SLACK = 1024  # StaticCache positions beyond the prompt (decode, warm-up, profile, capacity steps)
 
 
 def log(msg: str) -> None:
@@ -158,39 +159,62 @@ WARMUP_STEPS = 8
 
 
 @torch.no_grad()
-def time_decode(model, cache, token: torch.Tensor, steps: int, device) -> dict:
-    """Greedy decode: WARMUP_STEPS untimed (compiles), then ``steps`` timed.
+def time_decode(step, token: torch.Tensor, steps: int, device, rounds: int = 1) -> dict:
+    """Greedy decode through ``step(token) -> next token [B, 1]``: WARMUP_STEPS untimed (compiles,
+    records), then ``rounds`` timed windows of ``steps`` steps; tok/s is the median window's.
 
-    With ``steps`` = one tile (128) the timed window holds exactly one tile completion, so the
+    With ``steps`` = one tile (128) each timed window holds exactly one tile completion, so the
     mean step time carries the compression cost amortized as in a long decode. Step boundaries
     are also recorded as CUDA events (no sync inside the loop): their median is the typical step
-    and a far larger max shows a one-off stall (e.g. a compile).
+    and a far larger max shows a one-off stall (e.g. a compile). Several windows show how much the
+    host-bound eager loop moves from one window to the next.
     """
     for _ in range(WARMUP_STEPS):
-        token = forward(model, cache, token)
+        token = step(token)
     sync(device)
     cuda = device.type == "cuda"
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if cuda else []
-    t0 = time.perf_counter()
-    for i in range(steps):
+    windows = []
+    for _ in range(rounds):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if cuda else []
+        t0 = time.perf_counter()
+        for i in range(steps):
+            if cuda:
+                events[i].record()
+            token = step(token)
         if cuda:
-            events[i].record()
-        token = forward(model, cache, token)
-    if cuda:
-        events[steps].record()
-    t_host = time.perf_counter() - t0
-    sync(device)
-    wall = time.perf_counter() - t0
-    per_step = [events[i].elapsed_time(events[i + 1]) for i in range(steps)] if cuda else [1e3 * wall / steps]
-    per_step.sort()
-    return {
-        "tok_s": token.shape[0] * steps / wall,
-        "ms_step": 1e3 * wall / steps,
-        "median_ms_step": per_step[len(per_step) // 2],
-        "max_ms_step": per_step[-1],
-        "host_ms_step": 1e3 * t_host / steps,
-        "token": token,
-    }
+            events[steps].record()
+        t_host = time.perf_counter() - t0
+        sync(device)
+        wall = time.perf_counter() - t0
+        per_step = (
+            [events[i].elapsed_time(events[i + 1]) for i in range(steps)] if cuda else [1e3 * wall / steps]
+        )
+        per_step.sort()
+        windows.append(
+            {
+                "tok_s": token.shape[0] * steps / wall,
+                "ms_step": 1e3 * wall / steps,
+                "median_ms_step": per_step[len(per_step) // 2],
+                "max_ms_step": per_step[-1],
+                "host_ms_step": 1e3 * t_host / steps,
+            }
+        )
+    windows.sort(key=lambda w: w["tok_s"])
+    result = dict(windows[len(windows) // 2])
+    result["tok_s_windows"] = [w["tok_s"] for w in windows]
+    result["token"] = token
+    return result
+
+
+def eager_step(model, cache):
+    return lambda token: forward(model, cache, token)
+
+
+def graph_step(model, cache, token: torch.Tensor):
+    """Decode steps replayed from a CUDA graph (kvarn.integrations.cuda_graph) over ``cache``."""
+    decoder = GraphDecoder(model, cache)
+    decoder.resume(token)
+    return lambda _token: decoder.step().unsqueeze(1)
 
 
 @contextlib.contextmanager
@@ -315,6 +339,38 @@ def check_kernels_in_cache(device, quant: str) -> str:
     return f"{verdict}: max relative logit difference {worst:.2e} over {steps + 1} steps; tiles per row {tiles[0]}"
 
 
+def check_graph_decoding(device, quant: str) -> str:
+    """Greedy tokens of a small model (Llama-3 head shapes, left-padded batch): decode steps
+    replayed from a CUDA graph vs ``model.generate`` over a KVarNCache (same kernels, eager)."""
+    config = LlamaConfig(
+        vocab_size=2048, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=4096,
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=None, initializer_range=0.1,
+    )  # fmt: skip
+    model = build_model(config, device, torch.bfloat16)
+    gen = torch.Generator(device=device).manual_seed(2)
+    batch, prompt, new = 3, 330, 300  # rows at three tail offsets; tiles complete at different steps
+    ids = torch.randint(1, 2048, (batch, prompt), device=device, generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    mask[2, :97] = 0
+    with torch.no_grad():
+        expected = model.generate(
+            ids, attention_mask=mask, past_key_values=kvarn.cache_for(model, quant), max_new_tokens=new,
+            do_sample=False,
+        )  # fmt: skip
+        decoder = GraphDecoder(model, kvarn.cache_for(model, quant))
+        got = decoder.generate(ids, mask, max_new_tokens=new)
+    same = float((got[:, prompt:] == expected[:, prompt:]).float().mean())
+    first = (got != expected).any(dim=0).nonzero()
+    where = f"; first difference at new token {int(first[0]) - prompt}" if len(first) else ""
+    verdict = "OK" if same == 1.0 and decoder.stats.recordings >= 1 else "MISMATCH"
+    return (
+        f"{verdict}: {same:.1%} of {new} greedy tokens x {batch} rows equal to model.generate{where}; "
+        f"{decoder.stats.recordings} recording(s), {decoder.stats.replays} replays, {decoder.stats.eager_steps} eager"
+    )
+
+
 def predicted_rows(free_bytes: float, context: int, bytes_per_token: float, layers: int) -> int:
     return int(free_bytes // (context * bytes_per_token * (1 + 1 / layers)))
 
@@ -330,7 +386,7 @@ def verify_rows(model, cache, token, rows: int, device, steps: int = 4) -> str:
         free_memory(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        r = time_decode(model, cache, token, steps, device)
+        r = time_decode(eager_step(model, cache), token, steps, device)
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
         return f"fits: {rows} rows decode at {r['tok_s']:.1f} tok/s ({r['ms_step']:.1f} ms/step), peak {peak:.1f} GB"
     except Exception as exc:  # noqa: BLE001
@@ -358,6 +414,15 @@ def main(argv: list[str] | None = None) -> dict:
         help="comma-separated decode kernels to time on the same KVarN cache (e.g. tc,chunked); "
         "default: kvarn's own choice (KVARN_DECODE_KERNEL or the GPU-checked order)",
     )
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="timed windows of --steps per cache (median reported; GPU 3)"
+    )
+    ap.add_argument(
+        "--graph",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time KVarNCache with decode steps replayed from a CUDA graph (GraphDecoder)",
+    )
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-capacity", action="store_true")
@@ -377,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     contexts = args.contexts or ([300, 460] if args.tiny else [16384, 32768])
     batch = args.batch or (2 if args.tiny else 8)
     steps = args.steps or (8 if args.tiny else 128)
+    rounds = args.rounds or (1 if args.tiny else 3)
     dtype = torch.bfloat16
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()] or [None]
 
@@ -407,6 +473,14 @@ def main(argv: list[str] | None = None) -> dict:
                     checks.append(f"[{kernel or 'default'}] FAILED (traceback above)")
             free_memory(device)
             log(f"check (Triton vs PyTorch inside the cache): {checks[-1]}")
+        if args.graph:
+            try:
+                checks.append(f"[graph] {check_graph_decoding(device, args.quant)}")
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+                checks.append("[graph] FAILED (traceback above)")
+            free_memory(device)
+            log(f"check (CUDA-graph decode vs model.generate): {checks[-1]}")
         results["check"] = "; ".join(checks)
 
     config = llama3_8b_config(args.tiny)
@@ -425,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
         gen = torch.Generator(device=device).manual_seed(context)
         ids = torch.randint(0, config.vocab_size, (batch, prompt), device=device, generator=gen)
         last = context == contexts[-1]
-        kinds = ["dynamic", "kvarn"]
+        kinds = ["dynamic", "kvarn"] + (["graph"] if args.graph else [])
         if last and args.static and budget_left() > 150:
             kinds.insert(1, "static")
 
@@ -436,8 +510,11 @@ def main(argv: list[str] | None = None) -> dict:
             cache, token, note = prefill(model, kind, args.quant, ids, args.prefill_chunk, device)
             sync(device)
             t_prefill = time.perf_counter() - t0
-            if kind == "kvarn":  # the whole run's length known up front, as generate's caller knows it
-                cache.reserve(ids.shape[1] + len(kernels) * (WARMUP_STEPS + steps) + 16)
+            if kind in (
+                "kvarn",
+                "graph",
+            ):  # the whole run's length known up front, as generate's caller knows it
+                cache.reserve(ids.shape[1] + len(kernels) * (WARMUP_STEPS + rounds * steps) + 16)
             variants = kernels if kind == "kvarn" else [None]
             best = None
             for kernel in variants:
@@ -446,7 +523,10 @@ def main(argv: list[str] | None = None) -> dict:
                     cache, token, note = prefill(model, kind, args.quant, ids, args.prefill_chunk, device)
                 try:
                     with decode_kernel(kernel):
-                        r = time_decode(model, cache, token, steps, device)
+                        step = (
+                            graph_step(model, cache, token) if kind == "graph" else eager_step(model, cache)
+                        )
+                        r = time_decode(step, token, steps, device, rounds)
                 except Exception:  # noqa: BLE001 - e.g. a decode kernel that does not compile
                     traceback.print_exc()
                     log(f"{kind} with decode kernel {kernel} FAILED at context {context} (traceback above)")
@@ -457,11 +537,13 @@ def main(argv: list[str] | None = None) -> dict:
                 stored = batch * cache.get_seq_length()
                 row = {
                     "cache": kind,
-                    "kernel": kernel or (",".join(dispatch.decode_kernel_order()) if kind == "kvarn" else ""),
+                    "kernel": kernel
+                    or (",".join(dispatch.decode_kernel_order()) if kind != "dynamic" else ""),
                     "context": context,
                     "batch": batch,
                     "prefill_s": t_prefill,
                     "tok_s": r["tok_s"],
+                    "tok_s_windows": r["tok_s_windows"],
                     "ms_step": r["ms_step"],
                     "host_ms_step": r["host_ms_step"],
                     "median_ms_step": r["median_ms_step"],
@@ -489,12 +571,18 @@ def main(argv: list[str] | None = None) -> dict:
             if cache is None:  # the last kernel failed: a usable cache for the profile and capacity
                 free_memory(device)
                 cache, token, note = prefill(model, kind, args.quant, ids, args.prefill_chunk, device)
-            if last and device.type == "cuda" and not args.no_profile and budget_left() > 60:
+            if (
+                last
+                and kind != "graph"
+                and device.type == "cuda"
+                and not args.no_profile
+                and budget_left() > 60
+            ):
                 with decode_kernel(kernel):
                     results["profile"][kind] = profile_steps(model, cache, token)
                 for line in results["profile"][kind]:
                     log(f"profile {kind}: {line}")
-            if last and kind != "static" and not args.no_capacity and budget_left() > 45:
+            if last and kind not in ("static", "graph") and not args.no_capacity and budget_left() > 45:
                 rows = predicted_rows(
                     free_after_weights - args.reserve_gb * 1e9, context, row["allocated_per_token"], layers
                 )
@@ -542,17 +630,21 @@ def print_table(
     print("|---|---|---|---|---|---|---|")
     for context in contexts:
         d = next((r for r in rows if r["cache"] == "dynamic" and r["context"] == context), None)
-        for k in (r for r in rows if r["cache"] == "kvarn" and r["context"] == context):
+        for k in (r for r in rows if r["cache"] in ("kvarn", "graph") and r["context"] == context):
+            label = f"{k['tok_s']:.1f} ({'CUDA graph, ' if k['cache'] == 'graph' else ''}{k['kernel']})"
             if d is None:
-                print(
-                    f"| {context} | failed | {k['tok_s']:.1f} ({k['kernel']}) | - | - / {k['ms_step']:.2f} | - | - |"
-                )
+                print(f"| {context} | failed | {label} | - | - / {k['ms_step']:.2f} | - | - |")
                 continue
             print(
-                f"| {context} | {d['tok_s']:.1f} | {k['tok_s']:.1f} ({k['kernel']}) | **{k['tok_s'] / d['tok_s']:.2f}x** | "
+                f"| {context} | {d['tok_s']:.1f} | {label} | **{k['tok_s'] / d['tok_s']:.2f}x** | "
                 f"{d['ms_step']:.2f} / {k['ms_step']:.2f} | {d['host_ms_step']:.2f} / {k['host_ms_step']:.2f} | "
                 f"{d['prefill_s']:.1f} / {k['prefill_s']:.1f} |"
             )
+    print()
+    print("tok/s of each timed window (the median is in the table):")
+    for r in rows:
+        windows = ", ".join(f"{t:.1f}" for t in r["tok_s_windows"])
+        print(f"  {r['cache']:>7} ctx {r['context']}: {windows}")
     last = contexts[-1]
     d = next((r for r in rows if r["cache"] == "dynamic" and r["context"] == last), None)
     k = max(

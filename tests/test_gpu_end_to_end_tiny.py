@@ -29,7 +29,7 @@ def test_tiny_run_prints_the_tables(capsys):
     out = capsys.readouterr().out
     assert "## Decode speed" in out and "## Capacity at 290 tokens" in out and "StaticCache" in out
     rows = results["rows"]
-    expected = {(c, n) for c in ("dynamic", "kvarn") for n in (200, 290)} | {("static", 290)}
+    expected = {(c, n) for c in ("dynamic", "kvarn", "graph") for n in (200, 290)} | {("static", 290)}
     assert {(r["cache"], r["context"]) for r in rows} == expected
     for r in rows:
         assert r["tok_s"] > 0 and r["host_ms_step"] <= r["ms_step"] * 1.01

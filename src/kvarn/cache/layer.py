@@ -123,6 +123,10 @@ class KVarNLayer(CacheLayerMixin):
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._owner: weakref.ref | None = None
         self.record_past = False
+        # Set by kvarn.integrations.cuda_graph while it captures / replays decode steps: the step
+        # then only touches the device (see _append_to_tails) and the host catches up in
+        # after_graph_step.
+        self.graph_steps = False
 
     # Views of the shared buffers, named as in the storage contract (docs/layerstore.md).
     sink_k = property(lambda self: None if self._sink is None else self._sink[0])
@@ -408,25 +412,71 @@ class KVarNLayer(CacheLayerMixin):
 
         The attention has been queued before: it read the counters as they were (same stream).
         """
-        length, g = kv.shape[3], self.tile_size
+        length = kv.shape[3]
         offsets = self._tail_len
+        if self.graph_steps:
+            # A replayed CUDA graph runs only the device ops recorded once, so the write position
+            # must come from the device counter (never from a host offset baked into the graph),
+            # and nothing host-side may happen here: after_graph_step does it after each replay.
+            self._write_tails_at_device_offsets(kv)
+            self.tail_len.add_(length)
+            return
         if len(self._groups) == 1:  # every row at the same offset: one slice copy
             self._tail[:, :, :, offsets[0] : offsets[0] + length].copy_(kv)
-        else:  # per-row offsets from the device counter
-            pos = self.tail_len.long().unsqueeze(1)
-            if length > 1:
-                pos = pos + torch.arange(length, device=self.device)
-            # advanced indices (rows, positions) come first in the result: [B, L, 2, Hkv, D]
-            self._tail[:, self._rows.unsqueeze(1), :, pos] = kv.permute(1, 3, 0, 2, 4)
+        else:
+            self._write_tails_at_device_offsets(kv)
         self.tail_len.add_(length)
-        self._tail_len = [t + length for t in offsets]
+        self._advance_host(length)
+
+    def _write_tails_at_device_offsets(self, kv: torch.Tensor) -> None:
+        """Write ``kv [2, B, Hkv, L, D]`` at each row's offset read from the device counter."""
+        pos = self.tail_len.long().unsqueeze(1)
+        if kv.shape[3] > 1:
+            pos = pos + torch.arange(kv.shape[3], device=self.device)
+        # advanced indices (rows, positions) come first in the result: [B, L, 2, Hkv, D]
+        self._tail[:, self._rows.unsqueeze(1), :, pos] = kv.permute(1, 3, 0, 2, 4)
+
+    def _advance_host(self, length: int) -> None:
+        """Host mirrors after ``length`` tokens went into every row's tail (the device counter is
+        already updated); quantize the tails that filled."""
+        self._tail_len = [t + length for t in self._tail_len]
         self._trailing_real = [t + length for t in self._trailing_real]
         self.columns += length
         if self.record_past:  # tiles that fill wait for the next update (see activate_past_recording)
             return
         for rows, index in self._groups:
-            if self._tail_len[rows[0]] == g:
+            if self._tail_len[rows[0]] == self.tile_size:
                 self._complete_full_tails(rows, index)
+
+    # ---- CUDA-graph decode steps (kvarn.integrations.cuda_graph) ---------------------------------
+    def graph_step_ready(self, length: int = 1) -> str | None:
+        """None when a decode step of ``length`` tokens per row can be recorded once and replayed:
+        it would take the decode step (sinks full, G-slot tails with room), with no deferred
+        tiles; else the reason it cannot (host-side test, no device reads)."""
+        if not self.is_initialized:
+            return "the layer holds no tokens yet (prefill first)"
+        if self.record_past:
+            return "past recording (assisted decoding) is on"
+        if self.pending is not None:
+            return "a forward call is in progress"
+        if self._tail.shape[3] != self.tile_size or max(self._tail_len) >= self.tile_size:
+            return "tiles are waiting to be quantized (the next eager step settles them)"
+        if not self._decode_step_applies(length):
+            if self.quant.keep_sink_tile and min(self._sink_len) < self.tile_size:
+                return f"some row's 16-bit sink tile is not full yet ({min(self._sink_len)} of {self.tile_size} tokens)"
+            return f"some row's tail has no room for {length} tokens"
+        return None
+
+    def graph_buffers(self) -> tuple:
+        """Address and shape of every buffer a recorded decode step reads or writes; a replay is
+        valid only while they are unchanged (tile storage that grows moves them)."""
+        tensors = (self._sink, self._tail, self._counters, self._rows, *self.store.tensors().values())
+        return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
+
+    def after_graph_step(self, length: int = 1) -> None:
+        """The host side of a decode step that ran as a graph replay (or, on CPU, eagerly with
+        ``graph_steps`` on): advance the host mirrors and quantize the tails that filled."""
+        self._advance_host(length)
 
     def _complete_full_tails(self, rows: list[int], index: torch.Tensor | None) -> None:
         """Quantize the full tails of ``rows`` (device ``index``, None = every row) into the

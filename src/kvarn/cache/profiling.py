@@ -72,8 +72,13 @@ class OpCounter(TorchDispatchMode):
         kernels: Counter of kernel name -> calls made through :meth:`kernel`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, trace: bool = False) -> None:
         super().__init__()
+        # With trace=True: every op (views included) and kernel call in order, with its arguments
+        # normalized by _describe; two calls whose traces are equal dispatch the same work on the
+        # same persistent buffers (what a CUDA graph's replay assumes).
+        self.trace: list[tuple] | None = [] if trace else None
+        self.persistent: set[int] = set()
         self.ops: Counter[str] = Counter()
         self.views = 0
         self.syncs: list[str] = []
@@ -91,6 +96,8 @@ class OpCounter(TorchDispatchMode):
 
     def _record(self, func, args, kwargs) -> None:
         name = _op_name(func)
+        if self.trace is not None:
+            self.trace.append((name, self._describe(args), self._describe(tuple(kwargs.items()))))
         if name in ("lift_fresh", "lift_fresh_copy"):
             self.uploads += 1
             return
@@ -109,6 +116,19 @@ class OpCounter(TorchDispatchMode):
         ):
             if len(args) == 1 or isinstance(args[1], torch.Tensor):
                 self.syncs.append(f"{name} (tensor repeats)")
+
+    def _describe(self, value):
+        """Arguments as a comparable value: a tensor in one of ``persistent``'s storages by where
+        it lies in it (storage, offset, shape, strides), any other tensor by shape and dtype only
+        (temporaries live at different addresses from call to call), everything else as is."""
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage().data_ptr()
+            if storage in self.persistent:
+                return ("buffer", storage, value.storage_offset(), tuple(value.shape), value.stride())
+            return ("tensor", tuple(value.shape), value.dtype)
+        if isinstance(value, (list, tuple)):
+            return tuple(self._describe(v) for v in value)
+        return value
 
     # ---- host reads that bypass the dispatcher --------------------------------------------------
     def __enter__(self):
@@ -148,6 +168,8 @@ class OpCounter(TorchDispatchMode):
         """Record one call of kernel ``name`` and return a context in which its work is not counted."""
         if not self._paused:
             self.kernels[name] += 1
+            if self.trace is not None:
+                self.trace.append(("kernel", name))
         return self.paused()
 
     # ---- summary --------------------------------------------------------------------------------
@@ -170,9 +192,9 @@ _ACTIVE: list[OpCounter] = []
 
 
 @contextlib.contextmanager
-def counting() -> Iterator[OpCounter]:
+def counting(trace: bool = False) -> Iterator[OpCounter]:
     """``with counting() as c:`` count the ops dispatched inside (see :class:`OpCounter`)."""
-    counter = OpCounter()
+    counter = OpCounter(trace)
     _ACTIVE.append(counter)
     try:
         with counter:

@@ -46,6 +46,32 @@ def decode_kernel_order() -> tuple[str, ...]:
     return GPU_CHECKED_DECODE
 
 
+def decode_unsupported_reason(
+    device: torch.device,
+    head_dim: int,
+    tile_size: int,
+    key_bits: int,
+    value_bits: int,
+    num_queries: int,
+    dtype,
+) -> str | None:
+    """None when a Triton decode kernel will take these shapes on ``device``, else why not."""
+    probe = torch.empty(0, device=device)
+    if not enabled_for(probe):
+        return f"the Triton kernels are off for {device} (CUDA device, Triton importable, KVARN_DISABLE_TRITON unset)"
+    import importlib
+
+    reasons = []
+    for name in decode_kernel_order():
+        reason = importlib.import_module(DECODE_MODULES[name]).supports(
+            head_dim, tile_size, key_bits, value_bits, num_queries, dtype
+        )
+        if reason is None:
+            return None
+        reasons.append(f"{name}: {reason}")
+    return "; ".join(reasons)
+
+
 def maybe_triton_decode(
     query, k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
     n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
