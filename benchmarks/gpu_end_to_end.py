@@ -129,8 +129,8 @@ def prefill(model, kind: str, quant: str, ids: torch.Tensor, chunk: int, device)
     the first ``rows`` prompt rows in one call (halving until it fits), then rows replicated to B.
     """
     batch = ids.shape[0]
-    if kind in ("dynamic", "static"):
-        cache = new_cache(model, kind, quant, max_len=ids.shape[1] + STATIC_SLACK)
+    if kind in ("dynamic", "static", "static-graph"):
+        cache = new_cache(model, kind.removesuffix("-graph"), quant, max_len=ids.shape[1] + STATIC_SLACK)
         for start in range(0, ids.shape[1], chunk):
             token = forward(model, cache, ids[:, start : start + chunk])
         return cache, token, ""
@@ -208,6 +208,42 @@ def time_decode(step, token: torch.Tensor, steps: int, device, rounds: int = 1) 
 
 def eager_step(model, cache):
     return lambda token: forward(model, cache, token)
+
+
+def static_graph_step(model, cache, token: torch.Tensor, position: int):
+    """transformers' StaticCache (16-bit, preallocated, sdpa) with its decode step recorded once
+    as a CUDA graph: the 16-bit baseline without host overhead (what a compiled static-cache
+    generate approaches). Rows hold ``position`` tokens each (no padding)."""
+    batch, device = token.shape[0], token.device
+    ids = token.clone()
+    pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
+    cache_pos = torch.full((1,), position, dtype=torch.long, device=device)
+
+    def device_step():
+        out = model(
+            input_ids=ids, position_ids=pos, cache_position=cache_pos, past_key_values=cache, logits_to_keep=1
+        )
+        chosen = out.logits[:, -1:].argmax(-1)
+        ids.copy_(chosen)
+        pos.add_(1)
+        cache_pos.add_(1)
+        return chosen
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the recording (two real steps)
+        device_step()
+        device_step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chosen = device_step()
+
+    def step(_token):
+        graph.replay()
+        return chosen.clone()
+
+    return step
 
 
 def graph_step(model, cache, token: torch.Tensor):
@@ -423,6 +459,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=True,
         help="also time KVarNCache with decode steps replayed from a CUDA graph (GraphDecoder)",
     )
+    ap.add_argument(
+        "--static-graph",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --graph, also time StaticCache with its decode step replayed from a CUDA graph (GPU)",
+    )
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-capacity", action="store_true")
@@ -500,6 +542,8 @@ def main(argv: list[str] | None = None) -> dict:
         ids = torch.randint(0, config.vocab_size, (batch, prompt), device=device, generator=gen)
         last = context == contexts[-1]
         kinds = ["dynamic", "kvarn"] + (["graph"] if args.graph else [])
+        if last and args.graph and args.static_graph and device.type == "cuda":
+            kinds.append("static-graph")
         if last and args.static and budget_left() > 150:
             kinds.insert(1, "static")
 
@@ -523,9 +567,12 @@ def main(argv: list[str] | None = None) -> dict:
                     cache, token, note = prefill(model, kind, args.quant, ids, args.prefill_chunk, device)
                 try:
                     with decode_kernel(kernel):
-                        step = (
-                            graph_step(model, cache, token) if kind == "graph" else eager_step(model, cache)
-                        )
+                        if kind == "graph":
+                            step = graph_step(model, cache, token)
+                        elif kind == "static-graph":
+                            step = static_graph_step(model, cache, token, ids.shape[1])
+                        else:
+                            step = eager_step(model, cache)
                         r = time_decode(step, token, steps, device, rounds)
                 except Exception:  # noqa: BLE001 - e.g. a decode kernel that does not compile
                     traceback.print_exc()
@@ -538,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row = {
                     "cache": kind,
                     "kernel": kernel
-                    or (",".join(dispatch.decode_kernel_order()) if kind != "dynamic" else ""),
+                    or (",".join(dispatch.decode_kernel_order()) if kind in ("kvarn", "graph") else ""),
                     "context": context,
                     "batch": batch,
                     "prefill_s": t_prefill,
@@ -573,7 +620,7 @@ def main(argv: list[str] | None = None) -> dict:
                 cache, token, note = prefill(model, kind, args.quant, ids, args.prefill_chunk, device)
             if (
                 last
-                and kind != "graph"
+                and not kind.endswith("graph")
                 and device.type == "cuda"
                 and not args.no_profile
                 and budget_left() > 60
@@ -582,7 +629,7 @@ def main(argv: list[str] | None = None) -> dict:
                     results["profile"][kind] = profile_steps(model, cache, token)
                 for line in results["profile"][kind]:
                     log(f"profile {kind}: {line}")
-            if last and kind not in ("static", "graph") and not args.no_capacity and budget_left() > 45:
+            if last and kind in ("dynamic", "kvarn") and not args.no_capacity and budget_left() > 45:
                 rows = predicted_rows(
                     free_after_weights - args.reserve_gb * 1e9, context, row["allocated_per_token"], layers
                 )
@@ -656,6 +703,15 @@ def print_table(
         print(f"(no complete DynamicCache/KVarNCache pair at {last}: see the log above)")
         return
     static = next((r for r in rows if r["cache"] == "static" and r["context"] == last), None)
+    static_graph = next((r for r in rows if r["cache"] == "static-graph" and r["context"] == last), None)
+    graphed = next((r for r in rows if r["cache"] == "graph" and r["context"] == last), None)
+    if static_graph and graphed:
+        print()
+        print(
+            f"CUDA graphs on both sides at {last}: StaticCache (16-bit, sdpa) {static_graph['tok_s']:.1f} tok/s, "
+            f"{static_graph['ms_step']:.2f} ms/step; KVarNCache {graphed['tok_s']:.1f} tok/s, "
+            f"{graphed['ms_step']:.2f} ms/step: **{graphed['tok_s'] / static_graph['tok_s']:.2f}x**"
+        )
     if static:
         print()
         print(
