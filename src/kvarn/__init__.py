@@ -13,6 +13,7 @@ from kvarn.codec import (
 )
 from kvarn.config import METHODS, PRESETS, ConfigError, KVarNConfig
 from kvarn.fake_quant import fake_quantize, fake_quantize_tiles
+from kvarn.integrations.cuda_graph import GraphDecoder, graph_generate  # noqa: E402
 from kvarn.integrations.transformers import cache_for, enable, register  # noqa: E402
 from kvarn.method.hadamard import hadamard_transform
 
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheUsageError",
+    "GraphDecoder",
     "KVarNCache",
     "UnsupportedModelError",
     "cache_for",
@@ -38,6 +40,7 @@ __all__ = [
     "encode_tiles",
     "fake_quantize",
     "fake_quantize_tiles",
+    "graph_generate",
     "hadamard_transform",
     "tile_nbytes",
 ]
