@@ -46,8 +46,7 @@ KB, VB = 4, 2
 
 # tc launch variants for --sweep (splits are swept separately: a run-time argument, no recompile).
 VARIANTS = [
-    dict(),  # defaults: one launch, words, subnormal code operands, 4 rows, 3 stages, cap 168
-    dict(fused=False),  # three launches (16-bit segments, tiles, merge)
+    dict(),  # defaults: three launches, words, subnormal code operands, 4 rows, 3 stages, cap 168
     dict(code_operands="fma"),  # session 2's code operands (one f16x2 fma per 2 codes)
     dict(num_stages=2),
     dict(maxnreg=128),  # 4 programs per SM

@@ -409,10 +409,9 @@ def main() -> int:
         (bf, 64, 64, 4, 3, 1, 4, 2, 40, {"tc_launch": {"m_block": 4, "meta_ahead": 0}}),
         (bf, 128, 64, 4, 3, 1, 2, 2, 40, {"tc_launch": {"variant": "planes", "m_block": 4}}),
         (f16, 128, 32, 1, 3, 1, 8, 8, 40, {"tc_launch": {"m_block": 2}}),
-        # tc's one launch (the default: 16-bit segments in the last run, in-kernel merge) against
-        # its three-launch twin; one-wave split counts on a long row; many splits x row blocks
-        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"fused": False}}),
-        (f16, 128, 128, 8, 5, 16, 4, 2, 7, {"tc_launch": {"fused": False}}),
+        # float16 with many row blocks (group 8 x 16 queries); one-wave split counts on a long
+        # row; many splits x row blocks
+        (f16, 128, 128, 8, 5, 16, 4, 2, 7, {}),
         (bf, 128, 128, 4, 1, 1, 4, 2, 300, {"splits": 49}),
         (bf, 128, 128, 8, 3, 16, 4, 2, 40, {"splits": 160}),
         # subnormal code operands (the words default) and the fma twin explicitly
@@ -438,7 +437,7 @@ def main() -> int:
         (bf, 256, 128, 2, 2, 1, 4, 2, 20, {"tc_launch": {"code_operands": "subnormal"}}),
         (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"num_stages": 2}}),
         (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"maxnreg": 128}}),
-        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"dense_chunk": 64, "merge_chunk": 8}}),
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"dense_chunk": 64}}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]
@@ -468,7 +467,6 @@ def main() -> int:
         if "tc" in args.decode_kernels.split(","):
             check_cuda_graph("tc", {"variant": "words", "meta_ahead": 1})
             check_cuda_graph("tc", {"m_block": 4})
-            check_cuda_graph("tc", {"fused": False})
             check_cuda_graph("tc", {"code_operands": "fma"})
     # One verdict line per decode kernel (scripts and dispatch decisions read these).
     for kernel in args.decode_kernels.split(","):

@@ -352,36 +352,6 @@ def test_word_asm_constants_decode_every_word(bits):
 
 
 @pytest.mark.parametrize(
-    "group,nq,variant,num_splits,m_block,fused",
-    [
-        (4, 1, "words", 3, None, True),
-        (2, 3, "auto", 2, 4, True),
-        (1, 3, "planes", 5, None, True),
-        (4, 1, "words", 3, None, "merge"),
-    ],
-)
-def test_decode_tc_fused_launch_matches_three_launches(group, nq, variant, num_splits, m_block, fused):
-    """One launch (16-bit segments in the last tile run, merge by the last program to finish)
-    against the three-launch twin and the reference: two row blocks (6 rows in blocks of 4),
-    empty rows, more splits than tiles; the arrival counters are left at zero for the next call."""
-    from kvarn.attention.triton.split_k import merge_counters
-
-    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=64)
-    kw = random_layer_storage(
-        batch=3, kv_heads=2, group=group, num_queries=nq, head_dim=64, config=cfg,
-        n_tiles=[4, 0, 2], sink_len=[64, 5, 0], tail_len=[9, 0, 63], capacity=5, dtype=torch.bfloat16,
-    )  # fmt: skip
-    launch = dict(num_splits=num_splits, variant=variant, m_block=m_block)
-    one = _check(kw, fused=fused, **launch)
-    three = _check(kw, fused=False, **launch)
-    assert torch.equal(merge_counters(kw["query"].device, 1)[: 3 * 2 * 8], torch.zeros(48, dtype=torch.int32))
-    # Same partials, merged in the same order: the two launches agree to float32 summation order.
-    assert relative_error(one.float(), three.float()) < 1e-2
-    again = decode_tc.quantized_decode_attention(**kw, fused=fused, **launch)
-    assert torch.equal(again, one)
-
-
-@pytest.mark.parametrize(
     "batch,kv_heads,slots_per_sm,expected",
     [(1, 8, 3, 49), (8, 8, 3, 6), (2, 8, 3, 24), (32, 8, 3, 3), (1, 8, 2, 33)],
 )

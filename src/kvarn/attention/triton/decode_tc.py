@@ -52,9 +52,7 @@ from kvarn.attention.triton.contract import (
 )
 from kvarn.attention.triton.launch import FastLauncher
 from kvarn.attention.triton.split_k import (
-    merge_counters,
     merge_grid,
-    merge_if_last,
     merge_num_warps,
     merge_partials,
     online_step,
@@ -410,81 +408,6 @@ def _dense_program(
 
 
 @triton.jit
-def _dense_chunk_into(
-    q16, m_i, l_i, acc0, acc1, acc2, acc3, k_base, sk_t, v_base, sv_t, t0, n_valid, q_pos, qk_scale,
-    TC: tl.constexpr, D: tl.constexpr, NPV: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    """One chunk of a 16-bit segment (tokens [t0, t0 + TC) masked to [0, n_valid)) folded into a
-    tile run's online softmax; ``t0 < n_valid``, so every row sees a finite score. Values are
-    read per accumulator (channels NPV*i + c, the tile loop's order); p goes in hi + lo parts of
-    the value dtype, so the 16-bit segments lose nothing to operand rounding (as in
-    ``_attend_dense``)."""
-    t = t0 + tl.arange(0, TC)
-    valid = t < n_valid
-    m_i, l_i, alpha, p_hi, p_lo = _dense_softmax_step(
-        q16, m_i, l_i, k_base, sk_t, t, valid, q_pos, qk_scale, D, CAUSAL, INTERPRET
-    )
-    dv = tl.arange(0, D // NPV) * NPV
-    v_rows = v_base + t[:, None].to(tl.int64) * sv_t
-    vmask = valid[:, None]
-    v0 = tl.load(v_rows + dv[None, :], mask=vmask, other=0.0)
-    acc0 = acc0 * alpha[:, None] + _dot(p_hi, v0, INTERPRET) + _dot(p_lo, v0, INTERPRET)
-    if NPV >= 2:
-        v1 = tl.load(v_rows + (dv + 1)[None, :], mask=vmask, other=0.0)
-        acc1 = acc1 * alpha[:, None] + _dot(p_hi, v1, INTERPRET) + _dot(p_lo, v1, INTERPRET)
-    if NPV >= 4:
-        v2 = tl.load(v_rows + (dv + 2)[None, :], mask=vmask, other=0.0)
-        acc2 = acc2 * alpha[:, None] + _dot(p_hi, v2, INTERPRET) + _dot(p_lo, v2, INTERPRET)
-        v3 = tl.load(v_rows + (dv + 3)[None, :], mask=vmask, other=0.0)
-        acc3 = acc3 * alpha[:, None] + _dot(p_hi, v3, INTERPRET) + _dot(p_lo, v3, INTERPRET)
-    return m_i, l_i, acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def _dense_share(
-    split, num_splits, q16, m_i, l_i, acc0, acc1, acc2, acc3, q_pos, qk_scale, b, b64, h64,
-    sk_ptr, ssk_b, ssk_h, ssk_t, sv_ptr, ssv_b, ssv_h, ssv_t, sink_len_ptr,
-    tk_ptr, stk_b, stk_h, stk_t, tv_ptr, stv_b, stv_h, stv_t, tail_len_ptr,
-    nk_ptr, snk_b, snk_h, snk_t, nv_ptr, snv_b, snv_h, snv_t,
-    D: tl.constexpr, G: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr, DC: tl.constexpr,
-    NPV: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    """This tile run's share of the 16-bit segments (fused launch): chunk j of [new tokens, sink
-    chunks, tail chunks] goes to run ``num_splits - j % num_splits``, so the chunks spread over
-    the runs starting from the last one (the run with the fewest tiles) instead of adding a
-    serial pass of their own (a separate launch took ~11 us on an H100, latency-bound)."""
-    SEG: tl.constexpr = G // DC
-    j = num_splits - split
-    if j == 0:  # new tokens: one chunk, causal among themselves
-        m_i, l_i, acc0, acc1, acc2, acc3 = _dense_chunk_into(
-            q16, m_i, l_i, acc0, acc1, acc2, acc3, nk_ptr + b64 * snk_b + h64 * snk_h, snk_t,
-            nv_ptr + b64 * snv_b + h64 * snv_h, snv_t, 0, L, q_pos, qk_scale, L_PAD, D, NPV, True, INTERPRET,
-        )  # fmt: skip
-        j += num_splits
-    sink_len = tl.load(sink_len_ptr + b)
-    tail_len = tl.load(tail_len_ptr + b)
-    while j < 1 + 2 * SEG:
-        in_sink = j <= SEG
-        t0 = tl.where(in_sink, j - 1, j - 1 - SEG) * DC
-        n_valid = tl.where(in_sink, sink_len, tail_len)
-        if t0 < n_valid:
-            if in_sink:
-                m_i, l_i, acc0, acc1, acc2, acc3 = _dense_chunk_into(
-                    q16, m_i, l_i, acc0, acc1, acc2, acc3, sk_ptr + b64 * ssk_b + h64 * ssk_h, ssk_t,
-                    sv_ptr + b64 * ssv_b + h64 * ssv_h, ssv_t, t0, n_valid, q_pos, qk_scale, DC, D, NPV, False,
-                    INTERPRET,
-                )  # fmt: skip
-            else:
-                m_i, l_i, acc0, acc1, acc2, acc3 = _dense_chunk_into(
-                    q16, m_i, l_i, acc0, acc1, acc2, acc3, tk_ptr + b64 * stk_b + h64 * stk_h, stk_t,
-                    tv_ptr + b64 * stv_b + h64 * stv_h, stv_t, t0, n_valid, q_pos, qk_scale, DC, D, NPV, False,
-                    INTERPRET,
-                )  # fmt: skip
-        j += num_splits
-    return m_i, l_i, acc0, acc1, acc2, acc3
-
-
-@triton.jit
 def _pv(pa, pa_lo, plane, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
     """(p * a_v) @ plane, with the float16 rounding remainder of p * a_v as a second operand
     when PA_SPLIT (float16 outputs: one operand's rounding would reach the output rounding)."""
@@ -795,14 +718,12 @@ def _decode_tc_kernel(
     nk_ptr, snk_b, snk_h, snk_t,
     nv_ptr, snv_b, snv_h, snv_t,
     po_ptr, pm_ptr, pl_ptr,
-    cnt_ptr, out_ptr, so_b, so_h, so_l,
     qk_scale, NUM_SPLITS,  # a run-time argument: changing the split count needs no recompile
     HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr,
     D: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     M_BLOCK: tl.constexpr, DC: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, DENSE: tl.constexpr, PREFETCH: tl.constexpr, UNPACK_ASM: tl.constexpr,
     INTERPRET: tl.constexpr, WORDS: tl.constexpr, META_AHEAD: tl.constexpr, SUBNORMAL: tl.constexpr,
-    FUSED: tl.constexpr, FUSED_DENSE: tl.constexpr, MERGE_SLOTS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     # Two launches of this kernel: DENSE (split 0 only) and the tiles (splits 1..NUM_SPLITS), so
@@ -908,15 +829,6 @@ def _decode_tc_kernel(
                         vc_base, svc_n, va_base, sva_n, vz_base, svz_n, vs_base, svs_n, D, G, KB, VB, QA_SPLIT, PA_SPLIT, UNPACK_ASM and not INTERPRET, INTERPRET,
                     )  # fmt: skip
                     kbytes = k_next
-        if FUSED_DENSE:
-            q16 = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
-            m_i, l_i, acc0, acc1, acc2, acc3 = _dense_share(
-                split, NUM_SPLITS, q16, m_i, l_i, acc0, acc1, acc2, acc3, q_pos, qk_scale, b, b64, h64,
-                sk_ptr, ssk_b, ssk_h, ssk_t, sv_ptr, ssv_b, ssv_h, ssv_t, sink_len_ptr,
-                tk_ptr, stk_b, stk_h, stk_t, tv_ptr, stv_b, stv_h, stv_t, tail_len_ptr,
-                nk_ptr, snk_b, snk_h, snk_t, nv_ptr, snv_b, snv_h, snv_t,
-                D, G, L, L_PAD, DC, NPV, INTERPRET,
-            )  # fmt: skip
         tl.store(pm_ptr + slot, m_i, mask=row_ok)
         tl.store(pl_ptr + slot, l_i, mask=row_ok)
         # Accumulator c holds channels NPV*i + c.
@@ -928,13 +840,6 @@ def _decode_tc_kernel(
         if NPV >= 4:
             tl.store(o_rows + (dv * NPV + 2)[None, :], acc2, mask=row_ok[:, None])
             tl.store(o_rows + (dv * NPV + 3)[None, :], acc3, mask=row_ok[:, None])
-        if FUSED:
-            out_off = b64 * so_b + q_head.to(tl.int64) * so_h + q_pos.to(tl.int64) * so_l
-            merge_if_last(
-                cnt_ptr + bh * tl.num_programs(2) + mb, NUM_SPLITS, po_ptr, pm_ptr, pl_ptr,
-                bh * (NUM_SPLITS + 1) + FUSED_DENSE, NUM_SPLITS + 1 - FUSED_DENSE, rows, row_ok, out_ptr, out_off,
-                MROWS, D, MERGE_SLOTS, MERGE_CHUNK,
-            )  # fmt: skip
 
 
 _TILE_LAUNCH = FastLauncher(_decode_tc_kernel)
@@ -1020,7 +925,7 @@ def quantized_decode_attention(
     num_warps: int | None = None, num_stages: int | None = None, qa_split: bool | None = None,
     prefetch: bool = False, unpack_asm: bool = True, pa_split: bool | None = None,
     maxnreg: int | None | str = "auto", variant: str = "auto", meta_ahead: int | None = None,
-    code_operands: str = "auto", fused: bool | str = False, overlap_dense: bool | None = None, merge_chunk: int = 16, dense_chunk: int | None = None,
+    code_operands: str = "auto", overlap_dense: bool | None = None, dense_chunk: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract).
 
@@ -1054,23 +959,16 @@ def quantized_decode_attention(
     818 instructions per warp per tile). Both exact; "subnormal" relies on the tensor cores taking
     float16 subnormal inputs, which PTX leaves unspecified (docs/gpu_decode_notes.md, round 4).
     ``"auto"``: ``WORDS_CODE_OPERANDS`` for "words", "fma" for "planes".
-    ``fused`` (default False: three launches) ``=True`` makes the call one launch: the tile runs of each (row, KV head) share the
-    16-bit segments' chunks (``_dense_share``), and the last program to finish merges the partials
-    (``split_k.merge_if_last``); ``False`` keeps the three launches (16-bit segments, tiles,
-    merge), the twin the tests compare against; ``"merge"`` fuses the merge only (16-bit segments
-    in a launch of their own). Not the default because it does not pay on an H100: the in-kernel
-    merge and the shared 16-bit chunks land on the one wave's critical path (128k x 1: three
-    launches 79.2 us, one launch 80.4 us, merge only 86.0 us; 32k x 8: 132.9 / 132.6 / 134.1 us;
-    docs/gpu.md). ``overlap_dense`` (three launches, CUDA): the 16-bit segments' launch runs on
-    a second stream, concurrently with the tile launch; None (default): only while a CUDA graph
-    is captured (H100 graph replays: 32k x 8 125.9 vs 130.2 us, 128k x 1 74.0 vs 76.0 us); in
-    eager calls the stream switch costs more host time than it saves (decoding is host-bound). ``merge_chunk`` (power of two): partials per
-    unrolled step of the in-kernel merge; ``dense_chunk`` (power of two; default 128 at head_dim
-    <= 128, else 32): 16-bit tokens per step of the dense segments.
+    A call is three launches: the 16-bit segments, the tiles, the merge. ``overlap_dense`` (CUDA):
+    the 16-bit segments' launch runs on a second stream, concurrently with the tile launch; None
+    (default): only while a CUDA graph is captured (H100 graph replays: 32k x 8 125.9 vs 130.2 us,
+    128k x 1 74.0 vs 76.0 us); in eager calls the stream switch costs more host time than it saves
+    (decoding is host-bound). ``dense_chunk`` (power of two; default 128 at head_dim <= 128, else
+    32): 16-bit tokens per step of the dense segments. (A one-launch option, ``fused``, was
+    measured slower and removed in session 4; docs/gpu.md.)
     """
-    for name, value in (("merge_chunk", merge_chunk), ("dense_chunk", dense_chunk)):
-        if value is not None and (not isinstance(value, int) or not is_pow2(value)):
-            raise ValueError(f"{name}={value!r}: expected a power of two")
+    if dense_chunk is not None and (not isinstance(dense_chunk, int) or not is_pow2(dense_chunk)):
+        raise ValueError(f"dense_chunk={dense_chunk!r}: expected a power of two")
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
         v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_channel_scale=v_channel_scale,
@@ -1146,11 +1044,6 @@ def quantized_decode_attention(
     dev = query.device
     part_o, part_m, part_l = split_workspace(bsz * hkv, s1, mrows, hd, dev, POISON_WORKSPACE)
     out = output_buffer(out, (bsz, hq, nq, hd), query.dtype, dev)
-    if fused not in (True, False, "merge"):
-        raise ValueError(f"fused={fused!r}: expected True, False or 'merge'")
-    counters = merge_counters(dev, bsz * hkv * n_mb) if fused else None
-    fused_dense = fused is True and counters is not None
-    fused = counters is not None
 
     def st(x, n):
         return x.stride()[:n]
@@ -1166,7 +1059,6 @@ def quantized_decode_attention(
         tail_k, *st(tail_k, 3), tail_v, *st(tail_v, 3), tail_len,
         new_k, *st(new_k, 3), new_v, *st(new_v, 3),
         part_o, part_m, part_l,
-        counters if fused else part_l, out, *st(out, 3),
         float(scaling) * LOG2E, num_splits,
     )  # fmt: skip
     interp = interpreting()
@@ -1176,39 +1068,33 @@ def quantized_decode_attention(
         # 16-bit tokens per dense step: whole 128-token tiles at head_dim <= 128 (H100, three
         # launches: 128k x 1 76.0 us vs 79.1 us with 32, 32k x 8 129.0 vs 132.7 us)
         DC=min(g, dense_chunk or (128 if hd <= 128 else 32)), QA_SPLIT=qa_split, PA_SPLIT=pa_split,
-        MERGE_SLOTS=_next_pow2(num_splits + 1 - fused_dense),
-        MERGE_CHUNK=min(_next_pow2(num_splits + 1 - fused_dense), merge_chunk),
     )  # fmt: skip
     main_stream = side = None
-    if not fused_dense:
-        if overlap_dense is None:
-            overlap_dense = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if overlap_dense and dev.type == "cuda" and not interp:
-            # The 16-bit segments on a second stream, concurrently with the tile launch (their
-            # latency-bound few programs otherwise sit alone on the GPU before it); the merge
-            # waits for both. Captured by CUDA graphs as two branches.
-            main_stream = torch.cuda.current_stream(dev)
-            side = _side_stream(dev)
-            side.wait_stream(main_stream)
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            _TILE_LAUNCH(
-                (bsz * hkv, 1, n_mb), args,
-                {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp,
-                 "WORDS": False, "META_AHEAD": 0, "SUBNORMAL": False, "FUSED": False, "FUSED_DENSE": False},
-                num_warps=4, num_stages=1,
-            )  # fmt: skip
+    if overlap_dense is None:
+        overlap_dense = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if overlap_dense and dev.type == "cuda" and not interp:
+        # The 16-bit segments on a second stream, concurrently with the tile launch (their
+        # latency-bound few programs otherwise sit alone on the GPU before it); the merge
+        # waits for both. Captured by CUDA graphs as two branches.
+        main_stream = torch.cuda.current_stream(dev)
+        side = _side_stream(dev)
+        side.wait_stream(main_stream)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        _TILE_LAUNCH(
+            (bsz * hkv, 1, n_mb), args,
+            {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp,
+             "WORDS": False, "META_AHEAD": 0, "SUBNORMAL": False},
+            num_warps=4, num_stages=1,
+        )  # fmt: skip
     tile_options = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None and not interp:
         tile_options["maxnreg"] = maxnreg
     LAST_LAUNCH[0] = _TILE_LAUNCH(
         (bsz * hkv, num_splits, n_mb), args,
         {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp, "INTERPRET": interp,
-         "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0, "SUBNORMAL": code_operands == "subnormal",
-         "FUSED": fused, "FUSED_DENSE": fused_dense},
+         "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0, "SUBNORMAL": code_operands == "subnormal"},
         **tile_options,
     )  # fmt: skip
-    if fused:
-        return out
     if side is not None:
         main_stream.wait_stream(side)
     grid = merge_grid(bsz * hkv * mrows, hd)
