@@ -375,9 +375,9 @@ def check_kernels_in_cache(device, quant: str) -> str:
     return f"{verdict}: max relative logit difference {worst:.2e} over {steps + 1} steps; tiles per row {tiles[0]}"
 
 
-def check_graph_decoding(device, quant: str) -> str:
-    """Greedy tokens of a small model (Llama-3 head shapes, left-padded batch): decode steps
-    replayed from a CUDA graph vs ``model.generate`` over a KVarNCache (same kernels, eager)."""
+def graph_check_setup(device):
+    """The graph checks' small model (Llama-3 head shapes, 2 layers, bf16) and left-padded prompts:
+    rows at three tail offsets, so tiles complete at different steps."""
     config = LlamaConfig(
         vocab_size=2048, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=4096,
@@ -385,11 +385,18 @@ def check_graph_decoding(device, quant: str) -> str:
     )  # fmt: skip
     model = build_model(config, device, torch.bfloat16)
     gen = torch.Generator(device=device).manual_seed(2)
-    batch, prompt, new = 3, 330, 300  # rows at three tail offsets; tiles complete at different steps
-    ids = torch.randint(1, 2048, (batch, prompt), device=device, generator=gen)
+    ids = torch.randint(1, 2048, (3, 330), device=device, generator=gen)
     mask = torch.ones_like(ids)
     mask[1, :40] = 0
     mask[2, :97] = 0
+    return model, ids, mask
+
+
+def check_graph_decoding(device, quant: str) -> str:
+    """Greedy tokens of a small model (Llama-3 head shapes, left-padded batch): decode steps
+    replayed from a CUDA graph vs ``model.generate`` over a KVarNCache (same kernels, eager)."""
+    model, ids, mask = graph_check_setup(device)
+    (batch, prompt), new = ids.shape, 300
     with torch.no_grad():
         expected = model.generate(
             ids, attention_mask=mask, past_key_values=kvarn.cache_for(model, quant), max_new_tokens=new,
@@ -404,6 +411,60 @@ def check_graph_decoding(device, quant: str) -> str:
     return (
         f"{verdict}: {same:.1%} of {new} greedy tokens x {batch} rows equal to model.generate{where}; "
         f"{decoder.stats.recordings} recording(s), {decoder.stats.replays} replays, {decoder.stats.eager_steps} eager"
+    )
+
+
+def check_graph_sampling(device, quant: str) -> str:
+    """Sampled decoding from CUDA-graph replays (the model and prompts of check_graph_decoding):
+    ``top_k=1`` equals greedy exactly; at temperature 1, top_p 0.9 the same seed gives the same
+    tokens and another seed other tokens; and the graph run's tokens equal those of the eager twin
+    (``capture=False``, same seed), which draws fresh numbers at every step: a replay that reused
+    the recording's random numbers would part from it. Raises on failure."""
+    model, ids, mask = graph_check_setup(device)
+    (batch, prompt), new = ids.shape, 200
+
+    def run(capture=None, **options):
+        decoder = GraphDecoder(model, kvarn.cache_for(model, quant), capture=capture)
+        with torch.no_grad():
+            tokens = decoder.generate(ids, mask, max_new_tokens=new, **options)
+        stats = decoder.stats
+        if capture is None and (stats.recordings < 1 or stats.replays < 1):
+            raise AssertionError(f"expected a recording and replays, got {stats}")
+        return tokens[:, prompt:], stats
+
+    def seeded(seed: int):
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def differ(a, b) -> str:
+        return f"{int((a != b).sum())} of {a.numel()} tokens differ"
+
+    greedy, _ = run()
+    top1, _ = run(do_sample=True, top_k=1, temperature=0.7, generator=seeded(0))
+    if not torch.equal(top1, greedy):
+        raise AssertionError(f"top_k=1 sampling vs greedy: {differ(top1, greedy)}")
+    options = dict(do_sample=True, temperature=1.0, top_p=0.9)
+    first, stats = run(**options, generator=seeded(1))
+    again, _ = run(**options, generator=seeded(1))
+    other, _ = run(**options, generator=seeded(2))
+    eager, _ = run(capture=False, **options, generator=seeded(1))
+    if not torch.equal(first, again):
+        raise AssertionError(f"same seed, two graph runs: {differ(first, again)}")
+    if torch.equal(first, other) or torch.equal(first, greedy):
+        raise AssertionError("another seed (or greedy) gave the same tokens as seed 1")
+    if not torch.equal(first, eager):
+        raise AssertionError(
+            f"graph replays vs the eager twin with the same seed: {differ(first, eager)} (replays reusing "
+            "the recording's random numbers, or logits that differ between graph and eager steps)"
+        )
+    torch.cuda.manual_seed(3)  # generator=None: the default CUDA generator, registered by capture
+    default, _ = run(**options)
+    torch.cuda.manual_seed(3)
+    if not torch.equal(default, run(**options)[0]):
+        raise AssertionError("default generator: same torch.cuda.manual_seed, different tokens")
+    return (
+        f"OK: top_k=1 == greedy ({new} tokens x {batch} rows); top_p 0.9: same seed same tokens, equal to "
+        f"the eager twin's; another seed: {differ(first, other)}; {stats.recordings} recording(s), "
+        f"{stats.replays} replays, {stats.eager_steps} eager"
     )
 
 
@@ -522,14 +583,18 @@ def main(argv: list[str] | None = None) -> dict:
                     checks.append(f"[{kernel or 'default'}] FAILED (traceback above)")
             free_memory(device)
             log(f"check (Triton vs PyTorch inside the cache): {checks[-1]}")
-        if args.graph:
+        graph_checks = [
+            ("graph", check_graph_decoding, "CUDA-graph decode vs model.generate"),
+            ("graph sampling", check_graph_sampling, "CUDA-graph sampled decode: seeds, top_k=1 == greedy"),
+        ]
+        for tag, check, what in graph_checks if args.graph else []:
             try:
-                checks.append(f"[graph] {check_graph_decoding(device, args.quant)}")
+                checks.append(f"[{tag}] {check(device, args.quant)}")
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
-                checks.append("[graph] FAILED (traceback above)")
+                checks.append(f"[{tag}] FAILED (traceback above)")
             free_memory(device)
-            log(f"check (CUDA-graph decode vs model.generate): {checks[-1]}")
+            log(f"check ({what}): {checks[-1]}")
         results["check"] = "; ".join(checks)
 
     config = llama3_8b_config(args.tiny)

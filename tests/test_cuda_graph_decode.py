@@ -16,6 +16,7 @@ import kvarn
 from kvarn.cache import CacheUsageError, UnsupportedModelError
 from kvarn.cache.profiling import counting, gpu_path_on_cpu
 from kvarn.integrations.cuda_graph import GraphDecoder, graph_generate
+from kvarn.integrations.sampling import SamplingConfig, sample_next
 from tests.test_cache_common import VOCAB, one_torch_thread, tiny_model  # noqa: F401
 
 TILE = 32
@@ -86,10 +87,16 @@ def test_graph_generate_one_call():
     assert torch.equal(got, expected)
 
 
-def test_device_step_is_the_same_work_at_every_step(monkeypatch):
+@pytest.mark.parametrize(
+    "sampling",
+    [{}, dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05)],
+    ids=["greedy", "sampled"],
+)
+def test_device_step_is_the_same_work_at_every_step(monkeypatch, sampling):
     """What the recording assumes: every decode step dispatches the same ops with the same
     arguments on the same persistent buffers (no host offsets, no host lengths), and never
-    synchronizes; rows sit at different tail offsets and tiles complete between steps."""
+    synchronizes; rows sit at different tail offsets and tiles complete between steps. Sampled
+    steps too: the filters and the draw are fixed-shape device ops on the same generator."""
     model = kvarn.enable(tiny_model("llama", dtype=torch.bfloat16))
     ids, mask = _prompts(3, 50, [0, 6, 13])
     cache = kvarn.KVarNCache(config=model.config, tile_size=TILE)
@@ -110,7 +117,7 @@ def test_device_step_is_the_same_work_at_every_step(monkeypatch):
 
     monkeypatch.setattr(GraphDecoder, "_device_step", traced)
     with gpu_path_on_cpu("twin"):
-        decoder.generate(ids, mask, max_new_tokens=2 * TILE + 3)
+        decoder.generate(ids, mask, max_new_tokens=2 * TILE + 3, **sampling)
     assert len(traces) == 2 * TILE + 2  # every step after the prefill replayable
     assert all(s == [] for s in syncs), syncs
     kernels = [op for op in traces[0] if op[0] == "kernel"]
@@ -172,3 +179,148 @@ def test_resume_takes_over_a_prefilled_cache():
     decoder.resume(first)
     got = torch.stack([first] + [decoder.step() for _ in range(11)], dim=1)
     assert torch.equal(got, expected[:, 45:])
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+def _sampled(model, ids, mask, new_tokens: int, seed: int | None, **kwargs):
+    decoder = GraphDecoder(model, kvarn.KVarNCache(config=model.config, quant="k4v2", tile_size=TILE))
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    tokens = decoder.generate(
+        ids, mask, max_new_tokens=new_tokens, do_sample=True, generator=generator, **kwargs
+    )
+    return tokens, decoder.stats
+
+
+@pytest.mark.parametrize("arch, length, pads", [("llama", 70, [0, 5, 17]), ("qwen3", 40, [0, 20])])
+def test_top_k_1_sampling_is_greedy(arch, length, pads):
+    model = kvarn.enable(tiny_model(arch))
+    ids, mask = _prompts(len(pads), length, pads)
+    expected = _reference(model, ids, mask, TILE + 5)
+    got, _ = _sampled(model, ids, mask, TILE + 5, seed=0, top_k=1, temperature=0.5, top_p=0.8)
+    assert torch.equal(got, expected)
+
+
+def test_sampling_is_reproducible_by_seed():
+    model = kvarn.enable(tiny_model("qwen3"))  # row 1's sink fills during decoding: eager steps first
+    ids, mask = _prompts(2, 40, [0, 20])
+    options = dict(temperature=1.0, top_p=0.9)
+    first, stats = _sampled(model, ids, mask, TILE + 20, seed=7, **options)
+    again, _ = _sampled(model, ids, mask, TILE + 20, seed=7, **options)
+    other, _ = _sampled(model, ids, mask, TILE + 20, seed=8, **options)
+    assert torch.equal(first, again)
+    assert not torch.equal(first[:, 40:], other[:, 40:])
+    assert stats.eager_steps > 1 and stats.replays > 0  # eager and device steps draw alike
+    assert not torch.equal(first, _reference(model, ids, mask, TILE + 20))  # it did sample
+    torch.manual_seed(11)  # generator=None: torch's default generator
+    default, _ = _sampled(model, ids, mask, TILE + 20, seed=None, **options)
+    torch.manual_seed(11)
+    assert torch.equal(default, _sampled(model, ids, mask, TILE + 20, seed=None, **options)[0])
+
+
+def test_sampled_tokens_lie_in_the_filtered_support(monkeypatch):
+    """Every token (prefill's and each step's) is one the filters kept for that step's logits,
+    here within the top 3, and the logits are the step's own (the draw is not skipped)."""
+    from kvarn.integrations import cuda_graph
+
+    model = kvarn.enable(tiny_model("llama", seed=2))
+    ids, mask = _prompts(3, 70, [0, 5, 17], seed=2)
+    seen = []
+
+    def recording(logits, config, generator=None):
+        tokens = sample_next(logits, config, generator)
+        seen.append((logits.clone(), tokens.clone()))
+        return tokens
+
+    monkeypatch.setattr(cuda_graph, "sample_next", recording)
+    got, stats = _sampled(model, ids, mask, 24, seed=1, top_k=3, temperature=2.0)
+    assert len(seen) == 24 and stats.replays == 23
+    assert torch.equal(got[:, 70:], torch.stack([tokens for _, tokens in seen], dim=1))
+    for logits, tokens in seen:
+        top3 = logits.topk(3, dim=-1).indices
+        assert bool((top3 == tokens[:, None]).any(dim=-1).all())
+    assert any(not torch.equal(tokens, logits.argmax(-1)) for logits, tokens in seen)  # not greedy
+
+
+def test_sampling_stops_like_a_free_run_masked():
+    """With a stop token, a sampled run is the free run with the same seed, each row padded after
+    its first stop token (the device keeps drawing for stopped rows, so the others' draws are the
+    same), and trimmed once every row has stopped."""
+    model = kvarn.enable(tiny_model("llama", seed=3))
+    ids, mask = _prompts(3, 44, [0, 4, 9], seed=3)
+    options = dict(temperature=0.8, top_k=5)
+    free, _ = _sampled(model, ids, mask, 40, seed=5, **options)
+    new = free[:, 44:]
+    stop, pad = int(new[0, 5]), 1
+    got, _ = _sampled(model, ids, mask, 40, seed=5, eos_token_id=[stop], pad_token_id=pad, **options)
+    stopped = (new == stop).cummax(dim=1).values
+    after = torch.cat([torch.zeros_like(stopped[:, :1]), stopped[:, :-1]], dim=1)
+    expected = new.masked_fill(after, pad)
+    if bool(stopped[:, -1].all()):
+        expected = expected[:, : int(stopped.all(dim=0).nonzero()[0]) + 1]
+    assert torch.equal(got, torch.cat([ids, expected], dim=1))
+
+
+def test_resume_samples_too():
+    model = kvarn.enable(tiny_model("llama", seed=1))
+    ids, mask = _prompts(2, 45, [0, 7], seed=1)
+    runs = []
+    for _ in range(2):
+        decoder = GraphDecoder(model, kvarn.KVarNCache(config=model.config, tile_size=TILE))
+        first = decoder.start(ids, mask, 12)
+        decoder.resume(first, do_sample=True, top_p=0.9, generator=torch.Generator().manual_seed(4))
+        runs.append(torch.stack([decoder.step() for _ in range(11)], dim=1))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], _reference(model, ids, mask, 12)[:, 46:])
+
+
+def test_bad_sampling_options_are_refused_before_the_prefill():
+    model = kvarn.enable(tiny_model("llama"))
+    ids, mask = _prompts(2, 40, [0, 3])
+    cache = kvarn.KVarNCache(config=model.config, tile_size=TILE)
+    decoder = GraphDecoder(model, cache)
+    for options, name in [
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(do_sample=True, top_k=0), "top_k"),
+        (dict(do_sample=True, top_p=1.5), "top_p"),
+        (dict(do_sample=True, min_p=-1.0), "min_p"),
+        (dict(do_sample=True, generator=123), "generator"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^{name} must be"):
+            decoder.generate(ids, mask, max_new_tokens=4, **options)
+    assert not any(layer.is_initialized for layer in cache.kvarn_layers)
+    with pytest.raises(ValueError, match="^generator is on cpu, the inputs on cuda"):
+        GraphDecoder._sampling_config(torch.device("cuda"), torch.Generator(), do_sample=True)
+    with pytest.raises(TypeError, match="top_q"):
+        decoder.generate(ids, mask, max_new_tokens=2, do_sample=True, top_q=0.9)
+    with pytest.raises(ValueError, match="^temperature must be"):
+        graph_generate(model, ids, mask, max_new_tokens=2, do_sample=True, temperature=-1.0)
+    decoder.generate(ids, mask, max_new_tokens=2, do_sample=False, temperature=0.0)  # greedy: ignored
+
+
+def test_a_callers_generator_is_registered_with_each_recording():
+    """What makes CUDA replays draw fresh numbers from the caller's generator (CPU: a stand-in
+    graph): it is registered before capture; greedy steps and the default generator need no
+    registration (capture_begin registers the default one)."""
+    model = tiny_model("llama")
+    decoder = GraphDecoder(model, kvarn.KVarNCache(config=kvarn.enable(model).config, tile_size=TILE))
+
+    class Graph:
+        def __init__(self):
+            self.registered = []
+
+        def register_generator_state(self, generator):
+            self.registered.append(generator)
+
+    generator = torch.Generator()
+    for config, gen, expected in [
+        (SamplingConfig(), generator, []),
+        (SamplingConfig(do_sample=True, top_k=1), generator, []),
+        (SamplingConfig(do_sample=True), None, []),
+        (SamplingConfig(do_sample=True, top_p=0.9), generator, [generator]),
+    ]:
+        decoder._sampling, decoder._generator = config, gen
+        graph = Graph()
+        decoder._register_generator(graph)
+        assert graph.registered == expected
+    with pytest.raises(UnsupportedModelError, match="register_generator_state"):
+        decoder._register_generator(object())

@@ -1,4 +1,4 @@
-"""Greedy decoding over a KVarNCache with each decode step recorded once as a CUDA graph.
+"""Decoding (greedy or sampled) over a KVarNCache with each decode step recorded once as a CUDA graph.
 
 Why: a decode step of transformers' eager forward is ~1,500-1,700 kernel launches for an 8B
 model, each costing a few microseconds of Python and driver time; with a compressed cache the GPU
@@ -11,7 +11,9 @@ What makes a KVarN decode step replayable (docs/cache.md, "CUDA-graph decoding")
   counters, and ``KVarNLayer`` in ``graph_steps`` mode writes the new token at the offset its
   device counter holds (never at a host offset, which a graph would freeze);
 * no op reads device data on the host, and the static inputs (token, positions) are advanced on
-  the device by the step itself, so consecutive replays need no host-to-device copy;
+  the device by the step itself, so consecutive replays need no host-to-device copy; the next
+  token is chosen inside the step too (argmax, or a draw from the filtered distribution with
+  exponential noise: ``kvarn.integrations.sampling``);
 * what a graph cannot do, the host does between replays: ``KVarNLayer.after_graph_step``
   advances the host mirrors of the counters and, when tails fill (every tile-size steps), runs the
   tile compression eagerly. Tile storage is reserved for the whole run up front, so buffers never
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,7 +37,11 @@ from kvarn.attention.triton import dispatch
 from kvarn.cache.cache import KVarNCache
 from kvarn.cache.errors import CacheUsageError, UnsupportedModelError
 from kvarn.cache.layer import KVarNLayer
+from kvarn.integrations.sampling import SamplingConfig, SamplingOptions, sample_next
 from kvarn.integrations.transformers import enable
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 # How often (in steps) the host looks at the device for rows that produced the stop token: each
 # look waits for the GPU, so it is rare enough not to starve the launch queue.
@@ -52,7 +59,9 @@ class GraphDecodeStats:
 
 
 class GraphDecoder:
-    """Greedy generation over ``cache`` with decode steps replayed from a CUDA graph.
+    """Generation over ``cache`` with decode steps replayed from a CUDA graph: greedy, or sampled
+    (``do_sample=True`` with ``temperature``, ``top_k``, ``top_p``, ``min_p`` and a ``generator``,
+    given to :meth:`start`, :meth:`resume` or :meth:`generate`; the draw is part of the graph).
 
     ``capture`` (default: on for CUDA tensors) records the step as a CUDA graph; ``False`` runs
     the identical device step eagerly (CPU, debugging). Every layer of ``cache`` must be a KVarN
@@ -63,6 +72,8 @@ class GraphDecoder:
         model = kvarn.enable(model)
         cache = kvarn.KVarNCache(config=model.config)
         tokens = GraphDecoder(model, cache).generate(input_ids, attention_mask, max_new_tokens=512)
+        # sampled: generate(..., do_sample=True, temperature=0.6, top_p=0.95, top_k=20,
+        #                   generator=torch.Generator(device="cuda").manual_seed(0))
     """
 
     def __init__(self, model, cache: KVarNCache, *, capture: bool | None = None) -> None:
@@ -83,6 +94,8 @@ class GraphDecoder:
         self._logits = self._next = None
         self._ids = None
         self._capture = False
+        self._sampling = SamplingConfig()
+        self._generator: torch.Generator | None = None
 
     # ---- the device step ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -98,7 +111,8 @@ class GraphDecoder:
 
     def _device_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step touching only device state: forward of the static token at the static
-        positions, greedy choice, and the static inputs advanced for the next step."""
+        positions, the next token's choice (argmax or a draw), and the static inputs advanced for
+        the next step."""
         with self._graph_steps():
             out = self.model(
                 input_ids=self._ids,
@@ -109,7 +123,7 @@ class GraphDecoder:
                 logits_to_keep=1,
             )
         logits = out.logits[:, -1]
-        chosen = logits.argmax(dim=-1)
+        chosen = self._choose(logits)
         self._ids.copy_(chosen.unsqueeze(1))
         self._pos.add_(1)
         self._cache_pos.add_(1)
@@ -125,12 +139,15 @@ class GraphDecoder:
             use_cache=True,
             logits_to_keep=1,
         )
-        chosen = out.logits[:, -1].argmax(dim=-1)
+        chosen = self._choose(out.logits[:, -1])
         self._ids.copy_(chosen.unsqueeze(1))
         self._pos.add_(1)
         self._cache_pos.add_(1)
         self.stats.eager_steps += 1
         return chosen
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        return sample_next(logits, self._sampling, self._generator)
 
     def _not_replayable(self) -> str | None:
         for layer in self.cache.kvarn_layers:
@@ -162,6 +179,7 @@ class GraphDecoder:
         else:
             if self._graph is None or self._graph_buffers != self._buffers():
                 self._graph = torch.cuda.CUDAGraph()
+                self._register_generator(self._graph)
                 with torch.cuda.graph(self._graph):
                     self._logits, self._next = self._device_step()
                 self._graph_buffers = self._buffers()
@@ -173,6 +191,26 @@ class GraphDecoder:
         self._after_step()
         return chosen
 
+    def _register_generator(self, graph) -> None:
+        """Fresh random numbers at every replay. A recording freezes kernel arguments, so a
+        sampling kernel does not get the generator's (seed, offset) by value: while capturing it
+        reads them from two device tensors of the generator's per-graph state, plus an offset
+        within the graph. Before each replay, ``CUDAGraph.replay`` writes the generator's current
+        seed and offset into those tensors and then advances the generator's offset by what the
+        whole graph consumes, so consecutive replays (and eager steps between them, which use the
+        same generator) draw consecutive, different numbers, the same ones the eager step would
+        draw. ``capture_begin`` does this for the device's default generator on its own; a
+        caller's generator must be registered with the graph before the capture begins."""
+        if self._sampling.greedy or self._generator is None:
+            return
+        if not hasattr(graph, "register_generator_state"):
+            raise UnsupportedModelError(
+                f"sampling with a generator inside a CUDA graph needs CUDAGraph.register_generator_state, "
+                f"which torch {torch.__version__} lacks; pass generator=None to use the default CUDA "
+                "generator (seed it with torch.cuda.manual_seed)"
+            )
+        graph.register_generator_state(self._generator)
+
     def _after_step(self) -> None:
         for layer in self.cache.kvarn_layers:
             layer.after_graph_step(1)
@@ -180,14 +218,22 @@ class GraphDecoder:
     # ---- generation -----------------------------------------------------------------------------
     @torch.no_grad()
     def start(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        **sampling: Unpack[SamplingOptions],
     ) -> torch.Tensor:
         """Prefill an empty cache with the prompt; returns each row's first new token ``[B]``.
 
         Tile storage is reserved for ``prompt + max_new_tokens`` tokens per row, so that the
         buffers a recording refers to never move while :meth:`step` runs that far.
+
+        The sampling options (see :meth:`generate`) hold for the first token and every
+        :meth:`step` after it, until the next ``start`` or :meth:`resume`.
         """
         ids, mask = self._check_inputs(input_ids, attention_mask, max_new_tokens)
+        config, generator = self._sampling_config(ids.device, **sampling)
         if any(layer.is_initialized for layer in self.cache.kvarn_layers):
             raise CacheUsageError(
                 "GraphDecoder.start needs an empty cache (a fresh KVarNCache or cache.reset())"
@@ -204,14 +250,21 @@ class GraphDecoder:
             use_cache=True,
             logits_to_keep=1,
         )
-        chosen = out.logits[:, -1].argmax(dim=-1)
-        self.resume(chosen)
+        self._sampling, self._generator = config, generator
+        chosen = self._choose(out.logits[:, -1])
+        self._take_over(chosen)
         self.stats.eager_steps += 1
         return chosen
 
-    def resume(self, next_tokens: torch.Tensor) -> None:
+    def resume(self, next_tokens: torch.Tensor, **sampling: Unpack[SamplingOptions]) -> None:
         """Take over a cache filled by earlier forward calls (through the "kvarn" attention);
-        ``next_tokens`` (``[B]`` or ``[B, 1]``) are the tokens the next :meth:`step` feeds in."""
+        ``next_tokens`` (``[B]`` or ``[B, 1]``) are the tokens the next :meth:`step` feeds in.
+        The sampling options (see :meth:`generate`) hold for the steps that follow."""
+        config, generator = self._sampling_config(next_tokens.device, **sampling)
+        self._take_over(next_tokens)
+        self._sampling, self._generator = config, generator
+
+    def _take_over(self, next_tokens: torch.Tensor) -> None:
         layers = self.cache.kvarn_layers
         if not layers[0].is_initialized:
             raise CacheUsageError("GraphDecoder.resume needs a cache that holds the prompt (prefill first)")
@@ -232,8 +285,9 @@ class GraphDecoder:
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
-        """One more greedy token per row ``[B]``: a graph replay when the cache allows it (sinks
-        full, no deferred tiles), else an eager forward call."""
+        """One more token per row ``[B]`` (greedy or drawn, as :meth:`start` / :meth:`resume` set
+        it): a graph replay when the cache allows it (sinks full, no deferred tiles), else an
+        eager forward call."""
         if self._ids is None:
             raise CacheUsageError("GraphDecoder.step before start() or resume()")
         if self._not_replayable() is None:
@@ -248,11 +302,24 @@ class GraphDecoder:
         max_new_tokens: int = 32,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        **sampling: Unpack[SamplingOptions],
     ) -> torch.Tensor:
-        """Prompt + greedy continuation, ``[B, T + n]`` (n <= ``max_new_tokens``), as
-        ``model.generate(do_sample=False)`` returns it. Left padding in ``attention_mask`` is
-        honoured; rows that produced ``eos_token_id`` continue with ``pad_token_id`` (default: the
-        first stop token), and generation ends once every row has stopped."""
+        """Prompt + continuation, ``[B, T + n]`` (n <= ``max_new_tokens``), as ``model.generate``
+        returns it. Left padding in ``attention_mask`` is honoured; rows that produced
+        ``eos_token_id`` continue with ``pad_token_id`` (default: the first stop token), and
+        generation ends once every row has stopped.
+
+        Greedy by default (``model.generate(do_sample=False)``'s tokens). ``do_sample=True`` draws
+        each token from the distribution ``model.generate(do_sample=True, ...)`` samples from:
+        float32 logits / ``temperature``, then ``top_k`` (keep the k largest, ties at the k-th
+        kept), ``top_p`` (the fewest most probable tokens whose probability reaches ``top_p``,
+        at least one) and ``min_p`` (drop tokens below ``min_p`` x the top
+        probability); ``None`` switches a filter off (``model.generate`` defaults ``top_k`` to 50
+        unless the model's generation config says otherwise; here pass it). The draw happens on
+        the device, inside the recorded step, with random numbers from ``generator`` (a
+        ``torch.Generator`` on the inputs' device; ``None``: torch's default one): the same seed
+        gives the same tokens. ``top_k=1`` is exactly greedy.
+        """
         stops = (
             []
             if eos_token_id is None
@@ -261,7 +328,7 @@ class GraphDecoder:
             else list(eos_token_id)
         )
         pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
-        chosen = self.start(input_ids, attention_mask, max_new_tokens)
+        chosen = self.start(input_ids, attention_mask, max_new_tokens, **sampling)
         new = [chosen]
         stop_ids = torch.tensor(stops, device=chosen.device) if stops else None
         done = torch.isin(chosen, stop_ids) if stops else None
@@ -279,6 +346,26 @@ class GraphDecoder:
             if bool(finished.any()):
                 tokens = tokens[:, : int(finished.nonzero()[0]) + 1]
         return torch.cat([input_ids, tokens], dim=1)
+
+    @staticmethod
+    def _sampling_config(
+        device: torch.device, generator: torch.Generator | None = None, **options
+    ) -> tuple[SamplingConfig, torch.Generator | None]:
+        config = SamplingConfig(**options)  # validates; an unknown option is a TypeError
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise ValueError(
+                    f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+                )
+            where = torch.device(generator.device)
+            if where.type != device.type or (
+                where.index is not None and device.index is not None and where.index != device.index
+            ):
+                raise ValueError(
+                    f"generator is on {where}, the inputs on {device}: create it there, e.g. "
+                    f"torch.Generator(device={str(device)!r}).manual_seed(seed)"
+                )
+        return config, generator
 
     def _check_inputs(self, input_ids, attention_mask, max_new_tokens) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
@@ -325,7 +412,8 @@ class GraphDecoder:
 def graph_generate(
     model, input_ids, attention_mask=None, *, quant="k4v2", max_new_tokens: int = 32, **kwargs
 ):
-    """One call: a fresh KVarNCache for ``model`` and :meth:`GraphDecoder.generate` over it."""
+    """One call: a fresh KVarNCache for ``model`` and :meth:`GraphDecoder.generate` over it
+    (``kwargs``: its stop and sampling options)."""
     cache = KVarNCache(config=enable(model).config, quant=quant)
     return GraphDecoder(model, cache).generate(
         input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs
