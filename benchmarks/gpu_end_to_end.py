@@ -219,6 +219,7 @@ def static_graph_step(model, cache, token: torch.Tensor, position: int):
     pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
     cache_pos = torch.full((1,), position, dtype=torch.long, device=device)
 
+    @torch.no_grad()  # without it autograd keeps every layer's repeat_kv copy alive (H200: out of memory)
     def device_step():
         out = model(
             input_ids=ids, position_ids=pos, cache_position=cache_pos, past_key_values=cache, logits_to_keep=1
