@@ -619,9 +619,7 @@ def main(argv: list[str] | None = None) -> dict:
             kinds.insert(1, "static")
         if last and args.graph and args.static_graph and device.type == "cuda":
             # First, while the device memory is clean: the 16-bit StaticCache of the whole run is
-            # the largest single allocation, and after the capacity phases (caches expanded to
-            # fill the card) the allocator's free memory is fragmented (H200 run: out of memory
-            # with 22 GB reserved but unallocated).
+            # the largest single allocation of the script.
             kinds.insert(0, "static-graph")
         if args.kinds:
             kinds = [k for k in kinds if k in args.kinds]
