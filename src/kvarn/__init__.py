@@ -2,7 +2,15 @@
 
 # Importing kvarn registers the "kvarn" attention and mask functions with transformers, so the
 # switch is transformers' own: from_pretrained(..., attn_implementation="kvarn").
-from kvarn.cache import CacheUsageError, KVarNCache, UnsupportedModelError  # noqa: E402
+from kvarn.cache import (  # noqa: E402
+    CacheFileError,
+    CacheStateError,
+    CacheUsageError,
+    KVarNCache,
+    UnsupportedModelError,
+    load_cache,
+    save_cache,
+)
 from kvarn.codec import (
     QuantizedKeys,
     QuantizedTiles,
@@ -22,6 +30,8 @@ register()
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheFileError",
+    "CacheStateError",
     "CacheUsageError",
     "GraphDecoder",
     "KVarNCache",
@@ -42,5 +52,7 @@ __all__ = [
     "fake_quantize_tiles",
     "graph_generate",
     "hadamard_transform",
+    "load_cache",
+    "save_cache",
     "tile_nbytes",
 ]

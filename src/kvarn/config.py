@@ -141,6 +141,21 @@ class KVarNConfig:
     def replace(self, **changes) -> KVarNConfig:
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """Every field as plain JSON values (``metadata_dtype`` by name); ``from_dict`` inverts it."""
+        fields = dataclasses.asdict(self)
+        fields["metadata_dtype"] = _dtype_name(self.metadata_dtype)
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> KVarNConfig:
+        """The config of ``to_dict``'s output (unknown keys are a ``ConfigError``)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(f"unknown KVarNConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**fields)
+
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def from_preset(cls, preset: str = "k4v2", **overrides) -> KVarNConfig:

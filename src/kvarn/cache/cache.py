@@ -18,17 +18,23 @@ Layer kinds, from the config's ``layer_types`` (as transformers' DynamicCache re
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
-from kvarn.cache.errors import CacheUsageError, UnsupportedModelError
-from kvarn.cache.layer import KVarNLayer
+from kvarn.cache.errors import CacheFileError, CacheStateError, CacheUsageError, UnsupportedModelError
+from kvarn.cache.layer import DTYPE_NAMES, KVarNLayer
 from kvarn.config import KVarNConfig
 
 SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+# Saved caches (KVarNCache.state_dict, kvarn.save_cache): the header's "format" and the version of
+# the layout below; a loader refuses other versions.
+STATE_FORMAT = "kvarn-cache"
+STATE_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,93 @@ def _text_config(config):
             f"{type(config).__name__} is an encoder-decoder model; KVarNCache supports decoder-only causal LMs"
         )
     return config.get_text_config(decoder=True)
+
+
+class CacheState(NamedTuple):
+    """A KVarNCache as one flat dict of tensors (``layers.{i}.{name}``) and a header of strings
+    (``format``, ``format_version``, ``kvarn_version``, and JSON ``quant``, ``model`` and
+    ``layers``): exactly what :func:`kvarn.save_cache` writes to a safetensors file."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def model_fingerprint(config) -> dict:
+    """What a saved cache must agree on with the model that continues from it."""
+    text_config = _text_config(config)
+    kv_heads, head_dim = _head_dims(text_config)
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    return {
+        "model_type": str(getattr(text_config, "model_type", "")),
+        "num_hidden_layers": len(layer_types),
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "layer_types": list(layer_types),
+        "sliding_window": layer_kwargs.get("sliding_window"),
+    }
+
+
+def _check_fingerprint(saved: dict, expected: dict) -> None:
+    names = (
+        "num_hidden_layers",
+        "layer_types",
+        "num_key_value_heads",
+        "head_dim",
+        "sliding_window",
+        "model_type",
+    )
+    for name in names:
+        if name == "sliding_window" and not any(kind in SLIDING_TYPES for kind in expected["layer_types"]):
+            continue
+        if saved.get(name) != expected[name]:
+            raise CacheFileError(
+                f"the saved cache was made for another model: {name} is {saved.get(name)!r} in the file but "
+                f"{expected[name]!r} in the config given (saved model: {saved})"
+            )
+
+
+def _sliding_state(layer: DynamicSlidingWindowLayer, idx: int) -> tuple[dict[str, torch.Tensor], dict]:
+    if getattr(layer, "record_past", False):
+        raise CacheStateError(
+            f"cannot save sliding-window layer {idx}: past recording (assisted decoding) is on, so it may "
+            "hold more than its window; save a cache filled by plain generate/forward"
+        )
+    meta = {
+        "kind": "sliding",
+        "sliding_window": int(layer.sliding_window),
+        "initialized": int(layer.is_initialized),
+    }
+    if not layer.is_initialized:
+        return {}, meta
+    meta.update(
+        cumulative_length=int(layer.cumulative_length), dtype=str(layer.keys.dtype).removeprefix("torch.")
+    )
+    return {"keys": layer.keys.contiguous(), "values": layer.values.contiguous()}, meta
+
+
+def _sliding_from_state(
+    tensors: dict[str, torch.Tensor], meta: dict, idx: int, device
+) -> DynamicSlidingWindowLayer:
+    try:
+        layer = DynamicSlidingWindowLayer(sliding_window=int(meta["sliding_window"]))
+        if not meta["initialized"]:
+            return layer
+        cumulative = int(meta["cumulative_length"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheFileError(f"saved sliding-window layer {idx}: bad metadata {meta!r} ({exc!r})") from exc
+    missing = [name for name in ("keys", "values") if name not in tensors]
+    if missing:
+        raise CacheFileError(f"saved sliding-window layer {idx}: missing tensors {missing}")
+    dtype = DTYPE_NAMES.get(meta.get("dtype"), tensors["keys"].dtype)
+    keys, values = (tensors[name].to(device=device, dtype=dtype) for name in ("keys", "values"))
+    if keys.shape != values.shape or keys.ndim != 4:
+        raise CacheFileError(
+            f"saved sliding-window layer {idx}: keys {tuple(keys.shape)} / values {tuple(values.shape)}"
+        )
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+    layer.cumulative_length = cumulative
+    return layer
 
 
 def _head_dims(text_config) -> tuple[int, int]:
@@ -156,6 +249,113 @@ class KVarNCache(Cache):
         for layer in self.kvarn_layers:
             layer.reserve(tokens)
 
+    # ---- saving and loading --------------------------------------------------------------------------
+    def state_dict(self) -> CacheState:
+        """The cache as tensors + string header (see :class:`CacheState`), for ``kvarn.save_cache``.
+
+        Raises CacheStateError for an empty cache or one not at rest (a forward call in progress,
+        CUDA-graph decoding, past recording of assisted decoding, tiles waiting to be quantized).
+        The tensors stay where they are (no copy to the host).
+        """
+        if not any(layer.is_initialized for layer in self.layers):
+            raise CacheStateError("the cache is empty: nothing to save (run a prefill first)")
+        from kvarn import __version__  # local import: kvarn imports this module
+
+        tensors: dict[str, torch.Tensor] = {}
+        layers_meta = []
+        for idx, layer in enumerate(self.layers):
+            if isinstance(layer, KVarNLayer):
+                layer_tensors, meta = layer.state()
+            elif isinstance(layer, DynamicSlidingWindowLayer):
+                layer_tensors, meta = _sliding_state(layer, idx)
+            else:
+                raise CacheStateError(
+                    f"cannot save layer {idx}: {type(layer).__name__} is not a KVarNCache layer"
+                )
+            tensors.update({f"layers.{idx}.{name}": t.contiguous() for name, t in layer_tensors.items()})
+            layers_meta.append(meta)
+        fingerprint = (
+            model_fingerprint(self.model_config) if self.model_config is not None else self._fingerprint
+        )
+        metadata = {
+            "format": STATE_FORMAT,
+            "format_version": str(STATE_FORMAT_VERSION),
+            "kvarn_version": __version__,
+            "quant": json.dumps(self.quant.to_dict(), sort_keys=True),
+            "model": json.dumps(fingerprint, sort_keys=True),
+            "layers": json.dumps(layers_meta),
+        }
+        return CacheState(tensors, metadata)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config,
+        state: CacheState | tuple[dict[str, torch.Tensor], dict[str, str]],
+        device: torch.device | str | None = None,
+        quant: KVarNConfig | str | None = None,
+    ) -> KVarNCache:
+        """Rebuild the cache :meth:`state_dict` described, on ``device`` (default: the tensors').
+
+        ``config`` is the model config the cache will be used with: the saved layer count, layer
+        types, KV heads, head dim, sliding window and model type must match it (CacheFileError
+        naming the first difference otherwise). ``config=None`` skips the check and rebuilds the
+        layers from the state alone (the attention-implementation check is then off). ``quant``,
+        if given, must equal the saved quantizer. The loaded cache continues with ``update``
+        (decoding, further prefill) and accepts ``reserve``; reserved capacity is not restored.
+        """
+        tensors, metadata = state
+        header = _parse_header(metadata)
+        saved_quant = KVarNConfig.from_dict(header["quant"])
+        if quant is not None:
+            wanted = KVarNConfig.parse(quant)
+            if wanted != saved_quant:
+                raise CacheFileError(f"the saved cache holds {saved_quant!r}, not the requested {wanted!r}")
+        layers_meta = header["layers"]
+        if len(layers_meta) != header["model"].get("num_hidden_layers"):
+            raise CacheFileError(
+                f"the header lists {len(layers_meta)} layers but its model has {header['model'].get('num_hidden_layers')}"
+            )
+        per_layer: list[dict[str, torch.Tensor]] = [{} for _ in layers_meta]
+        for name, tensor in tensors.items():
+            prefix, _, rest = name.partition(".")
+            idx, _, field = rest.partition(".")
+            if prefix != "layers" or not idx.isdigit() or int(idx) >= len(per_layer) or not field:
+                raise CacheFileError(
+                    f"unexpected tensor {name!r} in a saved cache of {len(per_layer)} layers"
+                )
+            per_layer[int(idx)][field] = tensor
+        if config is not None:
+            _check_fingerprint(header["model"], model_fingerprint(config))
+            cache = cls(config, quant=saved_quant)
+            model_config = cache.model_config
+        else:
+            cache = cls.__new__(cls)
+            cache.quant, cache.model_config, model_config = saved_quant, None, None
+            Cache.__init__(cache, layers=[None] * len(layers_meta))
+        cache._fingerprint = header["model"]
+        layer_types = header["model"].get("layer_types") or []
+        for idx, (meta, layer_tensors) in enumerate(zip(layers_meta, per_layer, strict=True)):
+            kind = meta.get("kind")
+            expected = (
+                "kvarn" if idx < len(layer_types) and layer_types[idx] == "full_attention" else "sliding"
+            )
+            if kind != expected:
+                raise CacheFileError(
+                    f"saved layer {idx} is a {kind!r} layer, its model's layer type a {expected!r} one"
+                )
+            if kind == "kvarn":
+                if meta.get("layer_idx") != idx:
+                    raise CacheFileError(f"saved layer {idx} says it is layer {meta.get('layer_idx')}")
+                cache.layers[idx] = KVarNLayer.from_state(layer_tensors, meta, model_config, device)
+                if cache.layers[idx].quant != saved_quant:
+                    raise CacheFileError(
+                        f"saved layer {idx} holds {cache.layers[idx].quant!r}, the cache {saved_quant!r}"
+                    )
+            else:
+                cache.layers[idx] = _sliding_from_state(layer_tensors, meta, idx, device)
+        return cache
+
     # ---- inspection ---------------------------------------------------------------------------------
     @property
     def kvarn_layers(self) -> list[KVarNLayer]:
@@ -219,3 +419,25 @@ class KVarNCache(Cache):
 
     def __repr__(self) -> str:
         return f"KVarNCache(quant={self.quant.name}, layers={len(self.layers)}, seq_length={self.get_seq_length()})"
+
+
+def _parse_header(metadata: dict[str, str] | None) -> dict:
+    """The saved header with its JSON fields decoded; CacheFileError if it is not a kvarn cache's."""
+    if not metadata or metadata.get("format") != STATE_FORMAT:
+        raise CacheFileError(
+            "not a kvarn cache: the safetensors header has no format='kvarn-cache' entry "
+            "(files written by kvarn.save_cache have one)"
+        )
+    version = metadata.get("format_version")
+    if version != str(STATE_FORMAT_VERSION):
+        raise CacheFileError(
+            f"kvarn cache format version {version!r} is not supported by this kvarn (reads version "
+            f"{STATE_FORMAT_VERSION}; the file was written by kvarn {metadata.get('kvarn_version')!r})"
+        )
+    try:
+        header = {name: json.loads(metadata[name]) for name in ("quant", "model", "layers")}
+    except (KeyError, ValueError) as exc:
+        raise CacheFileError(f"damaged kvarn cache header: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(header["layers"], list) or not isinstance(header["model"], dict):
+        raise CacheFileError("damaged kvarn cache header: 'layers' must be a list and 'model' an object")
+    return header

@@ -18,3 +18,13 @@ NOT_KVARN_ATTENTION = (
     "model.set_attn_implementation('kvarn') after `import kvarn` (or load with "
     "attn_implementation='kvarn'), or use kvarn.cache_for(model)."
 )
+
+
+class CacheFileError(ValueError):
+    """A saved cache cannot be loaded: not a kvarn cache file, a damaged or incomplete one, a newer
+    format, or a cache of another model or quantizer than the one asked for."""
+
+
+class CacheStateError(CacheUsageError):
+    """The cache is not at rest (a forward call, a CUDA-graph decode or assisted decoding is in
+    progress), so its state cannot be saved."""

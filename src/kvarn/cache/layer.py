@@ -31,6 +31,7 @@ Two ways to store a call's tokens (docs/cache.md, "The decode step"):
 
 from __future__ import annotations
 
+import json
 import weakref
 
 import torch
@@ -41,9 +42,15 @@ from kvarn.attention.decode import quantized_decode_attention
 from kvarn.attention.reference import quantized_attention_reference
 from kvarn.attention.triton.dispatch import maybe_triton_compress
 from kvarn.cache import handoff
-from kvarn.cache.errors import NOT_KVARN_ATTENTION, CacheUsageError, UnsupportedModelError
+from kvarn.cache.errors import (
+    NOT_KVARN_ATTENTION,
+    CacheFileError,
+    CacheStateError,
+    CacheUsageError,
+    UnsupportedModelError,
+)
 from kvarn.cache.rotation import rotate_for_storage, rotate_queries
-from kvarn.cache.storage import TileStore
+from kvarn.cache.storage import FIELDS, TileStore
 from kvarn.codec import decode_tiles, encode_tiles
 from kvarn.config import KVarNConfig
 from kvarn.method.hadamard import hadamard_transform
@@ -56,10 +63,23 @@ DECODE_MAX_QUERIES = 16
 # for batch 8 x 8 KV heads).
 COMMIT_WINDOW_PAIRS = 1 << 17
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
+# Tensors of a saved initialized layer (KVarNLayer.state): the valid tiles of every row, one after
+# the other ([T, Hkv, ...], T = sum of n_tiles), the valid sink and tail tokens ([S, 2, Hkv, D]),
+# and the host counters [4, B] (n_tiles, sink_len, tail_len, trailing_real).
+STATE_TENSORS = (*FIELDS, "sink", "tail", "counters")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ragged(counts: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of every valid slot of rows holding ``counts`` slots, row by row."""
+    rows = [r for r, c in enumerate(counts) for _ in range(c)]
+    pos = [p for c in counts for p in range(c)]
+    index = torch.tensor([rows, pos], dtype=torch.long, device=device).reshape(2, -1)
+    return index[0], index[1]
 
 
 def _compress(k_tiles: torch.Tensor, v_tiles: torch.Tensor, quant: KVarNConfig):
@@ -749,6 +769,132 @@ class KVarNLayer(CacheLayerMixin):
         if self.quant.rotate:
             keys, values = hadamard_transform(keys), hadamard_transform(values)
         return keys.to(self.dtype), values.to(self.dtype)
+
+    # ---- saving and loading (kvarn.save_cache / kvarn.load_cache) ---------------------------------
+    def _check_at_rest(self) -> None:
+        """Raise CacheStateError unless the layer is between calls with nothing deferred."""
+        where = f"cannot save KVarNCache layer {self.layer_idx}:"
+        if self.pending is not None:
+            raise CacheStateError(f"{where} a forward call is in progress (update ran, attention did not)")
+        if self.graph_steps:
+            raise CacheStateError(
+                f"{where} a CUDA-graph decoder drives it (save before or after GraphDecoder)"
+            )
+        if self.record_past:
+            raise CacheStateError(
+                f"{where} past recording (assisted decoding) is on: completed tiles may wait to be "
+                "quantized and rejected drafts to be cropped; save a cache filled by plain generate/forward"
+            )
+        if self.is_initialized and (
+            self._tail.shape[3] != self.tile_size or max(self._tail_len) >= self.tile_size
+        ):
+            raise CacheStateError(f"{where} tiles are waiting to be quantized")
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str | int]]:
+        """What is needed to continue: ``(tensors, metadata)``, see :meth:`from_state`.
+
+        Only valid slots are kept: each row's completed tiles, sink and tail tokens, packed one
+        row after the other (no spare capacity, no padding), so the tensors take ``nbytes()``
+        minus ``allocated`` plus the 4 x B counters. Raises CacheStateError if the layer is not
+        at rest (see :meth:`_check_at_rest`).
+        """
+        self._check_at_rest()
+        meta: dict[str, str | int] = {
+            "kind": "kvarn",
+            "layer_idx": self.layer_idx,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "tile_size": self.tile_size,
+            "quant": json.dumps(self.quant.to_dict(), sort_keys=True),
+            "initialized": int(self.is_initialized),
+        }
+        if not self.is_initialized:
+            return {}, meta
+        meta.update(batch=self.batch, columns=self.columns, dtype=str(self.dtype).removeprefix("torch."))
+        rows, slots = _ragged(self._n_tiles, self.device)
+        tensors = {name: t[rows, :, slots] for name, t in self.store.tensors().items()}
+        for name, buffer, counts in (
+            ("sink", self._sink, self._sink_len),
+            ("tail", self._tail, self._tail_len),
+        ):
+            rows, pos = _ragged(counts, self.device)
+            tensors[name] = buffer[:, rows, :, pos]  # [S, 2, Hkv, D]
+        tensors["counters"] = torch.tensor(
+            [self._n_tiles, self._sink_len, self._tail_len, self._trailing_real], dtype=torch.int64
+        )
+        return tensors, meta
+
+    @classmethod
+    def from_state(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, str | int],
+        model_config=None,
+        device: torch.device | str | None = None,
+    ) -> KVarNLayer:
+        """The layer :meth:`state` described, on ``device`` (default: where the tensors are).
+
+        ``model_config`` is the model config whose attention implementation the layer checks
+        (as in ``KVarNCache``). Raises CacheFileError when a tensor is missing or does not fit
+        the counters. Reserved capacity is not restored (call ``reserve`` again).
+        """
+        where = f"saved KVarN layer {meta.get('layer_idx')}"
+        try:
+            quant = KVarNConfig.from_dict(json.loads(meta["quant"]))
+            layer = cls(
+                quant, int(meta["layer_idx"]), int(meta["num_kv_heads"]), int(meta["head_dim"]), model_config
+            )
+            if not meta["initialized"]:
+                return layer
+            dtype, batch, columns = DTYPE_NAMES[meta["dtype"]], int(meta["batch"]), int(meta["columns"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CacheFileError(f"{where}: bad metadata {meta!r} ({type(exc).__name__}: {exc})") from exc
+        missing = [name for name in STATE_TENSORS if name not in tensors]
+        if missing:
+            raise CacheFileError(f"{where}: missing tensors {missing}")
+        counters = tensors["counters"].tolist()
+        if tensors["counters"].shape != (4, batch):
+            raise CacheFileError(
+                f"{where}: counters of shape {tuple(tensors['counters'].shape)}, expected (4, {batch})"
+            )
+        if device is None:
+            device = tensors["tail"].device
+        h, d = layer.num_kv_heads, layer.head_dim
+        empty = torch.empty((batch, h, 0, d), dtype=dtype, device=device)
+        layer.lazy_initialization(empty, empty)
+        layer._n_tiles, layer._sink_len, layer._tail_len, layer._trailing_real = counters
+        g = layer.tile_size
+        if (
+            min(min(c) for c in counters) < 0
+            or max(layer._sink_len) > (g if quant.keep_sink_tile else 0)
+            or max(layer._tail_len) >= g
+            or max(layer.stored_lengths()) > columns
+        ):
+            raise CacheFileError(f"{where}: counters out of range for tile size {g}: {counters}")
+        store = layer.store
+        store.reserve(max(layer._n_tiles), exact=True)
+        expected = {name: (sum(layer._n_tiles), h, *store._layout[name][0]) for name in FIELDS}
+        for name, counts in (("sink", layer._sink_len), ("tail", layer._tail_len)):
+            expected[name] = (sum(counts), 2, h, d)
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise CacheFileError(
+                    f"{where}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the counters need {shape}"
+                )
+        rows, slots = _ragged(layer._n_tiles, device)
+        for name in FIELDS:
+            getattr(store, name)[rows, :, slots] = tensors[name].to(
+                device=device, dtype=store._layout[name][1]
+            )
+        for buffer, name, counts in (
+            (layer._sink, "sink", layer._sink_len),
+            (layer._tail, "tail", layer._tail_len),
+        ):
+            rows, pos = _ragged(counts, device)
+            buffer[:, rows, :, pos] = tensors[name].to(device=device, dtype=dtype)
+        layer.columns = columns
+        layer._after_general_change()
+        return layer
 
     def nbytes(self) -> dict[str, int]:
         """Bytes really held for this layer's stored tokens (valid slots only) plus allocation."""
