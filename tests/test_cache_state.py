@@ -286,3 +286,22 @@ def test_caches_not_at_rest_are_refused(tmp_path):
     save_cache(cache, tmp_path / "x.safetensors")
     with pytest.raises(TypeError, match="KVarNCache"):
         save_cache(object(), tmp_path / "y.safetensors")
+
+
+def test_graph_decoder_resumes_a_loaded_cache(tmp_path):
+    """A saved prefix continued by GraphDecoder (its eager twin on CPU): the same tokens from the
+    loaded cache as from the original, and as model.generate continuing the original."""
+    from kvarn.integrations.cuda_graph import GraphDecoder
+
+    model, cache, tokens, mask = filled("llama")
+    path = tmp_path / "prefix.safetensors"
+    save_cache(cache, path)
+    expected = continue_greedy(model, copy.deepcopy(cache), tokens, mask, steps=40)[:, tokens.shape[1] :]
+    runs = []
+    for source in (cache, load_cache(path, config=model.config)):
+        decoder = GraphDecoder(model, source)
+        decoder.resume(tokens[:, -1])  # the last token generated is the next one fed in
+        runs.append(torch.stack([decoder.step() for _ in range(40)], dim=1))
+        assert decoder.stats.replays > 0
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[1], expected)
