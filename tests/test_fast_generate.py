@@ -253,6 +253,7 @@ def test_decision_function_on_its_own(monkeypatch):
     use, why = decide(model, ids[0], past_key_values=_cache(model), on_cpu=True)
     assert not use and "2-D" in why
     assert ok(on_cpu=True, logits_processor=LogitsProcessorList())[0]  # empty lists add nothing
+    assert ok(on_cpu=True, token_type_ids=None, streamer=None)[0]  # None: as if not given
     # CUDA-only conditions, with the device checks mocked (no GPU here)
     monkeypatch.setattr(fast_generate, "_check_device", _fake_cuda)
     monkeypatch.setattr(

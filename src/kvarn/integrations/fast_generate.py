@@ -281,7 +281,7 @@ def _resolve(model, generate, args, kwargs, on_cpu: bool, generator) -> tuple[bo
         cache = _check_cache(model, model_kwargs.pop("past_key_values", None))
         ids = _prompt(arguments.get("inputs"), model_kwargs)
         mask = model_kwargs.pop("attention_mask", None)
-        model_kwargs.pop("use_cache", None)
+        model_kwargs = {k: v for k, v in model_kwargs.items() if v is not None and k != "use_cache"}
         if model_kwargs:
             raise _Fallback(f"model inputs GraphDecoder does not pass: {', '.join(sorted(model_kwargs))}")
         eos = _token_list(gen_config.eos_token_id, "eos_token_id")
