@@ -22,6 +22,14 @@ from kvarn.codec import (
 from kvarn.config import METHODS, PRESETS, ConfigError, KVarNConfig
 from kvarn.fake_quant import fake_quantize, fake_quantize_tiles
 from kvarn.integrations.cuda_graph import GraphDecoder, graph_generate  # noqa: E402
+from kvarn.integrations.fast_generate import (  # noqa: E402
+    GeneratePath,
+    decide_generate_path,
+    graph_generation,
+    install_graph_generation,
+    last_generate_path,
+    remove_graph_generation,
+)
 from kvarn.integrations.transformers import cache_for, enable, register  # noqa: E402
 from kvarn.method.hadamard import hadamard_transform
 
@@ -33,6 +41,7 @@ __all__ = [
     "CacheFileError",
     "CacheStateError",
     "CacheUsageError",
+    "GeneratePath",
     "GraphDecoder",
     "KVarNCache",
     "UnsupportedModelError",
@@ -46,13 +55,18 @@ __all__ = [
     "QuantizedKeys",
     "QuantizedTiles",
     "QuantizedValues",
+    "decide_generate_path",
     "decode_tiles",
     "encode_tiles",
     "fake_quantize",
     "fake_quantize_tiles",
     "graph_generate",
+    "graph_generation",
     "hadamard_transform",
+    "install_graph_generation",
+    "last_generate_path",
     "load_cache",
+    "remove_graph_generation",
     "save_cache",
     "tile_nbytes",
 ]

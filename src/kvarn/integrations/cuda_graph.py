@@ -398,15 +398,21 @@ class GraphDecoder:
         return capture
 
     def _check_kernels(self, device: torch.device) -> None:
-        """A recorded step is only right if the decode attention is a shape-only launch (the
-        Triton kernels); the PyTorch path sizes its work from host lengths."""
-        layer = self.cache.kvarn_layers[0]
-        dtype = next(self.model.parameters()).dtype
-        reason = dispatch.decode_unsupported_reason(
-            device, layer.head_dim, layer.tile_size, layer.quant.key_bits, layer.quant.value_bits, 1, dtype
-        )
+        reason = kernel_unsupported_reason(self.model, self.cache, device)
         if reason is not None:
-            raise UnsupportedModelError(f"CUDA-graph decoding needs the Triton decode kernel here: {reason}")
+            raise UnsupportedModelError(reason)
+
+
+def kernel_unsupported_reason(model, cache: KVarNCache, device: torch.device) -> str | None:
+    """None when a recorded step over ``cache`` would be right on ``device``, else why not: the
+    decode attention must be a shape-only launch (the Triton kernels); the PyTorch path sizes its
+    work from host lengths."""
+    layer = cache.kvarn_layers[0]
+    dtype = next(model.parameters()).dtype
+    reason = dispatch.decode_unsupported_reason(
+        device, layer.head_dim, layer.tile_size, layer.quant.key_bits, layer.quant.value_bits, 1, dtype
+    )
+    return None if reason is None else f"CUDA-graph decoding needs the Triton decode kernel here: {reason}"
 
 
 def graph_generate(

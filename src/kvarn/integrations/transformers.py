@@ -198,8 +198,14 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, kvarn_mask)
 
 
-def enable(model):
-    """Switch ``model`` to the "kvarn" attention implementation; returns the model."""
+def enable(model, *, graph_generate: bool = False):
+    """Switch ``model`` to the "kvarn" attention implementation; returns the model.
+
+    ``graph_generate=True`` also patches this model's ``generate`` to decode through
+    ``GraphDecoder`` (CUDA graphs) whenever that gives the same result
+    (:func:`kvarn.integrations.fast_generate.install_graph_generation`; the context-manager form
+    is ``kvarn.graph_generation(model)``).
+    """
     register()
     model.set_attn_implementation(ATTN_NAME)
     found = getattr(model.config, "_attn_implementation", None)
@@ -208,6 +214,10 @@ def enable(model):
             f"{type(model).__name__} kept attention implementation {found!r}: it does not dispatch through "
             "transformers' AttentionInterface, so kvarn cannot attend over its cache"
         )
+    if graph_generate:
+        from kvarn.integrations.fast_generate import install_graph_generation  # it imports this module
+
+        install_graph_generation(model)
     return model
 
 
