@@ -64,6 +64,8 @@ def test_stop_tokens_and_padding_like_generate(arch):
         assert torch.equal(got, expected)
 
 
+# The test leaves the length to the model's defaults on purpose; transformers warns about that.
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default `max_length`")
 def test_model_generation_config_defaults_are_honoured():
     """eos from model.generation_config, max_length's default of 20 new tokens, no mask passed
     (inferred from pad_token_id as generate does)."""
