@@ -469,6 +469,40 @@ def check_graph_sampling(device, quant: str) -> str:
     )
 
 
+def check_graph_generate(device, quant: str) -> str:
+    """``model.generate`` inside ``kvarn.graph_generation`` (the model and prompts of
+    check_graph_decoding): the graph path is taken (a recording, replays) and its greedy tokens
+    equal the unpatched ``model.generate``'s; an option outside the graph path (repetition_penalty)
+    falls back and names it. Raises on failure."""
+    model, ids, mask = graph_check_setup(device)
+    new = 300
+
+    def generate(**options):
+        with torch.no_grad():
+            return model.generate(
+                ids, attention_mask=mask, past_key_values=kvarn.cache_for(model, quant), max_new_tokens=new,
+                **options,
+            )  # fmt: skip
+
+    expected = generate(do_sample=False)
+    with kvarn.graph_generation(model, on_cpu=device.type == "cpu"):  # CPU: the eager twin (smoke test)
+        got = generate(do_sample=False)
+        path = kvarn.last_generate_path(model)
+        recorded = path.stats is not None and (path.stats.recordings >= 1 or device.type == "cpu")
+        if not path.use_graph or not recorded or path.stats.replays < 1:
+            raise AssertionError(f"the graph path was not taken: {path}")
+        if not torch.equal(got, expected):
+            raise AssertionError(f"graph_generation vs model.generate: {int((got != expected).sum())} tokens differ")
+        generate(do_sample=False, repetition_penalty=1.1)
+        fallback = kvarn.last_generate_path(model)
+        if fallback.use_graph or "repetition_penalty" not in fallback.reason:
+            raise AssertionError(f"repetition_penalty should fall back and be named: {fallback}")
+    return (
+        f"OK: {new} greedy tokens x {ids.shape[0]} rows equal to model.generate's; "
+        f"{path.stats.recordings} recording(s), {path.stats.replays} replays; fallback: {fallback.reason}"
+    )
+
+
 def predicted_rows(free_bytes: float, context: int, bytes_per_token: float, layers: int) -> int:
     return int(free_bytes // (context * bytes_per_token * (1 + 1 / layers)))
 
@@ -587,6 +621,7 @@ def main(argv: list[str] | None = None) -> dict:
         graph_checks = [
             ("graph", check_graph_decoding, "CUDA-graph decode vs model.generate"),
             ("graph sampling", check_graph_sampling, "CUDA-graph sampled decode: seeds, top_k=1 == greedy"),
+            ("graph generate", check_graph_generate, "model.generate inside kvarn.graph_generation"),
         ]
         for tag, check, what in graph_checks if args.graph else []:
             try:

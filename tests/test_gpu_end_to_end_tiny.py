@@ -53,3 +53,11 @@ def test_kernel_categories():
     )
     assert bench.kernel_category("pytorch_flash::flash_fwd_splitkv_kernel<...>") == "attention"
     assert bench.predicted_rows(10e9, 1000, 1000.0, 4) == 8000  # 10e9 / (1000 x 1000 x 1.25)
+
+
+def test_graph_generate_check_runs_on_cpu():
+    """The benchmark's model.generate-through-GraphDecoder check, through the eager twin on CPU:
+    it must pass here so that the GPU run's check phase fails only on a real GPU difference."""
+    bench = _load()
+    line = bench.check_graph_generate(torch.device("cpu"), "k4v2")
+    assert line.startswith("OK: 300 greedy tokens x 3 rows") and "repetition_penalty" in line
