@@ -114,23 +114,17 @@ class GraphDecoder:
         positions, the next token's choice (argmax or a draw), and the static inputs advanced for
         the next step."""
         with self._graph_steps():
-            out = self.model(
-                input_ids=self._ids,
-                position_ids=self._pos,
-                cache_position=self._cache_pos,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        logits = out.logits[:, -1]
-        chosen = self._choose(logits)
-        self._ids.copy_(chosen.unsqueeze(1))
-        self._pos.add_(1)
-        self._cache_pos.add_(1)
-        return logits, chosen
+            logits = self._forward()
+        return logits, self._advance(logits)
 
     def _eager_step(self) -> torch.Tensor:
         """A decode step through the cache's general path (anything the graph cannot replay)."""
+        chosen = self._advance(self._forward())
+        self.stats.eager_steps += 1
+        return chosen
+
+    def _forward(self) -> torch.Tensor:
+        """The last position's logits ``[B, V]`` of the static token at the static positions."""
         out = self.model(
             input_ids=self._ids,
             position_ids=self._pos,
@@ -139,11 +133,15 @@ class GraphDecoder:
             use_cache=True,
             logits_to_keep=1,
         )
-        chosen = self._choose(out.logits[:, -1])
+        return out.logits[:, -1]
+
+    def _advance(self, logits: torch.Tensor) -> torch.Tensor:
+        """Choose the next token from ``logits`` and move the static inputs on to it (on the
+        device: a recorded step needs no host copy before the next replay)."""
+        chosen = self._choose(logits)
         self._ids.copy_(chosen.unsqueeze(1))
         self._pos.add_(1)
         self._cache_pos.add_(1)
-        self.stats.eager_steps += 1
         return chosen
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
