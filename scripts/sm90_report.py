@@ -58,7 +58,12 @@ def compile_sm90(fn: JITFunction, args: tuple, kwargs: dict):
     options, signature, constexprs, attrs = fn._pack_args(
         backend, kwargs, bound_args, specialization, options
     )
-    src = ASTSource(fn, signature, constexprs, attrs)
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        src = GluonASTSource(fn, signature, constexprs, attrs)
+    else:
+        src = ASTSource(fn, signature, constexprs, attrs)
     return triton.compile(src, target=TARGET, options=options.__dict__)
 
 
@@ -82,8 +87,27 @@ def sass_report(cubin: bytes) -> tuple[dict, collections.Counter, str]:
     return usage, ops, sass
 
 
+def sass_ops(sass: str) -> list[tuple[int, str]]:
+    out = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2)))
+    return out
+
+
+def loop_spans(sass: str) -> list[tuple[int, int]]:
+    """(start, end) of each innermost loop: ranges of backward branches containing no other."""
+    spans = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\S*\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", line)
+        if m and int(m.group(2), 16) < int(m.group(1), 16):
+            spans.append((int(m.group(2), 16), int(m.group(1), 16)))
+    return [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+
+
 def decode_tc_call(overrides: dict, args_ns):
-    from kvarn.attention.triton import decode_tc
+    from kvarn.attention.triton import decode_tc, decode_warp
     from kvarn.attention.triton.testing import random_layer_storage
     from kvarn.config import KVarNConfig
 
@@ -95,7 +119,8 @@ def decode_tc_call(overrides: dict, args_ns):
         dtype=getattr(torch, args_ns.dtype), seed=0,
     )  # fmt: skip
     decode_tc.sm_count = lambda _device: 132  # H100
-    return lambda: decode_tc.quantized_decode_attention(**st, **overrides)
+    module = decode_warp if args_ns.wrapper == "decode_warp" else decode_tc
+    return lambda: module.quantized_decode_attention(**st, **overrides)
 
 
 def parse_value(v: str):
@@ -109,7 +134,7 @@ def parse_value(v: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("wrapper", choices=["decode_tc"])
+    ap.add_argument("wrapper", choices=["decode_tc", "decode_warp"])
     ap.add_argument("--set", nargs="*", default=[], help="wrapper keyword overrides, key=value")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--group", type=int, default=4)
@@ -135,6 +160,10 @@ def main() -> None:
         print(f"  regs={usage['regs']} stack={usage['stack']} local={usage['local']} shared={usage['shared']} "
               f"dynamic_shared={k.metadata.shared} SASS={total}")  # fmt: skip
         print("  " + " ".join(f"{op}:{n}" for op, n in ops.most_common(a.top)))
+        for lo, hi in loop_spans(sass):
+            body = collections.Counter(op for addr, op in sass_ops(sass) if lo <= addr <= hi)
+            print(f"  loop [{lo:#x}, {hi:#x}]: {sum(body.values())} instructions per warp per iteration")
+            print("    " + " ".join(f"{op}:{n}" for op, n in body.most_common(a.top + 6)))
         if a.sass:
             Path(f"{a.sass}.{i}.sass").write_text(sass)
     sys.stdout.flush()

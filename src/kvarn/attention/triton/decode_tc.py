@@ -1036,31 +1036,12 @@ def quantized_decode_attention(
     # The kernel indexes the leading dims by stride (capacity slices stay views) and assumes the
     # innermost dims dense.
     query, storage = kernel_layout(query, storage)
-    (
-        k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
-        n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
-    ) = (storage[n] for n in STORAGE)  # fmt: skip
     s1 = num_splits + 1
     dev = query.device
     part_o, part_m, part_l = split_workspace(bsz * hkv, s1, mrows, hd, dev, POISON_WORKSPACE)
     out = output_buffer(out, (bsz, hq, nq, hd), query.dtype, dev)
 
-    def st(x, n):
-        return x.stride()[:n]
-
-    args = (
-        query, *st(query, 3),
-        k_codes, *st(k_codes, 3), k_scale, *st(k_scale, 3), k_zero, *st(k_zero, 3),
-        k_token_scale, *st(k_token_scale, 3),
-        v_codes, *st(v_codes, 3), v_scale, *st(v_scale, 3), v_zero, *st(v_zero, 3),
-        v_channel_scale, *st(v_channel_scale, 3),
-        n_tiles,
-        sink_k, *st(sink_k, 3), sink_v, *st(sink_v, 3), sink_len,
-        tail_k, *st(tail_k, 3), tail_v, *st(tail_v, 3), tail_len,
-        new_k, *st(new_k, 3), new_v, *st(new_v, 3),
-        part_o, part_m, part_l,
-        float(scaling) * LOG2E, num_splits,
-    )  # fmt: skip
+    args = launch_args(query, [storage[n] for n in STORAGE], part_o, part_m, part_l, scaling, num_splits)
     interp = interpreting()
     meta = dict(
         HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, _next_pow2(nq)),
@@ -1069,38 +1050,93 @@ def quantized_decode_attention(
         # launches: 128k x 1 76.0 us vs 79.1 us with 32, 32k x 8 129.0 vs 132.7 us)
         DC=min(g, dense_chunk or (128 if hd <= 128 else 32)), QA_SPLIT=qa_split, PA_SPLIT=pa_split,
     )  # fmt: skip
+    tile_options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None and not interp:
+        tile_options["maxnreg"] = maxnreg
+
+    def tiles():
+        LAST_LAUNCH[0] = _TILE_LAUNCH(
+            (bsz * hkv, num_splits, n_mb), args,
+            {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp,
+             "INTERPRET": interp, "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0,
+             "SUBNORMAL": code_operands == "subnormal"},
+            **tile_options,
+        )  # fmt: skip
+
+    launch_dense_tiles_merge(args, meta, n_mb, out, part_o, part_m, part_l, bsz * hkv, mrows, tiles, overlap_dense)
+    return out
+
+
+def launch_args(query, st: list, part_o, part_m, part_l, scaling: float, num_splits: int) -> tuple:
+    """The kernel arguments of ``_decode_tc_kernel`` (``st``: the storage tensors in ``STORAGE``
+    order, inner dims dense): pointers with their leading strides, the workspace, the scale."""
+    (
+        k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
+        n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
+    ) = st  # fmt: skip
+
+    def s(x):
+        return x.stride()[:3]
+
+    return (
+        query, *s(query),
+        k_codes, *s(k_codes), k_scale, *s(k_scale), k_zero, *s(k_zero),
+        k_token_scale, *s(k_token_scale),
+        v_codes, *s(v_codes), v_scale, *s(v_scale), v_zero, *s(v_zero),
+        v_channel_scale, *s(v_channel_scale),
+        n_tiles,
+        sink_k, *s(sink_k), sink_v, *s(sink_v), sink_len,
+        tail_k, *s(tail_k), tail_v, *s(tail_v), tail_len,
+        new_k, *s(new_k), new_v, *s(new_v),
+        part_o, part_m, part_l,
+        float(scaling) * LOG2E, num_splits,
+    )  # fmt: skip
+
+
+def dense_meta(hkv, group, nq, hd, g, key_bits, value_bits, mrows, query_dtype) -> tuple[dict, int]:
+    """decode_tc's default constexprs for the 16-bit segments' launch and its row blocks, for a
+    tile kernel of another module that shares the workspace and the merge."""
+    m_block = _next_pow2(mrows) if mrows < 16 else 16
+    f16 = query_dtype == torch.float16
+    meta = dict(
+        HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, _next_pow2(nq)), D=hd, G=g, KB=key_bits, VB=value_bits,
+        M_BLOCK=m_block, DC=min(g, 128 if hd <= 128 else 32), QA_SPLIT=f16, PA_SPLIT=f16,
+    )  # fmt: skip
+    return meta, -(-mrows // m_block)
+
+
+def launch_dense_tiles_merge(
+    args, meta, n_mb, out, part_o, part_m, part_l, kv_rows, mrows, tiles, overlap_dense
+) -> None:  # fmt: skip
+    """The three launches of a decode call: the 16-bit segments (split 0, this module's kernel),
+    ``tiles()`` (the packed tiles, splits 1..S, any kernel writing the same workspace), the merge.
+    ``overlap_dense`` (CUDA; None = while a CUDA graph is captured): the 16-bit launch on a second
+    stream, concurrently with the tile launch (captured as two graph branches)."""
+    dev = out.device
+    interp = interpreting()
     main_stream = side = None
     if overlap_dense is None:
         overlap_dense = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if overlap_dense and dev.type == "cuda" and not interp:
-        # The 16-bit segments on a second stream, concurrently with the tile launch (their
-        # latency-bound few programs otherwise sit alone on the GPU before it); the merge
-        # waits for both. Captured by CUDA graphs as two branches.
         main_stream = torch.cuda.current_stream(dev)
         side = _side_stream(dev)
         side.wait_stream(main_stream)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         _TILE_LAUNCH(
-            (bsz * hkv, 1, n_mb), args,
+            (kv_rows, 1, n_mb), args,
             {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp,
              "WORDS": False, "META_AHEAD": 0, "SUBNORMAL": False},
             num_warps=4, num_stages=1,
         )  # fmt: skip
-    tile_options = {"num_warps": num_warps, "num_stages": num_stages}
-    if maxnreg is not None and not interp:
-        tile_options["maxnreg"] = maxnreg
-    LAST_LAUNCH[0] = _TILE_LAUNCH(
-        (bsz * hkv, num_splits, n_mb), args,
-        {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp, "INTERPRET": interp,
-         "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0, "SUBNORMAL": code_operands == "subnormal"},
-        **tile_options,
-    )  # fmt: skip
+    tiles()
     if side is not None:
         main_stream.wait_stream(side)
-    grid = merge_grid(bsz * hkv * mrows, hd)
+    hd = part_o.shape[-1]
+    s1 = part_o.shape[1]
+    group, nq = meta["GROUP"], meta["L"]
+    grid = merge_grid(kv_rows * mrows, hd)
     _MERGE_LAUNCH(
-        grid, (part_o, part_m, part_l, out, *st(out, 3)),
-        dict(HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=_next_pow2(s1), DB=hd // grid[1]),
+        grid, (part_o, part_m, part_l, out, *out.stride()[:3]),
+        dict(HKV=meta["HKV"], GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=_next_pow2(s1), DB=hd // grid[1]),
         num_warps=merge_num_warps(hd, _next_pow2(s1)),
     )  # fmt: skip
-    return out

@@ -46,3 +46,75 @@ def zeros(shape: tl.constexpr, dtype: tl.constexpr, layout: tl.constexpr = None)
 @triton.jit
 def convert_layout(value, layout: tl.constexpr, assert_trivial: tl.constexpr = False):
     return value
+
+
+# --- shared memory, cp.async and mma_v2 (decode_warp) -------------------------------------------
+# Shared memory here is a Python object holding one tensor per slot of its leading dimension;
+# ``cp.async`` is a load and a store, the waits and barriers have nothing to wait for.
+
+
+def _slot(i) -> int:
+    """A slot index given as a Python int, a constexpr or an interpreter scalar tensor."""
+    if isinstance(i, tl.constexpr):
+        i = i.value
+    handle = getattr(i, "handle", None)
+    if handle is not None:
+        return int(handle.data.item())
+    return int(i)
+
+
+class SharedMemory:
+    """A [slots, ...] shared-memory allocation: ``index(i)`` is slot i."""
+
+    def __init__(self, dtype, shape):
+        self.dtype, self.shape, self.slots = dtype, list(shape), {}
+
+    def index(self, i):
+        return SharedView(self, _slot(i), False)
+
+
+class SharedView:
+    def __init__(self, memory: SharedMemory, slot: int, transposed: bool):
+        self.memory, self.slot, self.transposed = memory, slot, transposed
+
+    def permute(self, order):
+        order = [o.value if isinstance(o, tl.constexpr) else o for o in order]
+        if list(order) != [1, 0]:
+            raise NotImplementedError(f"permute {order}: only the 2-D transpose is modelled")
+        return SharedView(self.memory, self.slot, not self.transposed)
+
+    def store(self, value):
+        if self.transposed:
+            value = tl.trans(value)
+        self.memory.slots[self.slot] = value
+
+    def load(self, layout=None):
+        value = self.memory.slots[self.slot]
+        return tl.trans(value) if self.transposed else value
+
+
+def allocate_shared_memory(dtype, shape, layout=None, value=None):
+    return SharedMemory(dtype, shape)
+
+
+def async_copy_global_to_shared(smem, pointer, mask=None, cache_modifier="", eviction_policy="", volatile=False):
+    smem.store(tl.load(pointer, mask=mask, other=0))
+
+
+def commit_group():
+    return None
+
+
+def wait_group(num_outstanding=0):
+    return None
+
+
+def thread_barrier():
+    return None
+
+
+@triton.jit
+def mma_v2(a, b, acc, input_precision: tl.constexpr = None):
+    """acc + a @ b with float32 products: the interpreter multiplies 16-bit operands in 16 bits,
+    while the tensor cores form the (exact) products of float16 operands in float32."""
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")

@@ -1,0 +1,636 @@
+"""Decode attention over packed KVarN tiles, one warp per program, queries on the MMA's N side.
+
+Same contract and result as ``decode_tc.quantized_decode_attention`` (docs/layerstore.md); only
+the launch over the packed tiles differs (the 16-bit segments' launch and the log-sum-exp merge
+are decode_tc's). Why a second tile kernel: decode_tc puts the query rows on the M side of the
+tensor-core product, so group 4 x one query is padded to 16 rows, and its four warps exchange
+the softmax weights through shared memory every tile; its loop is issue-bound (sm_90: ~3,270
+instructions per tile of 128 tokens). Here, per tile (docs/gpu_decode_notes.md, session 5):
+
+* Both products run transposed, ``S^T = codes_k^T @ (q * a_k)^T`` and ``O^T = codes_v^T @ (p * a_v)^T``,
+  so the codes are the A operand (M = 16 words, rows of the MMA) and the queries the N side
+  (``mma.m16n8k16``: N = 8, group 4 pads to 8, not 16).
+* Codes go from global memory to shared memory by ``cp.async`` (``STAGES`` tiles in flight) and
+  come back with ``ldmatrix.trans`` straight into the A-operand registers; one ``and`` per two codes
+  (plus one shift for fields above mantissa bit 10) makes them subnormal float16 operands
+  ``code * 2**(s-24)`` (decode_tc's "subnormal" code operands), the power of two folded into the
+  float32 step that adds the zero-point term.
+* Key words ``[D, G*kb/16]`` as stored: field f of word w is token ``(16/kb)*w + f`` ("key plane f"),
+  a ``[G*kb/16, D]`` A operand after the transposed load. Value rows are staged plane-major in
+  shared memory (plane f = the value rows of key plane f's tokens), so the value product of plane
+  f takes plane f's softmax weights as they come out of the key product (one register transpose,
+  ``convert_layout``); field e of value word u is channel ``(16/vb)*u + e``.
+* One warp owns a whole (row block, KV head, split): its online softmax never leaves the warp,
+  and the many small programs (up to ~9 per SM) hide the memory latency together.
+
+Scales fold as in decode_tc (SPEC "attention over quantized tiles"; log2 domain, softmax scale in q):
+  scores  s[t, n] = r[t] * ((codes_k^T @ (q a_k)^T)[t, n] + q[n] . z_k)
+  output  o[d, n] = c[d] * ((codes_v^T @ (p a_v)^T)[d, n] + p[:, n] . z_v)
+float16 operands (11 significant bits in q * a_k and p * a_v; with ``QA_SPLIT`` / ``PA_SPLIT``
+the rounding remainders are second operands, as decode_tc does for float16 models), float32
+accumulation.
+
+This is a Gluon kernel (explicit layouts). Under ``TRITON_INTERPRET=1`` the module binds ``gl`` to
+``gluon_interp`` (layouts dropped, shared memory a plain tensor, ``mma_v2`` a float32 ``tl.dot``,
+the code fields Triton integer operations), and the interpreter runs this same source on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvarn.attention.triton import decode_tc, interpreting
+from kvarn.attention.triton.contract import STORAGE, check_decode_inputs, is_pow2, kernel_layout, output_buffer
+from kvarn.attention.triton.decode_tc import (
+    _subnormal_field_s,
+    subnormal_field_asm_text,
+    subnormal_field_scale,
+)
+from kvarn.attention.triton.launch import FastLauncher
+from kvarn.attention.triton.split_k import sm_count, split_workspace
+
+if interpreting():
+    from kvarn.attention.triton import gluon_interp as gl
+
+    async_copy = gl
+    mma_v2 = gl.mma_v2
+    jit = triton.jit
+else:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+    jit = gluon.jit
+from triton.experimental.gluon.language import (  # plain dataclasses, usable everywhere
+    BlockedLayout,
+    DistributedLinearLayout,
+    DotOperandLayout,
+    NVMMADistributedLayout,
+    SwizzledSharedLayout,
+)
+
+KERNEL_BITS = (2, 4, 8)
+MAX_QUERIES = decode_tc.MAX_QUERIES
+MAX_SPLITS = decode_tc.MAX_SPLITS
+# Query rows per program (the MMA's N): 8 fills one n8 tile (group 4 x 1 query pads to 8).
+ROWS_PER_PROGRAM = 8
+# Tiles in flight per program (cp.async stages).
+STAGES = 2
+# Last compiled launch (registers, spills) for benchmark diagnostics.
+LAST_LAUNCH: list = [None]
+
+
+@jit
+def _field(words, BITS: tl.constexpr, POS: tl.constexpr, INTERPRET: tl.constexpr):
+    """The BITS-bit field at bit POS of every 16-bit word as a float16 operand, exactly
+    ``code * 2**(s-24)`` (``decode_tc.subnormal_field_position``): one ``and`` per 2 codes, plus
+    one shift (shared by the high fields of a register) for fields above mantissa bit 10."""
+    if INTERPRET:
+        code = ((words >> POS) & ((1 << BITS) - 1)).to(gl.int16)
+        return (code << _subnormal_field_s(BITS, POS)).to(gl.float16, bitcast=True)
+    else:
+        return gl.inline_asm_elementwise(
+            subnormal_field_asm_text(BITS, POS), "=r,r", [words], dtype=gl.float16, is_pure=True, pack=2
+        )
+
+
+@jit
+def _plane_scores(kwords, qa, qa_lo, qz, r, f: tl.constexpr, KB: tl.constexpr, QA_SPLIT: tl.constexpr,
+                  INTERPRET: tl.constexpr, MMA: tl.constexpr):  # fmt: skip
+    """Scores ``[KW, N]`` of key plane f (tokens NPK*w + f; ``r`` their key token scales), log2 domain."""
+    a = _field(kwords, KB, KB * f, INTERPRET)
+    KW: tl.constexpr = kwords.shape[0]
+    N: tl.constexpr = qa.shape[1]
+    acc = mma_v2(a, qa, gl.zeros([KW, N], dtype=gl.float32, layout=MMA))
+    if QA_SPLIT:
+        acc = mma_v2(a, qa_lo, acc)
+    return (acc * subnormal_field_scale(KB, KB * f) + qz[None, :]) * r.to(gl.float32)[:, None]
+
+
+@jit
+def _columns(x, LAYOUT: tl.constexpr):
+    """The C = 2, 4 or 8 columns of ``x [R, C]`` as 8 ``[R]`` tensors in LAYOUT (columns past C
+    repeat column 0). The columns live in registers (``meta_layout``), so the splits move nothing
+    and the conversions to the MMA's row layout are no-ops."""
+    R: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    if C == 2:
+        c0, c1 = gl.split(x)
+        c2 = c0
+        c3 = c0
+        c4 = c0
+        c5 = c0
+        c6 = c0
+        c7 = c0
+    elif C == 4:
+        a, b = gl.split(gl.reshape(x, [R, 2, 2]))  # a: columns 0, 2; b: 1, 3
+        c0, c2 = gl.split(a)
+        c1, c3 = gl.split(b)
+        c4 = c0
+        c5 = c0
+        c6 = c0
+        c7 = c0
+    else:
+        a, b = gl.split(gl.reshape(x, [R, 4, 2]))  # a: columns 0, 2, 4, 6; b: 1, 3, 5, 7
+        aa, ab = gl.split(gl.reshape(a, [R, 2, 2]))  # aa: 0, 4; ab: 2, 6
+        ba, bb = gl.split(gl.reshape(b, [R, 2, 2]))  # ba: 1, 5; bb: 3, 7
+        c0, c4 = gl.split(aa)
+        c2, c6 = gl.split(ab)
+        c1, c5 = gl.split(ba)
+        c3, c7 = gl.split(bb)
+    return (
+        gl.convert_layout(c0, LAYOUT), gl.convert_layout(c1, LAYOUT), gl.convert_layout(c2, LAYOUT),
+        gl.convert_layout(c3, LAYOUT), gl.convert_layout(c4, LAYOUT), gl.convert_layout(c5, LAYOUT),
+        gl.convert_layout(c6, LAYOUT), gl.convert_layout(c7, LAYOUT),
+    )  # fmt: skip
+
+
+@jit
+def _value_plane(
+    s, m_new, va, vz, v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+    f: tl.constexpr, VB: tl.constexpr, NPV: tl.constexpr,
+    PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr,
+):  # fmt: skip
+    """Softmax weights of key plane f and the value product of its tokens into P0..P(NPV-1)
+    (field e of the value words: channels NPV*u + e); row sums of p and p . z_v accumulated
+    elementwise (reduced once per tile)."""
+    p = gl.exp2(s - m_new[None, :])
+    psum += p
+    pzsum += p * vz.to(gl.float32)[:, None]
+    pa32 = p * va.to(gl.float32)[:, None]
+    pa = pa32.to(gl.float16)
+    pa_b = gl.convert_layout(pa, B_OP)
+    pa_lo_b = pa_b
+    if PA_SPLIT:
+        pa_lo_b = gl.convert_layout((pa32 - pa.to(gl.float32)).to(gl.float16), B_OP)
+    vwords = v_stage.index(vbase + f).permute((1, 0)).load(A_OP)  # [VW, KW]: ldmatrix.trans
+    P0 = _value_field(vwords, pa_b, pa_lo_b, P0, 0, VB, PA_SPLIT, INTERPRET)
+    P1 = _value_field(vwords, pa_b, pa_lo_b, P1, 1, VB, PA_SPLIT, INTERPRET)
+    if NPV >= 4:
+        P2 = _value_field(vwords, pa_b, pa_lo_b, P2, 2, VB, PA_SPLIT, INTERPRET)
+        P3 = _value_field(vwords, pa_b, pa_lo_b, P3, 3, VB, PA_SPLIT, INTERPRET)
+    if NPV >= 8:
+        P4 = _value_field(vwords, pa_b, pa_lo_b, P4, 4, VB, PA_SPLIT, INTERPRET)
+        P5 = _value_field(vwords, pa_b, pa_lo_b, P5, 5, VB, PA_SPLIT, INTERPRET)
+        P6 = _value_field(vwords, pa_b, pa_lo_b, P6, 6, VB, PA_SPLIT, INTERPRET)
+        P7 = _value_field(vwords, pa_b, pa_lo_b, P7, 7, VB, PA_SPLIT, INTERPRET)
+    return psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7
+
+
+@jit
+def _value_field(vwords, pa_b, pa_lo_b, acc, e: tl.constexpr, VB: tl.constexpr, PA_SPLIT: tl.constexpr,
+                 INTERPRET: tl.constexpr):  # fmt: skip
+    a = _field(vwords, VB, VB * e, INTERPRET)
+    acc = mma_v2(a, pa_b, acc)
+    if PA_SPLIT:
+        acc = mma_v2(a, pa_lo_b, acc)
+    return acc
+
+
+@jit
+def _rescale(O, P, c, alpha, pz, e: tl.constexpr, VB: tl.constexpr):
+    """O * alpha + c_v * (P * 2**(24-s) + p . z_v) for the channels NPV*u + e of field e."""
+    c = c.to(gl.float32)
+    return O * alpha[None, :] + c[:, None] * (P * subnormal_field_scale(VB, VB * e) + pz[None, :])
+
+
+@jit
+def _store_o(O, po_rows, uu, row_ok, e: tl.constexpr, NPV: tl.constexpr):
+    gl.store(po_rows[None, :] + (NPV * uu + e)[:, None], O, mask=row_ok[None, :])
+
+
+@jit
+def _issue_tile(j, ok, slot, stages, offs, bases, VW: tl.constexpr, NPK: tl.constexpr):
+    """cp.async of tile j into stage ``slot``, as one commit group: key words as stored, value
+    rows plane-major (plane f = tokens NPK*w + f), and the tile's six metadata vectors (so no
+    load of the tile loop waits on global memory)."""
+    k_stage, v_stage, km_stage, tm_stage, c_stage = stages
+    k_off, v_off, d_off, t_off, c_off = offs
+    (
+        kw_base, skw_n, vw_base, svw_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+        va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+    ) = bases  # fmt: skip
+    j64 = j.to(gl.int64)
+    async_copy.async_copy_global_to_shared(k_stage.index(slot), kw_base + j64 * skw_n + k_off, mask=ok)
+    vw_t = vw_base + j64 * svw_n + v_off
+    for f in gl.static_range(NPK):
+        async_copy.async_copy_global_to_shared(v_stage.index(slot * NPK + f), vw_t + f * VW, mask=ok)
+    async_copy.async_copy_global_to_shared(km_stage.index(2 * slot), ka_base + j64 * ska_n + d_off, mask=ok)
+    async_copy.async_copy_global_to_shared(km_stage.index(2 * slot + 1), kz_base + j64 * skz_n + d_off, mask=ok)
+    async_copy.async_copy_global_to_shared(tm_stage.index(3 * slot), kr_base + j64 * skr_n + t_off, mask=ok)
+    async_copy.async_copy_global_to_shared(tm_stage.index(3 * slot + 1), va_base + j64 * sva_n + t_off, mask=ok)
+    async_copy.async_copy_global_to_shared(tm_stage.index(3 * slot + 2), vz_base + j64 * svz_n + t_off, mask=ok)
+    async_copy.async_copy_global_to_shared(c_stage.index(slot), vs_base + j64 * svs_n + c_off, mask=ok)
+    async_copy.commit_group()
+
+
+@jit
+def _tile_step(
+    j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
+    KB: tl.constexpr, VB: tl.constexpr, STAGES: tl.constexpr, QA_SPLIT: tl.constexpr,
+    PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr, MMA: tl.constexpr, A_OP: tl.constexpr,
+    B_OP: tl.constexpr, TOK_META: tl.constexpr, CH_META: tl.constexpr,
+):  # fmt: skip
+    """Tile j (the i-th of the program's split): issue the copies of tile j + STAGES - 1, wait for
+    tile j's, then one online-softmax step over all its G tokens."""
+    NPK: tl.constexpr = 16 // KB
+    NPV: tl.constexpr = 16 // VB
+    k_stage, v_stage, km_stage, tm_stage, c_stage = stages
+    VW: tl.constexpr = v_stage.shape[2]
+    i = j - start
+    nxt = j + STAGES - 1
+    _issue_tile(nxt, nxt < end, (i + STAGES - 1) % STAGES, stages, offs, bases, VW, NPK)
+    buf = i % STAGES
+    async_copy.wait_group(STAGES - 1)  # tile j's copies have landed
+    gl.thread_barrier()
+    # q * a_k (the key product's B operand) and q . z_k, from this tile's key channel metadata.
+    ka = km_stage.index(2 * buf).load(gl.SliceLayout(1, B_OP)).to(gl.float32)
+    kz = km_stage.index(2 * buf + 1).load(gl.SliceLayout(1, B_OP)).to(gl.float32)
+    qa32 = qT * ka[:, None]
+    qa = qa32.to(gl.float16)
+    qa_lo = qa
+    if QA_SPLIT:
+        qa_lo = (qa32 - qa.to(gl.float32)).to(gl.float16)
+    qz = gl.convert_layout(gl.sum(qT * kz[:, None], axis=0), gl.SliceLayout(0, MMA))
+    rows: tl.constexpr = gl.SliceLayout(1, MMA)
+    r = _columns(tm_stage.index(3 * buf).load(TOK_META), rows)  # key token scales per key plane
+    kwords = k_stage.index(buf).permute((1, 0)).load(A_OP)  # [KW, D]: ldmatrix.trans
+    s0 = _plane_scores(kwords, qa, qa_lo, qz, r[0], 0, KB, QA_SPLIT, INTERPRET, MMA)
+    s1 = _plane_scores(kwords, qa, qa_lo, qz, r[1], 1, KB, QA_SPLIT, INTERPRET, MMA)
+    mx = gl.maximum(s0, s1)
+    s2 = s0
+    s3 = s0
+    s4 = s0
+    s5 = s0
+    s6 = s0
+    s7 = s0
+    if NPK >= 4:
+        s2 = _plane_scores(kwords, qa, qa_lo, qz, r[2], 2, KB, QA_SPLIT, INTERPRET, MMA)
+        s3 = _plane_scores(kwords, qa, qa_lo, qz, r[3], 3, KB, QA_SPLIT, INTERPRET, MMA)
+        mx = gl.maximum(mx, gl.maximum(s2, s3))
+    if NPK >= 8:
+        s4 = _plane_scores(kwords, qa, qa_lo, qz, r[4], 4, KB, QA_SPLIT, INTERPRET, MMA)
+        s5 = _plane_scores(kwords, qa, qa_lo, qz, r[5], 5, KB, QA_SPLIT, INTERPRET, MMA)
+        s6 = _plane_scores(kwords, qa, qa_lo, qz, r[6], 6, KB, QA_SPLIT, INTERPRET, MMA)
+        s7 = _plane_scores(kwords, qa, qa_lo, qz, r[7], 7, KB, QA_SPLIT, INTERPRET, MMA)
+        mx = gl.maximum(mx, gl.maximum(gl.maximum(s4, s5), gl.maximum(s6, s7)))
+    m_new = gl.maximum(m_i, gl.max(mx, axis=0))
+    alpha = gl.exp2(m_i - m_new)
+
+    va = _columns(tm_stage.index(3 * buf + 1).load(TOK_META), rows)
+    vz = _columns(tm_stage.index(3 * buf + 2).load(TOK_META), rows)
+    vbase = buf * NPK
+    P0 = gl.zeros(O0.shape, dtype=gl.float32, layout=MMA)
+    P1 = P0
+    P2 = P0
+    P3 = P0
+    P4 = P0
+    P5 = P0
+    P6 = P0
+    P7 = P0
+    psum = gl.zeros(s0.shape, dtype=gl.float32, layout=MMA)
+    pzsum = psum
+    psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+        s0, m_new, va[0], vz[0], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+        0, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+    )  # fmt: skip
+    psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+        s1, m_new, va[1], vz[1], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+        1, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+    )  # fmt: skip
+    if NPK >= 4:
+        psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+            s2, m_new, va[2], vz[2], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+            2, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+        )  # fmt: skip
+        psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+            s3, m_new, va[3], vz[3], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+            3, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+        )  # fmt: skip
+    if NPK >= 8:
+        psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+            s4, m_new, va[4], vz[4], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+            4, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+        )  # fmt: skip
+        psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+            s5, m_new, va[5], vz[5], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+            5, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+        )  # fmt: skip
+        psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+            s6, m_new, va[6], vz[6], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+            6, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+        )  # fmt: skip
+        psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+            s7, m_new, va[7], vz[7], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+            7, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+        )  # fmt: skip
+    c = _columns(c_stage.index(buf).load(CH_META), gl.SliceLayout(1, MMA))  # value channel scales per field
+    gl.thread_barrier()  # every lane is done with stage `buf` before it is refilled
+    l_i = l_i * alpha + gl.sum(psum, axis=0)
+    pz = gl.sum(pzsum, axis=0)
+    O0 = _rescale(O0, P0, c[0], alpha, pz, 0, VB)
+    O1 = _rescale(O1, P1, c[1], alpha, pz, 1, VB)
+    if NPV >= 4:
+        O2 = _rescale(O2, P2, c[2], alpha, pz, 2, VB)
+        O3 = _rescale(O3, P3, c[3], alpha, pz, 3, VB)
+    if NPV >= 8:
+        O4 = _rescale(O4, P4, c[4], alpha, pz, 4, VB)
+        O5 = _rescale(O5, P5, c[5], alpha, pz, 5, VB)
+        O6 = _rescale(O6, P6, c[6], alpha, pz, 6, VB)
+        O7 = _rescale(O7, P7, c[7], alpha, pz, 7, VB)
+    return m_new, l_i, O0, O1, O2, O3, O4, O5, O6, O7
+
+
+@jit
+def _decode_warp_kernel(
+    q_ptr, sq_b, sq_h, sq_l,
+    kc_ptr, skc_b, skc_h, skc_n,
+    ka_ptr, ska_b, ska_h, ska_n,
+    kz_ptr, skz_b, skz_h, skz_n,
+    kr_ptr, skr_b, skr_h, skr_n,
+    vc_ptr, svc_b, svc_h, svc_n,
+    va_ptr, sva_b, sva_h, sva_n,
+    vz_ptr, svz_b, svz_h, svz_n,
+    vs_ptr, svs_b, svs_h, svs_n,
+    ntiles_ptr,
+    po_ptr, pm_ptr, pl_ptr,
+    qk_scale, NUM_SPLITS,
+    HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    KB: tl.constexpr, VB: tl.constexpr, N: tl.constexpr, STAGES: tl.constexpr,
+    QA_SPLIT: tl.constexpr, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+    MMA: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr, K_COPY: tl.constexpr,
+    V_COPY: tl.constexpr, D_COPY: tl.constexpr, T_COPY: tl.constexpr, C_COPY: tl.constexpr,
+    K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
+    TOK_META: tl.constexpr, CH_META: tl.constexpr,
+):  # fmt: skip
+    """Program (KV row bh, split 1 + program_id(1), row block program_id(2)): tiles of its split,
+    written as an un-normalized partial to the split-K workspace (decode_tc's layout)."""
+    NPK: tl.constexpr = 16 // KB
+    KW: tl.constexpr = G // NPK  # key words per channel row = tokens per key plane
+    NPV: tl.constexpr = 16 // VB
+    VW: tl.constexpr = D // NPV  # value words per token row
+    MROWS: tl.constexpr = GROUP * L
+    bh = gl.program_id(0)
+    split = gl.program_id(1) + 1
+    rb = gl.program_id(2)
+    b = bh // HKV
+    h = bh % HKV
+    b64 = b.to(gl.int64)
+    h64 = h.to(gl.int64)
+
+    # The queries as the B operand [D, N], pre-scaled into the log2 domain.
+    dq = gl.arange(0, D, layout=gl.SliceLayout(1, B_OP))
+    nq = gl.arange(0, N, layout=gl.SliceLayout(0, B_OP))
+    rows_q = rb * N + nq
+    q_off = b64 * sq_b + (h * GROUP + rows_q // L).to(gl.int64) * sq_h + (rows_q % L).to(gl.int64) * sq_l
+    qT = gl.load(q_ptr + q_off[None, :] + dq[:, None], mask=(rows_q < MROWS)[None, :], other=0.0)
+    qT = qT.to(gl.float32) * qk_scale
+
+    n_tiles = gl.load(ntiles_ptr + b)
+    per_split = gl.cdiv(n_tiles, NUM_SPLITS)
+    start = (split - 1) * per_split
+    end = gl.minimum(start + per_split, n_tiles)
+
+    kw_base = (kc_ptr + b64 * skc_b + h64 * skc_h).to(gl.pointer_type(gl.int16))
+    skw_n = skc_n // 2  # byte strides are even (rows of >= 32 bytes)
+    vw_base = (vc_ptr + b64 * svc_b + h64 * svc_h).to(gl.pointer_type(gl.int16))
+    svw_n = svc_n // 2
+    ka_base = ka_ptr + b64 * ska_b + h64 * ska_h
+    kz_base = kz_ptr + b64 * skz_b + h64 * skz_h
+    kr_base = kr_ptr + b64 * skr_b + h64 * skr_h
+    va_base = va_ptr + b64 * sva_b + h64 * sva_h
+    vz_base = vz_ptr + b64 * svz_b + h64 * svz_h
+    vs_base = vs_ptr + b64 * svs_b + h64 * svs_h
+
+    # Copy offsets (16-bit words): key rows as stored; value rows of plane f = tokens NPK*w + f;
+    # metadata vectors as stored, token vectors as [KW, NPK] (row w: the tokens NPK*w + f) and
+    # the value channel scales as [VW, NPV] (row u: the channels NPV*u + e).
+    kd = gl.arange(0, D, layout=gl.SliceLayout(1, K_COPY))
+    kw = gl.arange(0, KW, layout=gl.SliceLayout(0, K_COPY))
+    k_off = kd[:, None] * KW + kw[None, :]
+    vr = gl.arange(0, KW, layout=gl.SliceLayout(1, V_COPY))
+    vu = gl.arange(0, VW, layout=gl.SliceLayout(0, V_COPY))
+    v_off = (NPK * vr[:, None]) * VW + vu[None, :]
+    d_off = gl.arange(0, D, layout=D_COPY)
+    t_off = gl.arange(0, KW, layout=gl.SliceLayout(1, T_COPY))[:, None] * NPK + gl.arange(
+        0, NPK, layout=gl.SliceLayout(0, T_COPY)
+    )[None, :]
+    c_off = gl.arange(0, VW, layout=gl.SliceLayout(1, C_COPY))[:, None] * NPV + gl.arange(
+        0, NPV, layout=gl.SliceLayout(0, C_COPY)
+    )[None, :]
+    md = ka_ptr.dtype.element_ty
+    stages = (
+        gl.allocate_shared_memory(gl.int16, [STAGES, D, KW], K_SMEM),
+        gl.allocate_shared_memory(gl.int16, [STAGES * NPK, KW, VW], V_SMEM),
+        gl.allocate_shared_memory(md, [STAGES * 2, D], META_SMEM_1D),
+        gl.allocate_shared_memory(md, [STAGES * 3, KW, NPK], META_SMEM_2D),
+        gl.allocate_shared_memory(md, [STAGES, VW, NPV], META_SMEM_2D),
+    )
+    offs = (k_off, v_off, d_off, t_off, c_off)
+    bases = (
+        kw_base, skw_n, vw_base, svw_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+        va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+    )  # fmt: skip
+
+    uu = gl.arange(0, VW, layout=gl.SliceLayout(1, MMA))  # value words = rows of the output tiles
+    m_i = gl.full([N], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
+    l_i = gl.zeros([N], dtype=gl.float32, layout=gl.SliceLayout(0, MMA))
+    O0 = gl.zeros([VW, N], dtype=gl.float32, layout=MMA)
+    O1 = O0
+    O2 = O0
+    O3 = O0
+    O4 = O0
+    O5 = O0
+    O6 = O0
+    O7 = O0
+
+    for pre in gl.static_range(STAGES - 1):
+        _issue_tile(start + pre, start + pre < end, pre, stages, offs, bases, VW, NPK)
+    if INTERPRET:
+        # The interpreter cannot take a loaded scalar as a range() bound under numpy 2.
+        j = start
+        while j < end:
+            m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _tile_step(
+                j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
+                KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META,
+            )  # fmt: skip
+            j += 1
+    else:
+        for j in range(start, end):
+            m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _tile_step(
+                j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
+                KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META,
+            )  # fmt: skip
+    async_copy.wait_group(0)  # nothing left in flight when the program ends
+
+    # Un-normalized partial, running max and sum: [B * Hkv, 1 + NUM_SPLITS, MROWS(, D)].
+    nn = gl.arange(0, N, layout=gl.SliceLayout(0, MMA))
+    rows = rb * N + nn
+    row_ok = rows < MROWS
+    slot = (bh * (NUM_SPLITS + 1) + split).to(gl.int64) * MROWS + rows
+    gl.store(pm_ptr + slot, m_i, mask=row_ok)
+    gl.store(pl_ptr + slot, l_i, mask=row_ok)
+    po_rows = po_ptr + slot * D
+    _store_o(O0, po_rows, uu, row_ok, 0, NPV)
+    _store_o(O1, po_rows, uu, row_ok, 1, NPV)
+    if NPV >= 4:
+        _store_o(O2, po_rows, uu, row_ok, 2, NPV)
+        _store_o(O3, po_rows, uu, row_ok, 3, NPV)
+    if NPV >= 8:
+        _store_o(O4, po_rows, uu, row_ok, 4, NPV)
+        _store_o(O5, po_rows, uu, row_ok, 5, NPV)
+        _store_o(O6, po_rows, uu, row_ok, 6, NPV)
+        _store_o(O7, po_rows, uu, row_ok, 7, NPV)
+
+
+def _log2(n: int) -> int:
+    return n.bit_length() - 1
+
+
+def meta_layout(rows: int, cols: int) -> DistributedLinearLayout:
+    """Layout of a ``[rows, cols]`` metadata block whose row r sits where row r of an MMA
+    accumulator tile sits (lane group r % 8, register block r // 8; the 4 lanes of a group share
+    it) and whose columns are consecutive registers: one vector load per row from shared memory,
+    and each column, split off in registers, is already in ``SliceLayout(1, MMA)``."""
+    return DistributedLinearLayout(
+        reg_bases=[[0, 1 << i] for i in range(_log2(cols))] + [[8 << i, 0] for i in range(_log2(rows // 8))],
+        lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[], block_bases=[], shape=[rows, cols],
+    )  # fmt: skip
+
+
+def layouts(D: int, G: int, KB: int, VB: int) -> dict:
+    """The explicit layouts of one warp's program (constexpr arguments of the kernel)."""
+    kw, vw = G * KB // 16, D * VB // 16
+    npk, npv = 16 // KB, 16 // VB
+    mma = NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+
+    def copy(width):  # 8 words (16 bytes) per lane per cp.async, rows across lanes
+        per_row = max(1, min(32, width // 8))
+        return BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // per_row, per_row],
+                             warps_per_cta=[1, 1], order=[1, 0])  # fmt: skip
+
+    def smem(width):  # 16-byte units swizzled so ldmatrix.trans reads 8 rows conflict-free
+        per_phase = max(1, 128 // (2 * width))
+        return SwizzledSharedLayout(vec=8, per_phase=per_phase, max_phase=max(1, 8 // per_phase), order=[1, 0])
+
+    def rows_copy(cols):  # one [*, cols] row (4-16 bytes) per lane
+        return BlockedLayout(size_per_thread=[1, cols], threads_per_warp=[32, 1], warps_per_cta=[1, 1], order=[1, 0])
+
+    return dict(
+        MMA=mma,
+        A_OP=DotOperandLayout(operand_index=0, parent=mma, k_width=2),
+        B_OP=DotOperandLayout(operand_index=1, parent=mma, k_width=2),
+        K_COPY=copy(kw), V_COPY=copy(vw),
+        D_COPY=BlockedLayout(size_per_thread=[max(2, min(8, D // 32))], threads_per_warp=[32], warps_per_cta=[1],
+                             order=[0]),  # fmt: skip
+        T_COPY=rows_copy(npk), C_COPY=rows_copy(npv),
+        K_SMEM=smem(kw), V_SMEM=smem(vw),
+        META_SMEM_1D=SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]),
+        META_SMEM_2D=SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]),
+        TOK_META=meta_layout(kw, npk), CH_META=meta_layout(vw, npv),
+    )
+
+
+def supports(
+    head_dim: int, tile_size: int, key_bits: int, value_bits: int, num_queries: int, dtype
+) -> str | None:
+    """None when this kernel handles these shapes, else the reason it does not."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} is not float16/bfloat16"
+    if key_bits not in KERNEL_BITS or value_bits not in KERNEL_BITS:
+        return f"key_bits={key_bits}, value_bits={value_bits}: the kernel decodes {list(KERNEL_BITS)} bits"
+    if not is_pow2(head_dim) or not 16 <= head_dim <= 256:
+        return f"head_dim={head_dim} is not a power of two in [16, 256]"
+    if not is_pow2(tile_size) or tile_size > 256:
+        return f"tile_size={tile_size} is not a power of two <= 256"
+    # The codes are the M side of the products (16 rows per MMA): key words per channel row
+    # (tokens per key plane) and value words per token row must both be >= 16.
+    if tile_size * key_bits // 16 < 16:
+        return f"tile_size={tile_size} at {key_bits}-bit keys gives key planes under 16 tokens"
+    if head_dim * value_bits // 16 < 16:
+        return f"head_dim={head_dim} at {value_bits}-bit values gives under 16 value words per token"
+    if not 1 <= num_queries <= MAX_QUERIES:
+        return f"{num_queries} new queries per row; the kernel takes 1..{MAX_QUERIES}"
+    return None
+
+
+def default_num_splits(batch: int, kv_heads: int, row_blocks: int, device: torch.device, programs_per_sm: int) -> int:
+    """decode_tc's wave model (``_num_splits_for``) with this kernel's program slots."""
+    return decode_tc._num_splits_for(max(1, batch * kv_heads * row_blocks), max(1, programs_per_sm) * sm_count(device))
+
+
+# Programs of this kernel resident per SM (shared memory: 2 stages x 12 KB per program at K4V2
+# D = G = 128; ~9 fit in the H100/H200's 228 KB).
+PROGRAMS_PER_SM = 9
+
+
+def quantized_decode_attention(
+    query, k_codes, k_scale, k_zero, k_token_scale, v_codes, v_scale, v_zero, v_channel_scale,
+    n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
+    key_bits, value_bits, scaling, *, max_tiles: int | None = None, out: torch.Tensor | None = None,
+    num_splits: int | None = None, rows_per_program: int | None = None, stages: int | None = None,
+    qa_split: bool | None = None, pa_split: bool | None = None, overlap_dense: bool | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract),
+    the packed tiles by this module's one-warp kernel; see ``decode_tc.quantized_decode_attention``
+    for the contract and the 16-bit segments. ``rows_per_program`` (8 or 16: query rows per
+    program, the MMA's N), ``stages`` (tiles in flight), ``num_splits``, ``qa_split`` /
+    ``pa_split`` (second operands for the float16 rounding remainders; default: float16 queries)
+    override the launch; defaults depend only on shapes (CUDA graphs capture it)."""
+    storage = dict(
+        k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
+        v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_channel_scale=v_channel_scale,
+        n_tiles=n_tiles, sink_k=sink_k, sink_v=sink_v, sink_len=sink_len,
+        tail_k=tail_k, tail_v=tail_v, tail_len=tail_len, new_k=new_k, new_v=new_v,
+    )  # fmt: skip
+    bsz, hq, nq, hd, hkv, ncap, g = check_decode_inputs(
+        query, storage, key_bits, value_bits, supports, "one-warp", dense_in_query_dtype=True
+    )
+    group = hq // hkv
+    mrows = group * nq
+    n_rows = rows_per_program or ROWS_PER_PROGRAM
+    if n_rows not in (8, 16):
+        raise ValueError(f"rows_per_program={rows_per_program!r}: expected 8 or 16")
+    stages = stages or STAGES
+    if stages not in (1, 2, 3, 4):
+        raise ValueError(f"stages={stages!r}: expected 1..4")
+    n_rb = -(-mrows // n_rows)
+    if qa_split is None:
+        qa_split = query.dtype == torch.float16
+    if pa_split is None:
+        pa_split = query.dtype == torch.float16
+    if num_splits is None:
+        num_splits = default_num_splits(bsz, hkv, n_rb, query.device, PROGRAMS_PER_SM)
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits={num_splits}: expected 1..{MAX_SPLITS}")
+
+    query, storage = kernel_layout(query, storage)
+    st = [storage[n] for n in STORAGE]
+    s1 = num_splits + 1
+    dev = query.device
+    part_o, part_m, part_l = split_workspace(bsz * hkv, s1, mrows, hd, dev, decode_tc.POISON_WORKSPACE)
+    out = output_buffer(out, (bsz, hq, nq, hd), query.dtype, dev)
+    args = decode_tc.launch_args(query, st, part_o, part_m, part_l, scaling, num_splits)
+    dense_meta, n_mb = decode_tc.dense_meta(hkv, group, nq, hd, g, key_bits, value_bits, mrows, query.dtype)
+    interp = interpreting()
+    # This kernel's arguments: decode_tc's up to the value channel scale, then n_tiles, the
+    # workspace, the scale and the split count (it never reads the 16-bit segments).
+    targs = (*args[:37], *args[-5:])
+    meta = dict(
+        HKV=hkv, GROUP=group, L=nq, D=hd, G=g, KB=key_bits, VB=value_bits, N=n_rows, STAGES=stages,
+        QA_SPLIT=qa_split, PA_SPLIT=pa_split, INTERPRET=interp, **layouts(hd, g, key_bits, value_bits),
+    )  # fmt: skip
+
+    def tiles():
+        LAST_LAUNCH[0] = _WARP_LAUNCH((bsz * hkv, num_splits, n_rb), targs, meta, num_warps=1)
+
+    decode_tc.launch_dense_tiles_merge(
+        args, dense_meta, n_mb, out, part_o, part_m, part_l, bsz * hkv, mrows, tiles, overlap_dense
+    )
+    return out
+
+
+_WARP_LAUNCH = FastLauncher(_decode_warp_kernel)
