@@ -85,7 +85,7 @@ def check(seed: int) -> int:
     return failures
 
 
-def time_point(ctx: int, batch: int, variants: list[dict], copy_gbs: float) -> None:
+def time_point(ctx: int, batch: int, variants: list[dict], copy_gbs: float, breakdown=True, merge_channels=()) -> None:
     dev = torch.device("cuda")
     n_tiles = ctx // bench.G - 1
     st = bench.make_storage(batch, n_tiles, dev)
@@ -104,6 +104,43 @@ def time_point(ctx: int, batch: int, variants: list[dict], copy_gbs: float) -> N
         f"{bench.ours_bytes(batch, n_tiles, splits_tc) / t_tc / 1e6 / copy_gbs:.0%} of copy)",
         flush=True,
     )
+    # Where the time goes: the default call with one of its three launches left out (benchmark
+    # only: the module-level launchers are swapped for no-ops), and with no packed tiles.
+    for mc in merge_channels:
+        from kvarn.attention.triton import split_k
+
+        saved, split_k.MERGE_CHANNELS = split_k.MERGE_CHANNELS, mc
+        try:
+            t = bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **st))
+        finally:
+            split_k.MERGE_CHANNELS = saved
+        print(f"  warp default with MERGE_CHANNELS={mc}: {t * 1e3:.1f} us", flush=True)
+    if not breakdown:
+        variants_only = True
+    else:
+        variants_only = False
+    empty = dict(st, n_tiles=torch.zeros_like(st["n_tiles"]))
+    t_fixed = 0.0 if variants_only else bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **empty))
+    parts = {"no tiles (n_tiles=0)": f"{t_fixed * 1e3:.1f}"}
+    dense_launch, merge_launch, warp_launch = decode_tc._TILE_LAUNCH, decode_tc._MERGE_LAUNCH, decode_warp._WARP_LAUNCH
+
+    def skip_dense(grid, args, constexprs, **options):
+        return None if constexprs.get("DENSE") else dense_launch(grid, args, constexprs, **options)
+
+    for name, patch in () if variants_only else (
+        ("without the 16-bit launch", lambda: setattr(decode_tc, "_TILE_LAUNCH", skip_dense)),
+        ("without the merge", lambda: setattr(decode_tc, "_MERGE_LAUNCH", lambda *a, **k: None)),
+        ("without the tile launch", lambda: setattr(decode_warp, "_WARP_LAUNCH", lambda *a, **k: None)),
+    ):
+        patch()
+        try:
+            parts[name] = f"{bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **st)) * 1e3:.1f}"
+        finally:
+            decode_tc._TILE_LAUNCH, decode_tc._MERGE_LAUNCH, decode_warp._WARP_LAUNCH = (
+                dense_launch, merge_launch, warp_launch
+            )
+    if not variants_only:
+        print("  warp default, us: " + ", ".join(f"{k} {v}" for k, v in parts.items()), flush=True)
     for v in variants:
         try:
             t = bench.bench_graph(lambda v=v: decode_warp.quantized_decode_attention(q, **st, **v))
@@ -127,6 +164,8 @@ def main() -> None:
     ap.add_argument("--variants", default='[{}]')
     ap.add_argument("--points", nargs="*", default=["32768x8", "131072x1"])
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--merge-channels", type=int, nargs="*", default=[], help="also time these MERGE_CHANNELS")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--graph-generate", action="store_true", help="also run gpu_end_to_end's graph_generation check")
     args = ap.parse_args()
@@ -136,7 +175,7 @@ def main() -> None:
     failures = 0 if args.no_check else check(args.seed)
     for point in args.points:
         c, b = point.split("x")
-        time_point(int(c), int(b), json.loads(args.variants), copy_gbs)
+        time_point(int(c), int(b), json.loads(args.variants), copy_gbs, not args.no_breakdown, args.merge_channels)
     if args.graph_generate:
         import gpu_end_to_end
 

@@ -1,4 +1,4 @@
-"""One tc decode call at a chosen size, for Nsight Compute (ncu) to profile (no timing here).
+"""One tc (or --kernel warp) decode call at a chosen size, for Nsight Compute (ncu) to profile (no timing here).
 
     ncu --kernel-name regex:_decode_tc_kernel --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from gpu_decode_attention import HQ, D, G, make_storage  # noqa: E402
 
-from kvarn.attention.triton import decode_tc  # noqa: E402
+from kvarn.attention.triton import decode_tc, decode_warp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sm90_report import parse_value  # noqa: E402
@@ -28,12 +28,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--set", nargs="*", default=[])
+    ap.add_argument("--kernel", choices=["tc", "warp"], default="tc")
     a = ap.parse_args()
     launch = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     st = make_storage(a.batch, a.context // G - 1, torch.device("cuda"))
     q = torch.randn(a.batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    module = decode_warp if a.kernel == "warp" else decode_tc
     for _ in range(a.calls):
-        decode_tc.quantized_decode_attention(q, **st, **launch)
+        module.quantized_decode_attention(q, **st, **launch)
     torch.cuda.synchronize()
 
 

@@ -1131,12 +1131,16 @@ def launch_dense_tiles_merge(
     tiles()
     if side is not None:
         main_stream.wait_stream(side)
+    launch_merge(out, part_o, part_m, part_l, meta["HKV"], meta["GROUP"], meta["L"], kv_rows, mrows)
+
+
+def launch_merge(out, part_o, part_m, part_l, hkv, group, nq, kv_rows, mrows) -> None:
+    """The log-sum-exp merge of the ``[kv_rows, S1, mrows(, D)]`` partials into ``out``."""
     hd = part_o.shape[-1]
     s1 = part_o.shape[1]
-    group, nq = meta["GROUP"], meta["L"]
     grid = merge_grid(kv_rows * mrows, hd)
     _MERGE_LAUNCH(
         grid, (part_o, part_m, part_l, out, *out.stride()[:3]),
-        dict(HKV=meta["HKV"], GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=_next_pow2(s1), DB=hd // grid[1]),
+        dict(HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=_next_pow2(s1), DB=hd // grid[1]),
         num_warps=merge_num_warps(hd, _next_pow2(s1)),
     )  # fmt: skip

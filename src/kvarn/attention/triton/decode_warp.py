@@ -355,9 +355,136 @@ def _decode_warp_kernel(
     vz_ptr, svz_b, svz_h, svz_n,
     vs_ptr, svs_b, svs_h, svs_n,
     ntiles_ptr,
+    sk_ptr, ssk_b, ssk_h, ssk_t,
+    sv_ptr, ssv_b, ssv_h, ssv_t,
+    sink_len_ptr,
+    tk_ptr, stk_b, stk_h, stk_t,
+    tv_ptr, stv_b, stv_h, stv_t,
+    tail_len_ptr,
+    nk_ptr, snk_b, snk_h, snk_t,
+    nv_ptr, snv_b, snv_h, snv_t,
     po_ptr, pm_ptr, pl_ptr,
     qk_scale, NUM_SPLITS,
     HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    KB: tl.constexpr, VB: tl.constexpr, N: tl.constexpr, STAGES: tl.constexpr, TC: tl.constexpr,
+    QA_SPLIT: tl.constexpr, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+    MMA: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr, K_COPY: tl.constexpr,
+    V_COPY: tl.constexpr, D_COPY: tl.constexpr, T_COPY: tl.constexpr, C_COPY: tl.constexpr,
+    K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
+    TOK_META: tl.constexpr, CH_META: tl.constexpr, DENSE_COPY: tl.constexpr, DENSE_SMEM: tl.constexpr,
+):  # fmt: skip
+    """Program (KV row bh, column program_id(1), row block program_id(2)) of one warp. Columns
+    0 .. ND-1 attend to the 16-bit segments in chunks of TC tokens (``_dense_chunk``: the new
+    tokens, then the sink's and the tail's chunks); columns ND .. ND + NUM_SPLITS - 1 to runs of
+    packed tiles (``_tiles_program``). Each writes an un-normalized partial to its slot of the
+    split-K workspace ``[B * Hkv, ND + NUM_SPLITS, MROWS(, D)]``; decode_tc's merge combines them."""
+    ND: tl.constexpr = 1 + 2 * (G // TC)
+    bh = gl.program_id(0)
+    col = gl.program_id(1)
+    rb = gl.program_id(2)
+    b = bh // HKV
+    h = bh % HKV
+    b64 = b.to(gl.int64)
+    h64 = h.to(gl.int64)
+    slot0 = (bh * (ND + NUM_SPLITS) + col).to(gl.int64) * (GROUP * L)
+    if col < ND:
+        if col == 0:  # the new tokens, causal among themselves (never empty: token 0 is seen by all)
+            k_t = nk_ptr + b64 * snk_b + h64 * snk_h
+            v_t = nv_ptr + b64 * snv_b + h64 * snv_h
+            sk_tok = snk_t
+            sv_tok = snv_t
+            n_valid = L + 0 * col
+        elif col <= G // TC:
+            c = col - 1
+            k_t = sk_ptr + b64 * ssk_b + h64 * ssk_h + (c * TC).to(gl.int64) * ssk_t
+            v_t = sv_ptr + b64 * ssv_b + h64 * ssv_h + (c * TC).to(gl.int64) * ssv_t
+            sk_tok = ssk_t
+            sv_tok = ssv_t
+            n_valid = gl.load(sink_len_ptr + b) - c * TC
+        else:
+            c = col - 1 - G // TC
+            k_t = tk_ptr + b64 * stk_b + h64 * stk_h + (c * TC).to(gl.int64) * stk_t
+            v_t = tv_ptr + b64 * stv_b + h64 * stv_h + (c * TC).to(gl.int64) * stv_t
+            sk_tok = stk_t
+            sv_tok = stv_t
+            n_valid = gl.load(tail_len_ptr + b) - c * TC
+        _dense_chunk(
+            q_ptr, sq_b, sq_h, sq_l, b64, h, rb, k_t, sk_tok, v_t, sv_tok, n_valid, col == 0, qk_scale,
+            po_ptr, pm_ptr, pl_ptr, slot0, GROUP, L, D, N, TC, INTERPRET, MMA, A_OP, B_OP, DENSE_COPY, DENSE_SMEM,
+        )  # fmt: skip
+    else:
+        _tiles_program(
+            q_ptr, sq_b, sq_h, sq_l, kc_ptr, skc_b, skc_h, skc_n, ka_ptr, ska_b, ska_h, ska_n,
+            kz_ptr, skz_b, skz_h, skz_n, kr_ptr, skr_b, skr_h, skr_n, vc_ptr, svc_b, svc_h, svc_n,
+            va_ptr, sva_b, sva_h, sva_n, vz_ptr, svz_b, svz_h, svz_n, vs_ptr, svs_b, svs_h, svs_n,
+            ntiles_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale, NUM_SPLITS, b, b64, h, h64, col - ND + 1, rb, slot0,
+            GROUP, L, D, G, KB, VB, N, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP,
+            K_COPY, V_COPY, D_COPY, T_COPY, C_COPY, K_SMEM, V_SMEM, META_SMEM_1D, META_SMEM_2D, TOK_META, CH_META,
+        )  # fmt: skip
+
+
+@jit
+def _dense_chunk(
+    q_ptr, sq_b, sq_h, sq_l, b64, h, rb, k_t, sk_tok, v_t, sv_tok, n_valid, causal, qk_scale,
+    po_ptr, pm_ptr, pl_ptr, slot0,
+    GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, N: tl.constexpr, TC: tl.constexpr,
+    INTERPRET: tl.constexpr, MMA: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr,
+    DENSE_COPY: tl.constexpr, DENSE_SMEM: tl.constexpr,
+):  # fmt: skip
+    """Attention of the program's query rows to TC 16-bit tokens (rows [0, n_valid) of k_t / v_t;
+    with ``causal`` token t is seen by the query at position >= t), as one partial. Products in
+    the model dtype on tensor cores: q . k exact in float32; p split hi + lo in the value dtype, so
+    p @ v loses nothing to operand rounding (as decode_tc's 16-bit segments)."""
+    MROWS: tl.constexpr = GROUP * L
+    dq = gl.arange(0, D, layout=gl.SliceLayout(1, B_OP))
+    nq = gl.arange(0, N, layout=gl.SliceLayout(0, B_OP))
+    rows_q = rb * N + nq
+    q_off = b64 * sq_b + (h * GROUP + rows_q // L).to(gl.int64) * sq_h + (rows_q % L).to(gl.int64) * sq_l
+    qm = gl.load(q_ptr + q_off[None, :] + dq[:, None], mask=(rows_q < MROWS)[None, :], other=0.0)  # [D, N]
+    nn = gl.arange(0, N, layout=gl.SliceLayout(0, MMA))
+    rows = rb * N + nn
+    row_ok = rows < MROWS
+    slot = slot0 + rows
+    dd = gl.arange(0, D, layout=gl.SliceLayout(1, MMA))
+    if n_valid > 0:
+        tt = gl.arange(0, TC, layout=gl.SliceLayout(1, DENSE_COPY))
+        cd = gl.arange(0, D, layout=gl.SliceLayout(0, DENSE_COPY))
+        ok = (tt < n_valid)[:, None]
+        k_smem = gl.allocate_shared_memory(qm.dtype, [TC, D], DENSE_SMEM)
+        v_smem = gl.allocate_shared_memory(qm.dtype, [TC, D], DENSE_SMEM)
+        k_smem.store(gl.load(k_t + tt[:, None].to(gl.int64) * sk_tok + cd[None, :], mask=ok, other=0.0))
+        v_smem.store(gl.load(v_t + tt[:, None].to(gl.int64) * sv_tok + cd[None, :], mask=ok, other=0.0))
+        gl.thread_barrier()
+        k = k_smem.load(A_OP)  # [TC, D]
+        s = mma_v2(k, qm, gl.zeros([TC, N], dtype=gl.float32, layout=MMA)) * qk_scale
+        t = gl.arange(0, TC, layout=gl.SliceLayout(1, MMA))
+        # valid tokens; with ``causal`` (the new tokens) only those at or before the query's position
+        keep = (t < n_valid)[:, None] & ((t[:, None] <= (rows % L)[None, :]) | (causal == 0))
+        s = gl.where(keep, s, float("-inf"))
+        m = gl.max(s, axis=0)
+        p = gl.exp2(s - gl.maximum(m, -3.0e38)[None, :])  # a row that sees no token here: p = 0
+        lsum = gl.sum(p, axis=0)
+        p_hi = p.to(qm.dtype)
+        p_lo = (p - p_hi.to(gl.float32)).to(qm.dtype)
+        vt = v_smem.permute((1, 0)).load(A_OP)  # [D, TC]: ldmatrix.trans
+        o = mma_v2(vt, gl.convert_layout(p_hi, B_OP), gl.zeros([D, N], dtype=gl.float32, layout=MMA))
+        o = mma_v2(vt, gl.convert_layout(p_lo, B_OP), o)
+    else:  # an empty chunk (short sink or tail): weight 0 in the merge
+        m = gl.full([N], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
+        lsum = gl.zeros([N], dtype=gl.float32, layout=gl.SliceLayout(0, MMA))
+        o = gl.zeros([D, N], dtype=gl.float32, layout=MMA)
+    gl.store(pm_ptr + slot, m, mask=row_ok)
+    gl.store(pl_ptr + slot, lsum, mask=row_ok)
+    gl.store(po_ptr + slot[None, :] * D + dd[:, None], o, mask=row_ok[None, :])
+
+
+@jit
+def _tiles_program(
+    q_ptr, sq_b, sq_h, sq_l, kc_ptr, skc_b, skc_h, skc_n, ka_ptr, ska_b, ska_h, ska_n,
+    kz_ptr, skz_b, skz_h, skz_n, kr_ptr, skr_b, skr_h, skr_n, vc_ptr, svc_b, svc_h, svc_n,
+    va_ptr, sva_b, sva_h, sva_n, vz_ptr, svz_b, svz_h, svz_n, vs_ptr, svs_b, svs_h, svs_n,
+    ntiles_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale, NUM_SPLITS, b, b64, h, h64, split, rb, slot0,
+    GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     KB: tl.constexpr, VB: tl.constexpr, N: tl.constexpr, STAGES: tl.constexpr,
     QA_SPLIT: tl.constexpr, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
     MMA: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr, K_COPY: tl.constexpr,
@@ -365,20 +492,12 @@ def _decode_warp_kernel(
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
     TOK_META: tl.constexpr, CH_META: tl.constexpr,
 ):  # fmt: skip
-    """Program (KV row bh, split 1 + program_id(1), row block program_id(2)): tiles of its split,
-    written as an un-normalized partial to the split-K workspace (decode_tc's layout)."""
+    """Split ``split`` (1-based) of the (row, KV head)'s packed tiles, as one partial at ``slot0``."""
     NPK: tl.constexpr = 16 // KB
     KW: tl.constexpr = G // NPK  # key words per channel row = tokens per key plane
     NPV: tl.constexpr = 16 // VB
     VW: tl.constexpr = D // NPV  # value words per token row
     MROWS: tl.constexpr = GROUP * L
-    bh = gl.program_id(0)
-    split = gl.program_id(1) + 1
-    rb = gl.program_id(2)
-    b = bh // HKV
-    h = bh % HKV
-    b64 = b.to(gl.int64)
-    h64 = h.to(gl.int64)
 
     # The queries as the B operand [D, N], pre-scaled into the log2 domain.
     dq = gl.arange(0, D, layout=gl.SliceLayout(1, B_OP))
@@ -465,11 +584,11 @@ def _decode_warp_kernel(
             )  # fmt: skip
     async_copy.wait_group(0)  # nothing left in flight when the program ends
 
-    # Un-normalized partial, running max and sum: [B * Hkv, 1 + NUM_SPLITS, MROWS(, D)].
+    # Un-normalized partial, running max and sum.
     nn = gl.arange(0, N, layout=gl.SliceLayout(0, MMA))
     rows = rb * N + nn
     row_ok = rows < MROWS
-    slot = (bh * (NUM_SPLITS + 1) + split).to(gl.int64) * MROWS + rows
+    slot = slot0 + rows
     gl.store(pm_ptr + slot, m_i, mask=row_ok)
     gl.store(pl_ptr + slot, l_i, mask=row_ok)
     po_rows = po_ptr + slot * D
@@ -483,6 +602,7 @@ def _decode_warp_kernel(
         _store_o(O5, po_rows, uu, row_ok, 5, NPV)
         _store_o(O6, po_rows, uu, row_ok, 6, NPV)
         _store_o(O7, po_rows, uu, row_ok, 7, NPV)
+
 
 
 def _log2(n: int) -> int:
@@ -531,6 +651,7 @@ def layouts(D: int, G: int, KB: int, VB: int) -> dict:
         META_SMEM_1D=SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]),
         META_SMEM_2D=SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]),
         TOK_META=meta_layout(kw, npk), CH_META=meta_layout(vw, npv),
+        DENSE_COPY=copy(D), DENSE_SMEM=SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]),
     )
 
 
@@ -558,13 +679,19 @@ def supports(
 
 
 def default_num_splits(batch: int, kv_heads: int, row_blocks: int, device: torch.device, programs_per_sm: int) -> int:
-    """decode_tc's wave model (``_num_splits_for``) with this kernel's program slots."""
-    return decode_tc._num_splits_for(max(1, batch * kv_heads * row_blocks), max(1, programs_per_sm) * sm_count(device))
+    """Tile splits per (row, KV head, row block): as many as fill one wave of program slots
+    (``programs_per_sm`` x SMs), at least 1. Depends on shapes only (CUDA graphs capture the
+    launch). H200, K4V2 Llama-3-8B heads, CUDA graphs (docs/gpu.md): 32k x 8 16 splits 86.1 us
+    vs 32 88.7, 48 90.6, 100 96.2; 128k x 1 132 splits 55.5 us vs 100 57.0, 64 67.2; a wave and a
+    bit (e.g. 18 splits at 32k x 8: 97.6 us) leaves most SMs idle for the last programs. The
+    short 16-bit programs are not counted: they run first and finish early."""
+    runs = max(1, batch * kv_heads * row_blocks)
+    return max(1, min(MAX_SPLITS, programs_per_sm * sm_count(device) // runs))
 
 
-# Programs of this kernel resident per SM (shared memory: 2 stages x 12 KB per program at K4V2
-# D = G = 128; ~9 fit in the H100/H200's 228 KB).
-PROGRAMS_PER_SM = 9
+# Programs of this kernel resident per SM on an H100/H200 (ncu, K4V2 D = G = 128: 210 registers
+# and 27 KB of shared memory per one-warp program; both limits give 8).
+PROGRAMS_PER_SM = 8
 
 
 def quantized_decode_attention(
@@ -572,11 +699,11 @@ def quantized_decode_attention(
     n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
     key_bits, value_bits, scaling, *, max_tiles: int | None = None, out: torch.Tensor | None = None,
     num_splits: int | None = None, rows_per_program: int | None = None, stages: int | None = None,
-    qa_split: bool | None = None, pa_split: bool | None = None, overlap_dense: bool | None = None,
+    qa_split: bool | None = None, pa_split: bool | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract),
-    the packed tiles by this module's one-warp kernel; see ``decode_tc.quantized_decode_attention``
-    for the contract and the 16-bit segments. ``rows_per_program`` (8 or 16: query rows per
+    """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract;
+    the same as ``decode_tc.quantized_decode_attention``), in one launch of this module's one-warp
+    kernel (16-bit segments and packed tiles) and decode_tc's merge. ``rows_per_program`` (8 or 16: query rows per
     program, the MMA's N), ``stages`` (tiles in flight), ``num_splits``, ``qa_split`` /
     ``pa_split`` (second operands for the float16 rounding remainders; default: float16 queries)
     override the launch; defaults depend only on shapes (CUDA graphs capture it)."""
@@ -608,29 +735,29 @@ def quantized_decode_attention(
         raise ValueError(f"num_splits={num_splits}: expected 1..{MAX_SPLITS}")
 
     query, storage = kernel_layout(query, storage)
-    st = [storage[n] for n in STORAGE]
-    s1 = num_splits + 1
+    tc = dense_chunk(hd, g)
+    s1 = dense_programs(g, tc) + num_splits
     dev = query.device
     part_o, part_m, part_l = split_workspace(bsz * hkv, s1, mrows, hd, dev, decode_tc.POISON_WORKSPACE)
     out = output_buffer(out, (bsz, hq, nq, hd), query.dtype, dev)
-    args = decode_tc.launch_args(query, st, part_o, part_m, part_l, scaling, num_splits)
-    dense_meta, n_mb = decode_tc.dense_meta(hkv, group, nq, hd, g, key_bits, value_bits, mrows, query.dtype)
-    interp = interpreting()
-    # This kernel's arguments: decode_tc's up to the value channel scale, then n_tiles, the
-    # workspace, the scale and the split count (it never reads the 16-bit segments).
-    targs = (*args[:37], *args[-5:])
+    args = decode_tc.launch_args(query, [storage[n] for n in STORAGE], part_o, part_m, part_l, scaling, num_splits)
     meta = dict(
-        HKV=hkv, GROUP=group, L=nq, D=hd, G=g, KB=key_bits, VB=value_bits, N=n_rows, STAGES=stages,
-        QA_SPLIT=qa_split, PA_SPLIT=pa_split, INTERPRET=interp, **layouts(hd, g, key_bits, value_bits),
+        HKV=hkv, GROUP=group, L=nq, D=hd, G=g, KB=key_bits, VB=value_bits, N=n_rows, STAGES=stages, TC=tc,
+        QA_SPLIT=qa_split, PA_SPLIT=pa_split, INTERPRET=interpreting(), **layouts(hd, g, key_bits, value_bits),
     )  # fmt: skip
-
-    def tiles():
-        LAST_LAUNCH[0] = _WARP_LAUNCH((bsz * hkv, num_splits, n_rb), targs, meta, num_warps=1)
-
-    decode_tc.launch_dense_tiles_merge(
-        args, dense_meta, n_mb, out, part_o, part_m, part_l, bsz * hkv, mrows, tiles, overlap_dense
-    )
+    LAST_LAUNCH[0] = _WARP_LAUNCH((bsz * hkv, s1, n_rb), args, meta, num_warps=1)
+    decode_tc.launch_merge(out, part_o, part_m, part_l, hkv, group, nq, bsz * hkv, mrows)
     return out
+
+
+def dense_chunk(head_dim: int, tile_size: int) -> int:
+    """16-bit tokens per dense program (two [TC, D] buffers in shared memory: 16 KB at most)."""
+    return min(tile_size, 32 if head_dim <= 128 else 16)
+
+
+def dense_programs(tile_size: int, chunk: int) -> int:
+    """Programs per (row, KV head, row block) for the 16-bit segments: new tokens, sink, tail."""
+    return 1 + 2 * (tile_size // chunk)
 
 
 _WARP_LAUNCH = FastLauncher(_decode_warp_kernel)

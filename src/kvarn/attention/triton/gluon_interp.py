@@ -72,6 +72,16 @@ class SharedMemory:
     def index(self, i):
         return SharedView(self, _slot(i), False)
 
+    # an allocation used whole (no leading slot dimension) is its own single slot
+    def store(self, value):
+        SharedView(self, None, False).store(value)
+
+    def load(self, layout=None):
+        return SharedView(self, None, False).load(layout)
+
+    def permute(self, order):
+        return SharedView(self, None, False).permute(order)
+
 
 class SharedView:
     def __init__(self, memory: SharedMemory, slot: int, transposed: bool):
