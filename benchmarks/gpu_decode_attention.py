@@ -1,9 +1,10 @@
-"""Decode attention on the GPU: KVarN K4V2 Triton kernel vs 16-bit SDPA vs dequantize-then-SDPA.
+"""Decode attention on the GPU: KVarN K4V2 Triton kernels vs 16-bit SDPA vs dequantize-then-SDPA.
 
     PYTHONPATH=src python3 benchmarks/gpu_decode_attention.py [--contexts 4096 16384 32768 131072]
         [--batches 1 8 32] [--sweep] [--csv results.csv]
 
-Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, one new token per
+Kernels: ``warp`` (decode_warp.py, the dispatch's default) and ``tc`` (decode_tc.py, the previous
+one). Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, one new token per
 row. Each context is a sink tile (128 tokens, 16-bit) + quantized tiles + the new token; SDPA gets
 the same number of tokens as a bf16 cache (``enable_gqa=True``).
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from kvarn.attention.triton import decode_tc
+from kvarn.attention.triton import decode_tc, decode_warp
 from kvarn.attention.triton.testing import relative_error
 from kvarn.codec import QuantizedKeys, QuantizedTiles, QuantizedValues, decode_tiles
 
@@ -188,6 +189,15 @@ def run_case(
     t_tc = bench_graph(tc)
     t_tc_eager = bench(tc)
     info = describe(decode_tc.LAST_LAUNCH[0])
+
+    def warp():
+        return decode_warp.quantized_decode_attention(q, **st)
+
+    t_warp = bench_graph(warp)
+    t_warp_eager = bench(warp)
+    warp_info = describe(decode_warp.LAST_LAUNCH[0])
+    warp_splits = decode_warp.default_num_splits(batch, HKV, 1, dev, decode_warp.PROGRAMS_PER_SM)
+    warp_vs_tc = relative_error(warp(), tc())
     best = sweep(ctx, batch, q, st, splits, variants, split_counts) if do_sweep else (t_tc, "default")
 
     k16 = torch.randn(batch, HKV, tokens, D, device=dev, dtype=torch.bfloat16)
@@ -221,10 +231,19 @@ def run_case(
     except torch.OutOfMemoryError:
         t_deq, agree = float("nan"), float("nan")
     b_tc = ours_bytes(batch, n_tiles, splits)
+    # the warp kernel's workspace holds 1 + 2 * G / 32 partials for the 16-bit segments
+    b_warp = ours_bytes(batch, n_tiles, warp_splits + decode_warp.dense_programs(G, decode_warp.dense_chunk(D, G)) - 1)
     b_sdpa = sdpa_bytes(batch, tokens)
     return dict(
         context=ctx,
         batch=batch,
+        warp_gpu_us=t_warp * 1e3,
+        warp_eager_us=t_warp_eager * 1e3,
+        warp_speedup=t_sdpa / t_warp,
+        warp_frac_copy=b_warp / t_warp / 1e6 / copy_gbs,
+        warp_splits=warp_splits,
+        warp_kernel=warp_info,
+        warp_vs_tc=warp_vs_tc,
         tc_gpu_us=t_tc * 1e3,
         tc_eager_us=t_tc_eager * 1e3,
         tc_best_us=best[0] * 1e3,
@@ -283,8 +302,9 @@ def main() -> None:
     q1 = torch.randn(1, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     k1 = torch.randn(1, HKV, 256, D, device="cuda", dtype=torch.bfloat16)
     host_tc = host_us_per_call(lambda: decode_tc.quantized_decode_attention(q1, **tiny))
+    host_warp = host_us_per_call(lambda: decode_warp.quantized_decode_attention(q1, **tiny))
     host_sdpa = host_us_per_call(lambda: F.scaled_dot_product_attention(q1, k1, k1, enable_gqa=True))
-    print(f"host us/call (tiny problem, eager): tc {host_tc:.1f}, SDPA {host_sdpa:.1f}")
+    print(f"host us/call (tiny problem, eager): warp {host_warp:.1f}, tc {host_tc:.1f}, SDPA {host_sdpa:.1f}")
     rows = []
     for ctx in args.contexts:
         for batch in args.batches:
@@ -297,22 +317,31 @@ def main() -> None:
             torch.cuda.empty_cache()
             r = rows[-1]
             print(
-                f"ctx {ctx:>6} B {batch:>2}: tc GPU {r['tc_gpu_us']:8.1f} us (eager {r['tc_eager_us']:8.1f}), "
+                f"ctx {ctx:>6} B {batch:>2}: warp GPU {r['warp_gpu_us']:8.1f} us (eager {r['warp_eager_us']:8.1f}), "
+                f"{100 * r['warp_frac_copy']:3.0f}% copy, {r['warp_speedup']:4.2f}x SDPA, {r['warp_kernel']} "
+                f"splits {r['warp_splits']}, vs tc {r['warp_vs_tc']:.1e}",
+                flush=True,
+            )
+            print(
+                f"               tc GPU {r['tc_gpu_us']:8.1f} us (eager {r['tc_eager_us']:8.1f}), "
                 f"{100 * r['tc_frac_copy']:3.0f}% copy, {r['speedup_gpu']:4.2f}x SDPA (GPU {r['sdpa_gpu_us']:.1f}, "
                 f"eager {r['sdpa_eager_us']:.1f}); best {r['tc_best_us']:.1f} us [{r['tc_best_cfg']}] "
                 f"{r['kernel']} splits {r['splits']}; vs dequant {r['rel_diff_vs_dequant']:.1e}",
                 flush=True,
             )
     print()
-    print(f"host us/call (tiny problem, eager): tc {host_tc:.1f}, SDPA {host_sdpa:.1f}")
+    print(f"host us/call (tiny problem, eager): warp {host_warp:.1f}, tc {host_tc:.1f}, SDPA {host_sdpa:.1f}")
     print(
-        "| context | batch | K4V2 tc GPU (us) | SDPA GPU (us) | speedup | best tc (us) | best speedup "
+        "| context | batch | K4V2 warp GPU (us) | speedup vs SDPA | warp % copy BW | warp eager (us) "
+        "| K4V2 tc GPU (us) | SDPA GPU (us) | tc speedup | best tc (us) | best speedup "
         "| tc % copy BW (best) | SDPA % copy BW | tc eager (us) | SDPA eager (us) | dequant+SDPA eager (us) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['context']} | {r['batch']} | {r['tc_gpu_us']:.1f} | {r['sdpa_gpu_us']:.1f} | "
+            f"| {r['context']} | {r['batch']} | {r['warp_gpu_us']:.1f} | {r['warp_speedup']:.2f}x | "
+            f"{100 * r['warp_frac_copy']:.0f}% | {r['warp_eager_us']:.1f} | "
+            f"{r['tc_gpu_us']:.1f} | {r['sdpa_gpu_us']:.1f} | "
             f"{r['speedup_gpu']:.2f}x | {r['tc_best_us']:.1f} | {r['speedup_best']:.2f}x | "
             f"{100 * r['tc_frac_copy']:.0f}% ({100 * r['tc_best_frac_copy']:.0f}%) | {100 * r['sdpa_frac_copy']:.0f}% | "
             f"{r['tc_eager_us']:.1f} | {r['sdpa_eager_us']:.1f} | {r['deq_sdpa_eager_us']:.1f} |"

@@ -37,6 +37,8 @@ the code fields Triton integer operations), and the interpreter runs this same s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -621,6 +623,7 @@ def meta_layout(rows: int, cols: int) -> DistributedLinearLayout:
     )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=64)
 def layouts(D: int, G: int, KB: int, VB: int) -> dict:
     """The explicit layouts of one warp's program (constexpr arguments of the kernel)."""
     kw, vw = G * KB // 16, D * VB // 16

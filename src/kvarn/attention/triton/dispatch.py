@@ -24,16 +24,19 @@ def enabled_for(x: torch.Tensor) -> bool:
     return available()
 
 
-# Decode kernels: "tc" (decode_tc.py: bit planes on tensor cores) and "chunked" (decode_chunked.py:
-# token chunks, hi/lo bf16 operands; takes float32 models and the small tiles tc declines). A
-# kernel runs by default only once it has passed scripts/gpu_check.py on a GPU;
-# KVARN_DECODE_KERNEL=tc|chunked forces one (benchmarks, checks).
+# Decode kernels: "warp" (decode_warp.py: one warp per program, codes as the tensor-core A operand;
+# the fastest; needs >= 16 key words per channel row and >= 16 value words per token), "tc"
+# (decode_tc.py: bit planes on tensor cores) and "chunked" (decode_chunked.py: token chunks, hi/lo
+# bf16 operands; takes float32 models and the small tiles tc declines). A kernel runs by default
+# only once it has passed scripts/gpu_check.py on a GPU; KVARN_DECODE_KERNEL=warp|tc|chunked
+# forces one (benchmarks, checks).
 DECODE_MODULES = {
+    "warp": "kvarn.attention.triton.decode_warp",
     "tc": "kvarn.attention.triton.decode_tc",
     "chunked": "kvarn.attention.triton.decode_chunked",
 }
-# GPU-checked kernels, fastest first (H100, docs/gpu.md).
-GPU_CHECKED_DECODE = ("tc", "chunked")
+# GPU-checked kernels, fastest first (H200, docs/gpu.md).
+GPU_CHECKED_DECODE = ("warp", "tc", "chunked")
 
 
 def decode_kernel_order() -> tuple[str, ...]:
