@@ -1,0 +1,260 @@
+"""One-warp Gluon decode attention kernel (decode_warp.py) vs the float64 twin, under Triton's interpreter.
+
+The module binds ``gl`` to ``gluon_interp`` under ``TRITON_INTERPRET=1``, so the interpreter runs
+the kernel's own source on CPU (layouts dropped, shared memory a tensor per slot, ``mma_v2`` a
+float32 ``tl.dot``). Seeds are fixed per case (the failures reproduce); every storage carries
+outlier key channels and loud value tokens and NaN in the slots past each row's valid length.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
+
+from kvarn.attention.triton.reference import quantized_decode_attention_reference  # noqa: E402
+from kvarn.attention.triton.testing import random_layer_storage, relative_error  # noqa: E402
+from kvarn.config import KVarNConfig  # noqa: E402
+
+decode_warp = pytest.importorskip("kvarn.attention.triton.decode_warp")
+decode_tc = pytest.importorskip("kvarn.attention.triton.decode_tc")
+
+bf16, f16 = torch.bfloat16, torch.float16
+
+
+def _storage(
+    group, nq, d, g, kb, vb, dtype, nt, sl, tl, *, kv_heads=2, seed=0, md=torch.bfloat16, capacity=None
+):
+    cfg = KVarNConfig(key_bits=kb, value_bits=vb, tile_size=g, metadata_dtype=md)
+    return random_layer_storage(
+        batch=len(nt), kv_heads=kv_heads, group=group, num_queries=nq, head_dim=d, config=cfg,
+        n_tiles=nt, sink_len=sl, tail_len=tl, capacity=capacity or max(nt) + 1, dtype=dtype, seed=seed,
+    )  # fmt: skip
+
+
+def _reference(kw):
+    return quantized_decode_attention_reference(
+        **{**kw, "query": kw["query"].double()}, compute_dtype=torch.float64
+    )
+
+
+def _floor(ref, dtype) -> float:
+    """The output dtype's own rounding of the float64 result (relative error)."""
+    return relative_error(ref.to(dtype), ref)
+
+
+def _check(kw, **launch):
+    """Error within a few times the output dtype's own rounding of the float64 result (as
+    test_triton_decode_tc.py): 3x for bf16 (the interpreter truncates float32 -> bf16 casts, and
+    bf16 runs one float16 key / value operand by default), 2x for float16 (two operands each).
+    A wrong tile, token, plane or row gives errors of order 1."""
+    out = decode_warp.quantized_decode_attention(**kw, **launch)
+    ref = _reference(kw)
+    assert out.shape == kw["query"].shape and out.dtype == kw["query"].dtype
+    err = relative_error(out, ref)
+    floor = _floor(ref, out.dtype)
+    factor = 3.0 if out.dtype == torch.bfloat16 else 2.0
+    assert err < factor * floor + 1e-4, f"relative error {err} (output rounding alone {floor})"
+    return out
+
+
+# Shapes the kernel takes: tile_size * kb / 16 >= 16 (K8: G >= 32, K4: G >= 64, K2: G >= 128) and
+# head_dim * vb / 16 >= 16 (V8: D >= 32, V4: D >= 64, V2: D >= 128).
+CASES = [
+    # group, L, head_dim, tile, kb, vb, dtype, n_tiles, sink_len, tail_len, launch
+    # GQA 1; a row with no tiles; a full tail (tile_size - 1); K4V2 (the benchmark format)
+    (1, 1, 128, 64, 4, 2, bf16, [3, 0], [64, 7], [5, 63], {"num_splits": 2}),
+    # K2V2; an empty sink; both rows end exactly on a tile boundary or one short of the next
+    (4, 1, 128, 128, 2, 2, f16, [2, 1], [128, 0], [0, 127], {"num_splits": 1}),
+    # GQA 8 (8 rows: one full block); head_dim 64 with 4-bit values; 8-bit keys; three stages
+    (8, 1, 64, 32, 8, 4, bf16, [2, 2], [32, 32], [17, 0], {"stages": 3}),
+    # group 4 x 3 queries = 12 rows: two row blocks of 8 (the second half masked); default launch
+    (4, 3, 128, 64, 4, 4, f16, [1, 3], [11, 64], [1, 9], {}),
+    # group 4 x 4 queries = 16 rows in one block of 16
+    (4, 4, 128, 64, 4, 2, bf16, [2, 1], [64, 3], [9, 0], {"rows_per_program": 16}),
+    # head_dim 256, K8V8, one stage (no tile in flight ahead)
+    (2, 2, 256, 32, 8, 8, bf16, [2, 1], [32, 32], [0, 4], {"stages": 1}),
+    # head_dim 64 with 8-bit values, 2-bit keys; more splits than the longest row's tiles
+    (1, 2, 64, 128, 2, 8, f16, [2, 0], [0, 128], [127, 5], {"num_splits": 3}),
+    # 6 rows in a block of 16 (10 masked rows), head_dim 256, float16 with one stage
+    (2, 3, 256, 64, 4, 2, f16, [1, 2], [64, 1], [63, 0], {"rows_per_program": 16, "stages": 1}),
+]
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_decode_warp_matches_reference(i):
+    """GQA 1/2/4/8; 1..4 queries (1, 2 and 3 row blocks' worth of rows, blocks of 8 and 16 with
+    masked rows); head_dim 64/128/256; keys K2/K4/K8, values V2/V4/V8; bf16 and float16; odd per-row
+    lengths, rows with no tiles, empty sinks, full tails, exact tile boundaries; 1..3 stages."""
+    group, nq, d, g, kb, vb, dtype, nt, sl, tl, launch = CASES[i]
+    assert decode_warp.supports(d, g, kb, vb, nq, dtype) is None
+    _check(_storage(group, nq, d, g, kb, vb, dtype, nt, sl, tl, seed=100 + i), **launch)
+
+
+@pytest.mark.parametrize("num_splits,stages", [(1, 1), (1, 3), (8, 2), (3, 3), (2, 4)])
+def test_decode_warp_split_count_and_stages_do_not_change_result(num_splits, stages):
+    """Every split count and pipeline depth gives the reference's result: one split over 5 tiles
+    (stages 1 and 3: the ring of stage buffers wraps), more splits than tiles (empty splits merge
+    away; 3 stages over runs of one tile mask the look-ahead off at once), 4 stages."""
+    kw = _storage(4, 1, 128, 64, 4, 2, f16, [5, 1], [64, 64], [3, 60], seed=7, md=torch.float32)
+    _check(kw, num_splits=num_splits, stages=stages)
+
+
+def test_decode_warp_many_row_blocks():
+    """group 8 x 4 queries = 32 rows: four row blocks of 8 (and two of 16) give the same result
+    as the reference; the causal mask among the new tokens holds in every block."""
+    kw = _storage(8, 4, 128, 64, 4, 2, f16, [2], [64], [13], kv_heads=1, seed=11)
+    a = _check(kw, num_splits=2)
+    b = _check(kw, num_splits=2, rows_per_program=16)
+    assert relative_error(a, b) < 2 * _floor(_reference(kw), f16)
+
+
+@pytest.mark.parametrize("dtype", [f16, bf16])
+def test_decode_warp_agrees_with_decode_tc(dtype):
+    """Same inputs, same split count: decode_warp and decode_tc differ by far less than the output
+    rounding (measured 0.01-0.07x of it), and both meet the reference bound."""
+    kw = _storage(4, 2, 128, 64, 4, 2, dtype, [3, 1], [64, 5], [7, 63], seed=3)
+    ref = _reference(kw)
+    floor = _floor(ref, dtype)
+    warp = _check(kw, num_splits=2)
+    tc = decode_tc.quantized_decode_attention(**kw, num_splits=2)
+    assert relative_error(tc, ref) < 3.0 * floor + 1e-4
+    assert relative_error(warp, tc) < 0.5 * floor, (relative_error(warp, tc), floor)
+
+
+def test_decode_warp_float16_operand_splits():
+    """float16 queries default to the second operands (q * a_k and p * a_v remainders): without
+    them the error roughly doubles past float16's bound (measured 2-3x the rounding), with them
+    it is at the rounding; bf16 with the splits forced on also meets the bound."""
+    kw = _storage(4, 1, 128, 64, 4, 2, f16, [3, 1], [64, 5], [7, 63], seed=5)
+    ref = _reference(kw)
+    floor = _floor(ref, f16)
+    split = relative_error(decode_warp.quantized_decode_attention(**kw, num_splits=2), ref)
+    plain = relative_error(
+        decode_warp.quantized_decode_attention(**kw, num_splits=2, qa_split=False, pa_split=False), ref
+    )
+    assert split < 2.0 * floor + 1e-4
+    assert split < plain < 6.0 * floor + 1e-4, (split, plain, floor)
+    kwb = _storage(4, 1, 128, 64, 4, 2, bf16, [3, 1], [64, 5], [7, 63], seed=5)
+    _check(kwb, num_splits=2, qa_split=True, pa_split=True)
+
+
+def test_decode_warp_writes_into_out():
+    """``out=`` receives the result (the same tensor is returned, no NaN of its poison left); a
+    wrong-dtype or strided ``out`` is refused; ``overlap_dense`` is a CUDA-only scheduling choice
+    that changes nothing here."""
+    kw = _storage(4, 1, 128, 64, 4, 2, bf16, [2, 0], [64, 3], [5, 0], seed=9)
+    fresh = _check(kw, num_splits=2)
+    out = torch.full_like(kw["query"], float("nan"))
+    got = decode_warp.quantized_decode_attention(**kw, num_splits=2, out=out, overlap_dense=True)
+    assert got is out
+    assert torch.equal(out, fresh)
+    with pytest.raises(TypeError, match="out has dtype"):
+        decode_warp.quantized_decode_attention(**kw, out=torch.empty_like(kw["query"], dtype=torch.float16))
+    strided = torch.empty(*kw["query"].shape[:-1], 2 * kw["query"].shape[-1], dtype=bf16)[..., ::2]
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        decode_warp.quantized_decode_attention(**kw, out=strided)
+
+
+def test_decode_warp_poisoned_workspace(monkeypatch):
+    """Split-K workspace filled with NaN before the launch: every partial slot (split 0 by the
+    16-bit launch, splits 1..S by this kernel, empty splits included) is written, so none stays
+    NaN and the output is finite and correct. 6 splits over rows of 4 and 0 tiles."""
+    monkeypatch.setattr(decode_tc, "POISON_WORKSPACE", True)  # restored by monkeypatch
+    seen = {}
+    real = decode_warp.split_workspace
+
+    def spy(*args):
+        seen["poison"] = args[-1]
+        seen["parts"] = real(*args)
+        return seen["parts"]
+
+    monkeypatch.setattr(decode_warp, "split_workspace", spy)
+    kw = _storage(4, 3, 128, 64, 4, 2, f16, [4, 0], [64, 0], [63, 1], seed=13)
+    out = _check(kw, num_splits=6, rows_per_program=8)
+    assert seen["poison"] is True
+    assert torch.isfinite(out).all()
+    part_o, part_m, part_l = seen["parts"]
+    assert part_o.shape[:3] == (2 * 2, 7, 12)
+    for x in (part_o, part_m, part_l):
+        assert not torch.isnan(x).any()
+    assert torch.isneginf(part_m[2:, 1:]).all()  # batch row 1 (no tiles): every tile split empty
+    assert (part_l[2:, 1:] == 0).all() and (part_o[2:, 1:] == 0).all()
+
+
+def test_decode_warp_supports():
+    """None for the shapes it takes, else a reason naming the limit."""
+    for args in [
+        (128, 128, 4, 2, 1, bf16),
+        (64, 32, 8, 4, 16, f16),
+        (256, 256, 2, 2, 1, bf16),
+        (32, 64, 4, 8, 3, f16),
+        (128, 128, 2, 8, 4, f16),
+    ]:
+        assert decode_warp.supports(*args) is None, args
+    reasons = {
+        (64, 128, 4, 2, 1, bf16): "under 16 value words",
+        (128, 32, 4, 2, 1, bf16): "key planes under 16 tokens",
+        (128, 64, 2, 2, 1, bf16): "key planes under 16 tokens",
+        (128, 128, 4, 2, 1, torch.float32): "float16/bfloat16",
+        (128, 128, 3, 2, 1, bf16): "decodes",
+        (128, 128, 4, 1, 1, bf16): "decodes",
+        (96, 128, 4, 2, 1, bf16): "power of two",
+        (512, 128, 4, 2, 1, bf16): "power of two",
+        (128, 512, 4, 2, 1, bf16): "<= 256",
+        (128, 128, 4, 2, 17, bf16): "queries",
+        (128, 128, 4, 2, 0, bf16): "queries",
+    }
+    for args, phrase in reasons.items():
+        reason = decode_warp.supports(*args)
+        assert isinstance(reason, str) and phrase in reason, (args, reason)
+
+
+def test_decode_warp_rejects_unsupported_shapes():
+    """The wrapper refuses what ``supports`` refuses, with the reason in the message."""
+    kw = _storage(2, 1, 64, 64, 4, 2, f16, [1], [64], [0], kv_heads=1)  # head_dim 64 at 2-bit values
+    with pytest.raises(ValueError, match="one-warp decode kernel.*head_dim=64 at 2-bit values"):
+        decode_warp.quantized_decode_attention(**kw)
+    kw = _storage(2, 1, 128, 32, 4, 2, f16, [1], [32], [0], kv_heads=1)  # 8-token key planes
+    with pytest.raises(ValueError, match="tile_size=32 at 4-bit keys"):
+        decode_warp.quantized_decode_attention(**kw)
+    kw = _storage(2, 1, 128, 64, 4, 2, torch.float32, [1], [64], [0], kv_heads=1)
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        decode_warp.quantized_decode_attention(**kw)
+
+
+def test_decode_warp_rejects_bad_launch_options():
+    """rows_per_program other than 8 / 16, stages outside 1..4, num_splits outside 1..MAX_SPLITS and
+    malformed storage raise errors naming the offending argument."""
+    kw = _storage(2, 1, 128, 64, 4, 2, f16, [1], [64], [0], kv_heads=2)
+    for bad in (12, 4, 32):
+        with pytest.raises(ValueError, match="rows_per_program="):
+            decode_warp.quantized_decode_attention(**kw, rows_per_program=bad)
+    for bad in (5, -1):
+        with pytest.raises(ValueError, match="stages="):
+            decode_warp.quantized_decode_attention(**kw, stages=bad)
+    for bad in (0, decode_warp.MAX_SPLITS + 1):
+        with pytest.raises(ValueError, match="num_splits="):
+            decode_warp.quantized_decode_attention(**kw, num_splits=bad)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        decode_warp.quantized_decode_attention(**{**kw, "query": kw["query"][:, :3]})
+    with pytest.raises(ValueError, match="k_codes has shape"):
+        decode_warp.quantized_decode_attention(**{**kw, "k_codes": kw["k_codes"][..., :8]})
+    with pytest.raises(TypeError, match="n_tiles has dtype"):
+        decode_warp.quantized_decode_attention(**{**kw, "n_tiles": kw["n_tiles"].long()})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="decode_warp: `stages or STAGES` / `rows_per_program or ROWS_PER_PROGRAM` take 0 as "
+    "'unset' and run the default instead of refusing it",
+)
+@pytest.mark.parametrize("option", ["stages", "rows_per_program"])
+def test_decode_warp_rejects_zero_stages_and_rows(option):
+    kw = _storage(2, 1, 128, 64, 4, 2, f16, [1], [64], [0], kv_heads=1)
+    with pytest.raises(ValueError, match=f"{option}="):
+        decode_warp.quantized_decode_attention(**kw, **{option: 0})
