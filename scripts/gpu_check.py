@@ -503,7 +503,6 @@ def main() -> int:
         if "warp" in args.decode_kernels.split(","):
             check_cuda_graph("warp", {"rows_per_program": 16, "stages": 3})
             check_cuda_graph("warp", {"stages": 1, "num_splits": 1})
-            check_cuda_graph("warp", {"overlap_dense": False})
     # One verdict line per decode kernel (scripts and dispatch decisions read these).
     for kernel in args.decode_kernels.split(","):
         bad = [f for f in FAILURES if f"[{kernel}]" in f]

@@ -145,12 +145,11 @@ def test_decode_warp_float16_operand_splits():
 
 def test_decode_warp_writes_into_out():
     """``out=`` receives the result (the same tensor is returned, no NaN of its poison left); a
-    wrong-dtype or strided ``out`` is refused; ``overlap_dense`` is a CUDA-only scheduling choice
-    that changes nothing here."""
+    wrong-dtype or strided ``out`` is refused."""
     kw = _storage(4, 1, 128, 64, 4, 2, bf16, [2, 0], [64, 3], [5, 0], seed=9)
     fresh = _check(kw, num_splits=2)
     out = torch.full_like(kw["query"], float("nan"))
-    got = decode_warp.quantized_decode_attention(**kw, num_splits=2, out=out, overlap_dense=True)
+    got = decode_warp.quantized_decode_attention(**kw, num_splits=2, out=out)
     assert got is out
     assert torch.equal(out, fresh)
     with pytest.raises(TypeError, match="out has dtype"):
@@ -161,8 +160,8 @@ def test_decode_warp_writes_into_out():
 
 
 def test_decode_warp_poisoned_workspace(monkeypatch):
-    """Split-K workspace filled with NaN before the launch: every partial slot (split 0 by the
-    16-bit launch, splits 1..S by this kernel, empty splits included) is written, so none stays
+    """Split-K workspace filled with NaN before the launch: every partial slot (the 16-bit
+    programs' and the tile splits', empty ones included) is written, so none stays
     NaN and the output is finite and correct. 6 splits over rows of 4 and 0 tiles."""
     monkeypatch.setattr(decode_tc, "POISON_WORKSPACE", True)  # restored by monkeypatch
     seen = {}
@@ -179,11 +178,14 @@ def test_decode_warp_poisoned_workspace(monkeypatch):
     assert seen["poison"] is True
     assert torch.isfinite(out).all()
     part_o, part_m, part_l = seen["parts"]
-    assert part_o.shape[:3] == (2 * 2, 7, 12)
+    nd = decode_warp.dense_programs(64, decode_warp.dense_chunk(128, 64))  # new tokens + sink + tail chunks
+    assert nd == 5 and part_o.shape[:3] == (2 * 2, nd + 6, 12)
     for x in (part_o, part_m, part_l):
         assert not torch.isnan(x).any()
-    assert torch.isneginf(part_m[2:, 1:]).all()  # batch row 1 (no tiles): every tile split empty
-    assert (part_l[2:, 1:] == 0).all() and (part_o[2:, 1:] == 0).all()
+    assert torch.isneginf(part_m[2:, nd:]).all()  # batch row 1 (no tiles): every tile split empty
+    assert (part_l[2:, nd:] == 0).all() and (part_o[2:, nd:] == 0).all()
+    assert torch.isfinite(part_m[:, 0]).all()  # the new tokens' program: every row sees token 0
+    assert torch.isneginf(part_m[2:, 1:3]).all()  # batch row 1 has no sink: both sink chunks empty
 
 
 def test_decode_warp_supports():
@@ -248,11 +250,6 @@ def test_decode_warp_rejects_bad_launch_options():
         decode_warp.quantized_decode_attention(**{**kw, "n_tiles": kw["n_tiles"].long()})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="decode_warp: `stages or STAGES` / `rows_per_program or ROWS_PER_PROGRAM` take 0 as "
-    "'unset' and run the default instead of refusing it",
-)
 @pytest.mark.parametrize("option", ["stages", "rows_per_program"])
 def test_decode_warp_rejects_zero_stages_and_rows(option):
     kw = _storage(2, 1, 128, 64, 4, 2, f16, [1], [64], [0], kv_heads=1)

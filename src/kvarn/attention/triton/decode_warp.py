@@ -721,10 +721,10 @@ def quantized_decode_attention(
     )
     group = hq // hkv
     mrows = group * nq
-    n_rows = rows_per_program or ROWS_PER_PROGRAM
+    n_rows = ROWS_PER_PROGRAM if rows_per_program is None else rows_per_program
     if n_rows not in (8, 16):
         raise ValueError(f"rows_per_program={rows_per_program!r}: expected 8 or 16")
-    stages = stages or STAGES
+    stages = STAGES if stages is None else stages
     if stages not in (1, 2, 3, 4):
         raise ValueError(f"stages={stages!r}: expected 1..4")
     n_rb = -(-mrows // n_rows)
