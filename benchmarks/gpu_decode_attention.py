@@ -232,7 +232,9 @@ def run_case(
         t_deq, agree = float("nan"), float("nan")
     b_tc = ours_bytes(batch, n_tiles, splits)
     # the warp kernel's workspace holds 1 + 2 * G / 32 partials for the 16-bit segments
-    b_warp = ours_bytes(batch, n_tiles, warp_splits + decode_warp.dense_programs(G, decode_warp.dense_chunk(D, G)) - 1)
+    b_warp = ours_bytes(
+        batch, n_tiles, warp_splits + decode_warp.dense_programs(G, decode_warp.dense_chunk(D, G)) - 1
+    )
     b_sdpa = sdpa_bytes(batch, tokens)
     return dict(
         context=ctx,

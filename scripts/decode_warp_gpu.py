@@ -85,7 +85,9 @@ def check(seed: int) -> int:
     return failures
 
 
-def time_point(ctx: int, batch: int, variants: list[dict], copy_gbs: float, breakdown=True, merge_channels=()) -> None:
+def time_point(
+    ctx: int, batch: int, variants: list[dict], copy_gbs: float, breakdown=True, merge_channels=()
+) -> None:
     dev = torch.device("cuda")
     n_tiles = ctx // bench.G - 1
     st = bench.make_storage(batch, n_tiles, dev)
@@ -97,7 +99,7 @@ def time_point(ctx: int, batch: int, variants: list[dict], copy_gbs: float, brea
     t_sdpa = bench.bench_graph(
         lambda: torch.nn.functional.scaled_dot_product_attention(q, k16, v16, enable_gqa=True)
     )
-    del k16, v16
+    k16 = v16 = None  # free the 16-bit cache (the graph above has run)
     splits_tc = decode_tc.default_num_splits(batch, bench.HKV, dev)
     print(
         f"ctx {ctx} B {batch}: SDPA {t_sdpa * 1e3:.1f} us; tc {t_tc * 1e3:.1f} us ({t_sdpa / t_tc:.2f}x, "
@@ -120,24 +122,40 @@ def time_point(ctx: int, batch: int, variants: list[dict], copy_gbs: float, brea
     else:
         variants_only = False
     empty = dict(st, n_tiles=torch.zeros_like(st["n_tiles"]))
-    t_fixed = 0.0 if variants_only else bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **empty))
+    t_fixed = (
+        0.0
+        if variants_only
+        else bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **empty))
+    )
     parts = {"no tiles (n_tiles=0)": f"{t_fixed * 1e3:.1f}"}
-    dense_launch, merge_launch, warp_launch = decode_tc._TILE_LAUNCH, decode_tc._MERGE_LAUNCH, decode_warp._WARP_LAUNCH
+    dense_launch, merge_launch, warp_launch = (
+        decode_tc._TILE_LAUNCH,
+        decode_tc._MERGE_LAUNCH,
+        decode_warp._WARP_LAUNCH,
+    )
 
     def skip_dense(grid, args, constexprs, **options):
         return None if constexprs.get("DENSE") else dense_launch(grid, args, constexprs, **options)
 
-    for name, patch in () if variants_only else (
-        ("without the 16-bit launch", lambda: setattr(decode_tc, "_TILE_LAUNCH", skip_dense)),
-        ("without the merge", lambda: setattr(decode_tc, "_MERGE_LAUNCH", lambda *a, **k: None)),
-        ("without the tile launch", lambda: setattr(decode_warp, "_WARP_LAUNCH", lambda *a, **k: None)),
+    for name, patch in (
+        ()
+        if variants_only
+        else (
+            ("without the 16-bit launch", lambda: setattr(decode_tc, "_TILE_LAUNCH", skip_dense)),
+            ("without the merge", lambda: setattr(decode_tc, "_MERGE_LAUNCH", lambda *a, **k: None)),
+            ("without the tile launch", lambda: setattr(decode_warp, "_WARP_LAUNCH", lambda *a, **k: None)),
+        )
     ):
         patch()
         try:
-            parts[name] = f"{bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **st)) * 1e3:.1f}"
+            parts[name] = (
+                f"{bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **st)) * 1e3:.1f}"
+            )
         finally:
             decode_tc._TILE_LAUNCH, decode_tc._MERGE_LAUNCH, decode_warp._WARP_LAUNCH = (
-                dense_launch, merge_launch, warp_launch
+                dense_launch,
+                merge_launch,
+                warp_launch,
             )
     if not variants_only:
         print("  warp default, us: " + ", ".join(f"{k} {v}" for k, v in parts.items()), flush=True)
@@ -161,13 +179,17 @@ def time_point(ctx: int, batch: int, variants: list[dict], copy_gbs: float, brea
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", default='[{}]')
+    ap.add_argument("--variants", default="[{}]")
     ap.add_argument("--points", nargs="*", default=["32768x8", "131072x1"])
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-breakdown", action="store_true")
-    ap.add_argument("--merge-channels", type=int, nargs="*", default=[], help="also time these MERGE_CHANNELS")
+    ap.add_argument(
+        "--merge-channels", type=int, nargs="*", default=[], help="also time these MERGE_CHANNELS"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--graph-generate", action="store_true", help="also run gpu_end_to_end's graph_generation check")
+    ap.add_argument(
+        "--graph-generate", action="store_true", help="also run gpu_end_to_end's graph_generation check"
+    )
     args = ap.parse_args()
     p = torch.cuda.get_device_properties(0)
     copy_gbs, _ = bench.copy_bandwidth()
@@ -175,12 +197,18 @@ def main() -> None:
     failures = 0 if args.no_check else check(args.seed)
     for point in args.points:
         c, b = point.split("x")
-        time_point(int(c), int(b), json.loads(args.variants), copy_gbs, not args.no_breakdown, args.merge_channels)
+        time_point(
+            int(c), int(b), json.loads(args.variants), copy_gbs, not args.no_breakdown, args.merge_channels
+        )
     if args.graph_generate:
         import gpu_end_to_end
 
         try:
-            print("[graph generate]", gpu_end_to_end.check_graph_generate(torch.device("cuda"), "k4v2"), flush=True)
+            print(
+                "[graph generate]",
+                gpu_end_to_end.check_graph_generate(torch.device("cuda"), "k4v2"),
+                flush=True,
+            )
         except Exception as exc:  # noqa: BLE001
             failures += 1
             print(f"[graph generate] FAIL {type(exc).__name__}: {exc}", flush=True)

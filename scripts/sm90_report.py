@@ -100,7 +100,9 @@ def loop_spans(sass: str) -> list[tuple[int, int]]:
     """(start, end) of each innermost loop: ranges of backward branches containing no other."""
     spans = []
     for line in sass.splitlines():
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\S*\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", line)
+        m = re.match(
+            r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\S*\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", line
+        )
         if m and int(m.group(2), 16) < int(m.group(1), 16):
             spans.append((int(m.group(2), 16), int(m.group(1), 16)))
     return [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]

@@ -1063,7 +1063,9 @@ def quantized_decode_attention(
             **tile_options,
         )  # fmt: skip
 
-    launch_dense_tiles_merge(args, meta, n_mb, out, part_o, part_m, part_l, bsz * hkv, mrows, tiles, overlap_dense)
+    launch_dense_tiles_merge(
+        args, meta, n_mb, out, part_o, part_m, part_l, bsz * hkv, mrows, tiles, overlap_dense
+    )
     return out
 
 

@@ -1,8 +1,8 @@
 """Decode attention over packed KVarN tiles, one warp per program, queries on the MMA's N side.
 
-Same contract and result as ``decode_tc.quantized_decode_attention`` (docs/layerstore.md); only
-the launch over the packed tiles differs (the 16-bit segments' launch and the log-sum-exp merge
-are decode_tc's). Why a second tile kernel: decode_tc puts the query rows on the M side of the
+Same contract and result as ``decode_tc.quantized_decode_attention`` (docs/layerstore.md), in two
+launches: this kernel (the 16-bit segments and the packed tiles) and decode_tc's log-sum-exp merge.
+Why a second kernel: decode_tc puts the query rows on the M side of the
 tensor-core product, so group 4 x one query is padded to 16 rows, and its four warps exchange
 the softmax weights through shared memory every tile; its loop is issue-bound (sm_90: ~3,270
 instructions per tile of 128 tokens). Here, per tile (docs/gpu_decode_notes.md, session 5):
@@ -21,7 +21,9 @@ instructions per tile of 128 tokens). Here, per tile (docs/gpu_decode_notes.md, 
   f takes plane f's softmax weights as they come out of the key product (one register transpose,
   ``convert_layout``); field e of value word u is channel ``(16/vb)*u + e``.
 * One warp owns a whole (row block, KV head, split): its online softmax never leaves the warp,
-  and the many small programs (up to ~9 per SM) hide the memory latency together.
+  and the many small programs (8 per SM on an H100/H200) hide the memory latency together.
+* The 16-bit segments (new tokens, sink, tail) are one-warp programs of the same launch, in
+  chunks of TC tokens (``_dense_chunk``), each writing its own partial.
 
 Scales fold as in decode_tc (SPEC "attention over quantized tiles"; log2 domain, softmax scale in q):
   scores  s[t, n] = r[t] * ((codes_k^T @ (q a_k)^T)[t, n] + q[n] . z_k)
@@ -44,7 +46,13 @@ import triton
 import triton.language as tl
 
 from kvarn.attention.triton import decode_tc, interpreting
-from kvarn.attention.triton.contract import STORAGE, check_decode_inputs, is_pow2, kernel_layout, output_buffer
+from kvarn.attention.triton.contract import (
+    STORAGE,
+    check_decode_inputs,
+    is_pow2,
+    kernel_layout,
+    output_buffer,
+)
 from kvarn.attention.triton.decode_tc import (
     _subnormal_field_s,
     subnormal_field_asm_text,
@@ -192,15 +200,15 @@ def _value_field(vwords, pa_b, pa_lo_b, acc, e: tl.constexpr, VB: tl.constexpr, 
 
 
 @jit
-def _rescale(O, P, c, alpha, pz, e: tl.constexpr, VB: tl.constexpr):
-    """O * alpha + c_v * (P * 2**(24-s) + p . z_v) for the channels NPV*u + e of field e."""
+def _rescale(acc, P, c, alpha, pz, e: tl.constexpr, VB: tl.constexpr):
+    """acc * alpha + c_v * (P * 2**(24-s) + p . z_v) for the channels NPV*u + e of field e."""
     c = c.to(gl.float32)
-    return O * alpha[None, :] + c[:, None] * (P * subnormal_field_scale(VB, VB * e) + pz[None, :])
+    return acc * alpha[None, :] + c[:, None] * (P * subnormal_field_scale(VB, VB * e) + pz[None, :])
 
 
 @jit
-def _store_o(O, po_rows, uu, row_ok, e: tl.constexpr, NPV: tl.constexpr):
-    gl.store(po_rows[None, :] + (NPV * uu + e)[:, None], O, mask=row_ok[None, :])
+def _store_o(acc, po_rows, uu, row_ok, e: tl.constexpr, NPV: tl.constexpr):
+    gl.store(po_rows[None, :] + (NPV * uu + e)[:, None], acc, mask=row_ok[None, :])
 
 
 @jit
@@ -220,10 +228,16 @@ def _issue_tile(j, ok, slot, stages, offs, bases, VW: tl.constexpr, NPK: tl.cons
     for f in gl.static_range(NPK):
         async_copy.async_copy_global_to_shared(v_stage.index(slot * NPK + f), vw_t + f * VW, mask=ok)
     async_copy.async_copy_global_to_shared(km_stage.index(2 * slot), ka_base + j64 * ska_n + d_off, mask=ok)
-    async_copy.async_copy_global_to_shared(km_stage.index(2 * slot + 1), kz_base + j64 * skz_n + d_off, mask=ok)
+    async_copy.async_copy_global_to_shared(
+        km_stage.index(2 * slot + 1), kz_base + j64 * skz_n + d_off, mask=ok
+    )
     async_copy.async_copy_global_to_shared(tm_stage.index(3 * slot), kr_base + j64 * skr_n + t_off, mask=ok)
-    async_copy.async_copy_global_to_shared(tm_stage.index(3 * slot + 1), va_base + j64 * sva_n + t_off, mask=ok)
-    async_copy.async_copy_global_to_shared(tm_stage.index(3 * slot + 2), vz_base + j64 * svz_n + t_off, mask=ok)
+    async_copy.async_copy_global_to_shared(
+        tm_stage.index(3 * slot + 1), va_base + j64 * sva_n + t_off, mask=ok
+    )
+    async_copy.async_copy_global_to_shared(
+        tm_stage.index(3 * slot + 2), vz_base + j64 * svz_n + t_off, mask=ok
+    )
     async_copy.async_copy_global_to_shared(c_stage.index(slot), vs_base + j64 * svs_n + c_off, mask=ok)
     async_copy.commit_group()
 
@@ -535,12 +549,14 @@ def _tiles_program(
     vu = gl.arange(0, VW, layout=gl.SliceLayout(0, V_COPY))
     v_off = (NPK * vr[:, None]) * VW + vu[None, :]
     d_off = gl.arange(0, D, layout=D_COPY)
-    t_off = gl.arange(0, KW, layout=gl.SliceLayout(1, T_COPY))[:, None] * NPK + gl.arange(
-        0, NPK, layout=gl.SliceLayout(0, T_COPY)
-    )[None, :]
-    c_off = gl.arange(0, VW, layout=gl.SliceLayout(1, C_COPY))[:, None] * NPV + gl.arange(
-        0, NPV, layout=gl.SliceLayout(0, C_COPY)
-    )[None, :]
+    t_off = (
+        gl.arange(0, KW, layout=gl.SliceLayout(1, T_COPY))[:, None] * NPK
+        + gl.arange(0, NPK, layout=gl.SliceLayout(0, T_COPY))[None, :]
+    )
+    c_off = (
+        gl.arange(0, VW, layout=gl.SliceLayout(1, C_COPY))[:, None] * NPV
+        + gl.arange(0, NPV, layout=gl.SliceLayout(0, C_COPY))[None, :]
+    )
     md = ka_ptr.dtype.element_ty
     stages = (
         gl.allocate_shared_memory(gl.int16, [STAGES, D, KW], K_SMEM),
@@ -606,7 +622,6 @@ def _tiles_program(
         _store_o(O7, po_rows, uu, row_ok, 7, NPV)
 
 
-
 def _log2(n: int) -> int:
     return n.bit_length() - 1
 
@@ -637,24 +652,34 @@ def layouts(D: int, G: int, KB: int, VB: int) -> dict:
 
     def smem(width):  # 16-byte units swizzled so ldmatrix.trans reads 8 rows conflict-free
         per_phase = max(1, 128 // (2 * width))
-        return SwizzledSharedLayout(vec=8, per_phase=per_phase, max_phase=max(1, 8 // per_phase), order=[1, 0])
+        return SwizzledSharedLayout(
+            vec=8, per_phase=per_phase, max_phase=max(1, 8 // per_phase), order=[1, 0]
+        )
 
     def rows_copy(cols):  # one [*, cols] row (4-16 bytes) per lane
-        return BlockedLayout(size_per_thread=[1, cols], threads_per_warp=[32, 1], warps_per_cta=[1, 1], order=[1, 0])
+        return BlockedLayout(
+            size_per_thread=[1, cols], threads_per_warp=[32, 1], warps_per_cta=[1, 1], order=[1, 0]
+        )
 
     return dict(
         MMA=mma,
         A_OP=DotOperandLayout(operand_index=0, parent=mma, k_width=2),
         B_OP=DotOperandLayout(operand_index=1, parent=mma, k_width=2),
-        K_COPY=copy(kw), V_COPY=copy(vw),
-        D_COPY=BlockedLayout(size_per_thread=[max(2, min(8, D // 32))], threads_per_warp=[32], warps_per_cta=[1],
-                             order=[0]),  # fmt: skip
-        T_COPY=rows_copy(npk), C_COPY=rows_copy(npv),
-        K_SMEM=smem(kw), V_SMEM=smem(vw),
+        K_COPY=copy(kw),
+        V_COPY=copy(vw),
+        D_COPY=BlockedLayout(
+            size_per_thread=[max(2, min(8, D // 32))], threads_per_warp=[32], warps_per_cta=[1], order=[0]
+        ),  # fmt: skip
+        T_COPY=rows_copy(npk),
+        C_COPY=rows_copy(npv),
+        K_SMEM=smem(kw),
+        V_SMEM=smem(vw),
         META_SMEM_1D=SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]),
         META_SMEM_2D=SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]),
-        TOK_META=meta_layout(kw, npk), CH_META=meta_layout(vw, npv),
-        DENSE_COPY=copy(D), DENSE_SMEM=SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]),
+        TOK_META=meta_layout(kw, npk),
+        CH_META=meta_layout(vw, npv),
+        DENSE_COPY=copy(D),
+        DENSE_SMEM=SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]),
     )
 
 
@@ -681,7 +706,9 @@ def supports(
     return None
 
 
-def default_num_splits(batch: int, kv_heads: int, row_blocks: int, device: torch.device, programs_per_sm: int) -> int:
+def default_num_splits(
+    batch: int, kv_heads: int, row_blocks: int, device: torch.device, programs_per_sm: int
+) -> int:
     """Tile splits per (row, KV head, row block): as many as fill one wave of program slots
     (``programs_per_sm`` x SMs), at least 1. Depends on shapes only (CUDA graphs capture the
     launch). H200, K4V2 Llama-3-8B heads, CUDA graphs (docs/gpu.md): 32k x 8 16 splits 86.1 us
@@ -743,7 +770,9 @@ def quantized_decode_attention(
     dev = query.device
     part_o, part_m, part_l = split_workspace(bsz * hkv, s1, mrows, hd, dev, decode_tc.POISON_WORKSPACE)
     out = output_buffer(out, (bsz, hq, nq, hd), query.dtype, dev)
-    args = decode_tc.launch_args(query, [storage[n] for n in STORAGE], part_o, part_m, part_l, scaling, num_splits)
+    args = decode_tc.launch_args(
+        query, [storage[n] for n in STORAGE], part_o, part_m, part_l, scaling, num_splits
+    )
     meta = dict(
         HKV=hkv, GROUP=group, L=nq, D=hd, G=g, KB=key_bits, VB=value_bits, N=n_rows, STAGES=stages, TC=tc,
         QA_SPLIT=qa_split, PA_SPLIT=pa_split, INTERPRET=interpreting(), **layouts(hd, g, key_bits, value_bits),

@@ -107,7 +107,9 @@ def allocate_shared_memory(dtype, shape, layout=None, value=None):
     return SharedMemory(dtype, shape)
 
 
-def async_copy_global_to_shared(smem, pointer, mask=None, cache_modifier="", eviction_policy="", volatile=False):
+def async_copy_global_to_shared(
+    smem, pointer, mask=None, cache_modifier="", eviction_policy="", volatile=False
+):
     smem.store(tl.load(pointer, mask=mask, other=0))
 
 
