@@ -45,6 +45,26 @@ def inner_contiguous(x: torch.Tensor, inner: int) -> torch.Tensor:
     return x
 
 
+def shape_unsupported_reason(
+    head_dim: int, tile_size: int, key_bits: int, value_bits: int, num_queries: int, dtype,
+    kernel_bits: tuple, max_queries: int,
+) -> str | None:  # fmt: skip
+    """What the tensor-core decode kernels share in ``supports``: float16/bfloat16, the bit
+    widths they decode, power-of-two head_dim in [16, 256] and tile_size <= 256, 1..max_queries
+    new queries per row. None when those hold, else the reason."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} is not float16/bfloat16"
+    if key_bits not in kernel_bits or value_bits not in kernel_bits:
+        return f"key_bits={key_bits}, value_bits={value_bits}: the kernel decodes {list(kernel_bits)} bits"
+    if not is_pow2(head_dim) or not 16 <= head_dim <= 256:
+        return f"head_dim={head_dim} is not a power of two in [16, 256]"
+    if not is_pow2(tile_size) or tile_size > 256:
+        return f"tile_size={tile_size} is not a power of two <= 256"
+    if not 1 <= num_queries <= max_queries:
+        return f"{num_queries} new queries per row; the kernel takes 1..{max_queries}"
+    return None
+
+
 def check_decode_inputs(
     query: torch.Tensor, st: dict, key_bits: int, value_bits: int,
     supports: Callable[..., str | None], kernel: str, dense_in_query_dtype: bool,

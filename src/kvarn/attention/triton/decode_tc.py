@@ -49,6 +49,7 @@ from kvarn.attention.triton.contract import (
     is_pow2,
     kernel_layout,
     output_buffer,
+    shape_unsupported_reason,
 )
 from kvarn.attention.triton.launch import FastLauncher
 from kvarn.attention.triton.split_k import (
@@ -898,22 +899,17 @@ def supports(
     head_dim: int, tile_size: int, key_bits: int, value_bits: int, num_queries: int, dtype
 ) -> str | None:
     """None when this kernel handles these shapes, else the reason it does not."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {dtype} is not float16/bfloat16"
-    if key_bits not in KERNEL_BITS or value_bits not in KERNEL_BITS:
-        return f"key_bits={key_bits}, value_bits={value_bits}: the kernel decodes {list(KERNEL_BITS)} bits"
-    if not is_pow2(head_dim) or not 16 <= head_dim <= 256:
-        return f"head_dim={head_dim} is not a power of two in [16, 256]"
-    if not is_pow2(tile_size) or tile_size > 256:
-        return f"tile_size={tile_size} is not a power of two <= 256"
+    reason = shape_unsupported_reason(
+        head_dim, tile_size, key_bits, value_bits, num_queries, dtype, KERNEL_BITS, MAX_QUERIES
+    )
+    if reason:
+        return reason
     # Tensor-core products need every dimension >= 16: key planes of G*kb/8 tokens, value
     # planes of D*vb/8 channels.
     if tile_size * key_bits // 8 < 16:
         return f"tile_size={tile_size} at {key_bits}-bit keys gives key planes under 16 tokens"
     if head_dim * value_bits // 8 < 16:
         return f"head_dim={head_dim} at {value_bits}-bit values gives value planes under 16 channels"
-    if not 1 <= num_queries <= MAX_QUERIES:
-        return f"{num_queries} new queries per row; the kernel takes 1..{MAX_QUERIES}"
     return None
 
 

@@ -49,9 +49,9 @@ from kvarn.attention.triton import decode_tc, interpreting
 from kvarn.attention.triton.contract import (
     STORAGE,
     check_decode_inputs,
-    is_pow2,
     kernel_layout,
     output_buffer,
+    shape_unsupported_reason,
 )
 from kvarn.attention.triton.decode_tc import (
     _subnormal_field_s,
@@ -687,22 +687,17 @@ def supports(
     head_dim: int, tile_size: int, key_bits: int, value_bits: int, num_queries: int, dtype
 ) -> str | None:
     """None when this kernel handles these shapes, else the reason it does not."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {dtype} is not float16/bfloat16"
-    if key_bits not in KERNEL_BITS or value_bits not in KERNEL_BITS:
-        return f"key_bits={key_bits}, value_bits={value_bits}: the kernel decodes {list(KERNEL_BITS)} bits"
-    if not is_pow2(head_dim) or not 16 <= head_dim <= 256:
-        return f"head_dim={head_dim} is not a power of two in [16, 256]"
-    if not is_pow2(tile_size) or tile_size > 256:
-        return f"tile_size={tile_size} is not a power of two <= 256"
+    reason = shape_unsupported_reason(
+        head_dim, tile_size, key_bits, value_bits, num_queries, dtype, KERNEL_BITS, MAX_QUERIES
+    )
+    if reason:
+        return reason
     # The codes are the M side of the products (16 rows per MMA): key words per channel row
     # (tokens per key plane) and value words per token row must both be >= 16.
     if tile_size * key_bits // 16 < 16:
         return f"tile_size={tile_size} at {key_bits}-bit keys gives key planes under 16 tokens"
     if head_dim * value_bits // 16 < 16:
         return f"head_dim={head_dim} at {value_bits}-bit values gives under 16 value words per token"
-    if not 1 <= num_queries <= MAX_QUERIES:
-        return f"{num_queries} new queries per row; the kernel takes 1..{MAX_QUERIES}"
     return None
 
 
