@@ -85,6 +85,24 @@ def check(seed: int) -> int:
     return failures
 
 
+def where_the_time_goes(q, st) -> str:
+    """The default call with no packed tiles, and with one of its two launches left out (the
+    module-level launchers swapped for no-ops: benchmark only)."""
+    empty = dict(st, n_tiles=torch.zeros_like(st["n_tiles"]))
+    parts = {
+        "no tiles (n_tiles=0)": bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **empty))
+    }
+    merge_launch, warp_launch = decode_tc._MERGE_LAUNCH, decode_warp._WARP_LAUNCH
+    for name, module, attr in (("without the merge", decode_tc, "_MERGE_LAUNCH"),
+                               ("without the kernel", decode_warp, "_WARP_LAUNCH")):  # fmt: skip
+        setattr(module, attr, lambda *a, **k: None)
+        try:
+            parts[name] = bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **st))
+        finally:
+            decode_tc._MERGE_LAUNCH, decode_warp._WARP_LAUNCH = merge_launch, warp_launch
+    return ", ".join(f"{k} {v * 1e3:.1f}" for k, v in parts.items())
+
+
 def time_point(
     ctx: int, batch: int, variants: list[dict], copy_gbs: float, breakdown=True, merge_channels=()
 ) -> None:
@@ -106,8 +124,6 @@ def time_point(
         f"{bench.ours_bytes(batch, n_tiles, splits_tc) / t_tc / 1e6 / copy_gbs:.0%} of copy)",
         flush=True,
     )
-    # Where the time goes: the default call with one of its three launches left out (benchmark
-    # only: the module-level launchers are swapped for no-ops), and with no packed tiles.
     for mc in merge_channels:
         from kvarn.attention.triton import split_k
 
@@ -117,48 +133,8 @@ def time_point(
         finally:
             split_k.MERGE_CHANNELS = saved
         print(f"  warp default with MERGE_CHANNELS={mc}: {t * 1e3:.1f} us", flush=True)
-    if not breakdown:
-        variants_only = True
-    else:
-        variants_only = False
-    empty = dict(st, n_tiles=torch.zeros_like(st["n_tiles"]))
-    t_fixed = (
-        0.0
-        if variants_only
-        else bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **empty))
-    )
-    parts = {"no tiles (n_tiles=0)": f"{t_fixed * 1e3:.1f}"}
-    dense_launch, merge_launch, warp_launch = (
-        decode_tc._TILE_LAUNCH,
-        decode_tc._MERGE_LAUNCH,
-        decode_warp._WARP_LAUNCH,
-    )
-
-    def skip_dense(grid, args, constexprs, **options):
-        return None if constexprs.get("DENSE") else dense_launch(grid, args, constexprs, **options)
-
-    for name, patch in (
-        ()
-        if variants_only
-        else (
-            ("without the 16-bit launch", lambda: setattr(decode_tc, "_TILE_LAUNCH", skip_dense)),
-            ("without the merge", lambda: setattr(decode_tc, "_MERGE_LAUNCH", lambda *a, **k: None)),
-            ("without the tile launch", lambda: setattr(decode_warp, "_WARP_LAUNCH", lambda *a, **k: None)),
-        )
-    ):
-        patch()
-        try:
-            parts[name] = (
-                f"{bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **st)) * 1e3:.1f}"
-            )
-        finally:
-            decode_tc._TILE_LAUNCH, decode_tc._MERGE_LAUNCH, decode_warp._WARP_LAUNCH = (
-                dense_launch,
-                merge_launch,
-                warp_launch,
-            )
-    if not variants_only:
-        print("  warp default, us: " + ", ".join(f"{k} {v}" for k, v in parts.items()), flush=True)
+    if breakdown:
+        print("  warp default, us: " + where_the_time_goes(q, st), flush=True)
     for v in variants:
         try:
             t = bench.bench_graph(lambda v=v: decode_warp.quantized_decode_attention(q, **st, **v))
