@@ -470,6 +470,9 @@ def main() -> int:
         (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"warp_launch": {"qa_split": True, "pa_split": True}}),  # 2x bound
         (f16, 64, 128, 8, 3, 2, 2, 4, 40, {"warp_launch": {"rows_per_program": 16, "stages": 3}}),
         (bf, 256, 32, 2, 2, 3, 8, 8, 20, {"splits": 5, "warp_launch": {"stages": 1}}),
+        # the merge as a programmatic dependent launch (session 5: added after the device time)
+        (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"warp_launch": {"merge_pdl": True}}),
+        (f16, 128, 128, 8, 3, 3, 4, 2, 40, {"splits": 160, "warp_launch": {"merge_pdl": True}}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]
@@ -503,6 +506,7 @@ def main() -> int:
         if "warp" in args.decode_kernels.split(","):
             check_cuda_graph("warp", {"rows_per_program": 16, "stages": 3})
             check_cuda_graph("warp", {"stages": 1, "num_splits": 1})
+            check_cuda_graph("warp", {"merge_pdl": True})
     # One verdict line per decode kernel (scripts and dispatch decisions read these).
     for kernel in args.decode_kernels.split(","):
         bad = [f for f in FAILURES if f"[{kernel}]" in f]

@@ -255,3 +255,14 @@ def test_decode_warp_rejects_zero_stages_and_rows(option):
     kw = _storage(2, 1, 128, 64, 4, 2, f16, [1], [64], [0], kv_heads=1)
     with pytest.raises(ValueError, match=f"{option}="):
         decode_warp.quantized_decode_attention(**kw, **{option: 0})
+
+
+def test_decode_warp_merge_pdl_is_a_no_op_off_the_gpu():
+    """``merge_pdl`` only changes how the merge is launched on CUDA (a programmatic dependent
+    launch); on CPU / under the interpreter the option is accepted and the result is bit for bit
+    the default's."""
+    kw = _storage(4, 1, 128, 64, 4, 2, bf16, [3, 1], [64, 5], [7, 63], seed=21)
+    assert torch.equal(
+        decode_warp.quantized_decode_attention(**kw, num_splits=2, merge_pdl=True),
+        decode_warp.quantized_decode_attention(**kw, num_splits=2),
+    )

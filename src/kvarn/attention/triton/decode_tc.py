@@ -1132,13 +1132,16 @@ def launch_dense_tiles_merge(
     launch_merge(out, part_o, part_m, part_l, meta["HKV"], meta["GROUP"], meta["L"], kv_rows, mrows)
 
 
-def launch_merge(out, part_o, part_m, part_l, hkv, group, nq, kv_rows, mrows) -> None:
-    """The log-sum-exp merge of the ``[kv_rows, S1, mrows(, D)]`` partials into ``out``."""
+def launch_merge(out, part_o, part_m, part_l, hkv, group, nq, kv_rows, mrows, pdl: bool = False) -> None:
+    """The log-sum-exp merge of the ``[kv_rows, S1, mrows(, D)]`` partials into ``out``. ``pdl``
+    (CUDA): launch it as a programmatic dependent launch of the kernel before it (its launch
+    overlaps that kernel's tail; the merge waits for its results in ``merge_partials``)."""
     hd = part_o.shape[-1]
     s1 = part_o.shape[1]
     grid = merge_grid(kv_rows * mrows, hd)
+    pdl = pdl and out.device.type == "cuda" and not interpreting()
     _MERGE_LAUNCH(
         grid, (part_o, part_m, part_l, out, *out.stride()[:3]),
-        dict(HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=_next_pow2(s1), DB=hd // grid[1]),
-        num_warps=merge_num_warps(hd, _next_pow2(s1)),
+        dict(HKV=hkv, GROUP=group, L=nq, D=hd, S1=s1, S1_PAD=_next_pow2(s1), DB=hd // grid[1], PDL=pdl),
+        num_warps=merge_num_warps(hd, _next_pow2(s1)), **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip

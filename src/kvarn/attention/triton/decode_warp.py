@@ -388,6 +388,7 @@ def _decode_warp_kernel(
     V_COPY: tl.constexpr, D_COPY: tl.constexpr, T_COPY: tl.constexpr, C_COPY: tl.constexpr,
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
     TOK_META: tl.constexpr, CH_META: tl.constexpr, DENSE_COPY: tl.constexpr, DENSE_SMEM: tl.constexpr,
+    PDL_TRIGGER: tl.constexpr = False,
 ):  # fmt: skip
     """Program (KV row bh, column program_id(1), row block program_id(2)) of one warp. Columns
     0 .. ND-1 attend to the 16-bit segments in chunks of TC tokens (``_dense_chunk``: the new
@@ -395,6 +396,10 @@ def _decode_warp_kernel(
     packed tiles (``_tiles_program``). Each writes an un-normalized partial to its slot of the
     split-K workspace ``[B * Hkv, ND + NUM_SPLITS, MROWS(, D)]``; decode_tc's merge combines them."""
     ND: tl.constexpr = 1 + 2 * (G // TC)
+    if PDL_TRIGGER:  # the merge (a programmatic dependent launch) may be scheduled from now on
+        gl.inline_asm_elementwise(
+            "griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
+        )
     bh = gl.program_id(0)
     col = gl.program_id(1)
     rb = gl.program_id(2)
@@ -724,14 +729,17 @@ def quantized_decode_attention(
     n_tiles, sink_k, sink_v, sink_len, tail_k, tail_v, tail_len, new_k, new_v,
     key_bits, value_bits, scaling, *, max_tiles: int | None = None, out: torch.Tensor | None = None,
     num_splits: int | None = None, rows_per_program: int | None = None, stages: int | None = None,
-    qa_split: bool | None = None, pa_split: bool | None = None,
+    qa_split: bool | None = None, pa_split: bool | None = None, merge_pdl: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract;
     the same as ``decode_tc.quantized_decode_attention``), in one launch of this module's one-warp
     kernel (16-bit segments and packed tiles) and decode_tc's merge. ``rows_per_program`` (8 or 16: query rows per
     program, the MMA's N), ``stages`` (tiles in flight), ``num_splits``, ``qa_split`` /
     ``pa_split`` (second operands for the float16 rounding remainders; default: float16 queries)
-    override the launch; defaults depend only on shapes (CUDA graphs capture it)."""
+    override the launch; defaults depend only on shapes (CUDA graphs capture it). ``merge_pdl``
+    (CUDA, sm_90+; off by default: not yet timed on a GPU): the merge as a programmatic dependent
+    launch, triggered when every program of this kernel has started, so its launch latency
+    overlaps this kernel (the merge waits for the partials with ``griddepcontrol.wait``)."""
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
         v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_channel_scale=v_channel_scale,
@@ -772,8 +780,9 @@ def quantized_decode_attention(
         HKV=hkv, GROUP=group, L=nq, D=hd, G=g, KB=key_bits, VB=value_bits, N=n_rows, STAGES=stages, TC=tc,
         QA_SPLIT=qa_split, PA_SPLIT=pa_split, INTERPRET=interpreting(), **layouts(hd, g, key_bits, value_bits),
     )  # fmt: skip
-    LAST_LAUNCH[0] = _WARP_LAUNCH((bsz * hkv, s1, n_rb), args, meta, num_warps=1)
-    decode_tc.launch_merge(out, part_o, part_m, part_l, hkv, group, nq, bsz * hkv, mrows)
+    pdl = bool(merge_pdl) and dev.type == "cuda" and not interpreting()
+    LAST_LAUNCH[0] = _WARP_LAUNCH((bsz * hkv, s1, n_rb), args, {**meta, "PDL_TRIGGER": pdl}, num_warps=1)
+    decode_tc.launch_merge(out, part_o, part_m, part_l, hkv, group, nq, bsz * hkv, mrows, pdl=pdl)
     return out
 
 

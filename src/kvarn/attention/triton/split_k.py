@@ -13,6 +13,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 
 @triton.jit
@@ -40,11 +41,15 @@ def split_workspace(rows: int, splits: int, mrows: int, head_dim: int, device, p
 def merge_partials(
     po_ptr, pm_ptr, pl_ptr, out_ptr, so_b, so_h, so_l,
     HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
-    S1: tl.constexpr, S1_PAD: tl.constexpr, DB: tl.constexpr,
+    S1: tl.constexpr, S1_PAD: tl.constexpr, DB: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One program per query row and DB channels: log-sum-exp combination of the 1 + num_splits
     partials. Channel blocks spread one row's reads over several programs (its maxima and sums are
-    re-read by each: tiny), which shortens this latency-bound launch (H100, 128k x 1, 49 splits)."""
+    re-read by each: tiny), which shortens this latency-bound launch (H100, 128k x 1, 49 splits).
+    PDL: launched as a programmatic dependent of the partials' kernel, so wait here until that
+    grid has finished and its writes are visible (``griddepcontrol.wait``)."""
+    if PDL:
+        gdc_wait()
     pid = tl.program_id(0)
     MROWS: tl.constexpr = GROUP * L
     bh = pid // MROWS
