@@ -266,3 +266,58 @@ def test_decode_warp_merge_pdl_is_a_no_op_off_the_gpu():
         decode_warp.quantized_decode_attention(**kw, num_splits=2, merge_pdl=True),
         decode_warp.quantized_decode_attention(**kw, num_splits=2),
     )
+
+
+@pytest.mark.parametrize(
+    "kb,vb,d,g,dtype",
+    [
+        (4, 2, 128, 128, bf16),
+        (2, 4, 128, 128, f16),
+        (8, 8, 128, 32, bf16),
+        (4, 4, 64, 64, f16),
+        (2, 2, 256, 128, bf16),
+    ],
+)
+def test_decode_warp_coalesced_value_copy_is_bit_for_bit_the_default(kb, vb, d, g, dtype):
+    """value_copy="coalesced" copies a tile's value rows in one cp.async whose rows are permuted
+    (stage row f*KW + w <- token NPK*w + f) instead of one copy per key plane: the stage holds the
+    same words, so the result is bit for bit the default's (K2/K4/K8 planes, V2/V4/V8 words, odd
+    lengths, several tiles per split), and both match the reference."""
+    kw = _storage(4, 2, d, g, kb, vb, dtype, [3, 1], [g, 5], [7, g - 1], seed=kb * 10 + vb)
+    planes = _check(kw, num_splits=1)
+    coalesced = decode_warp.quantized_decode_attention(**kw, num_splits=1, value_copy="coalesced")
+    assert torch.equal(planes, coalesced)
+
+
+def test_decode_warp_coalesced_value_copy_layout_is_a_permutation_of_the_stage():
+    """The copy layout covers every element of the [G, VW] stage exactly once, each lane holding
+    16-byte runs of a row, and the lanes of one register step read consecutive tokens."""
+    for g, vw, npk in [(128, 16, 4), (128, 32, 8), (32, 64, 2), (256, 16, 4), (64, 16, 4)]:
+        lay = decode_warp.coalesced_value_copy_layout(g, vw, npk)
+        bases = lay.reg_bases + lay.lane_bases
+        assert lay.reg_bases[:3] == [[0, 1], [0, 2], [0, 4]]
+        seen = set()
+        for code in range(1 << len(bases)):
+            r = c = 0
+            for bit, (br, bc) in enumerate(bases):
+                if code >> bit & 1:
+                    r ^= br
+                    c ^= bc
+            seen.add((r, c))
+        assert len(seen) == g * vw and all(0 <= r < g and 0 <= c < vw for r, c in seen)
+        kw = g // npk
+        tokens = set()
+        for lane in range(32):
+            r = c = 0
+            for bit, (br, bc) in enumerate(lay.lane_bases):
+                if lane >> bit & 1:
+                    r ^= br
+                    c ^= bc
+            tokens.add(npk * (r % kw) + r // kw)
+        assert tokens == set(range(min(g, 32 * 8 // vw)))  # one instruction: consecutive tokens
+
+
+def test_decode_warp_rejects_unknown_value_copy():
+    kw = _storage(2, 1, 128, 64, 4, 2, f16, [1], [64], [0], kv_heads=1)
+    with pytest.raises(ValueError, match="value_copy="):
+        decode_warp.quantized_decode_attention(**kw, value_copy="rows")

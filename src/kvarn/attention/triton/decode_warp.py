@@ -88,6 +88,8 @@ MAX_SPLITS = decode_tc.MAX_SPLITS
 ROWS_PER_PROGRAM = 8
 # Tiles in flight per program (cp.async stages).
 STAGES = 2
+# How value rows are copied to the plane-major stage (launch option ``value_copy``; index = VCOPY).
+VALUE_COPIES = ("planes", "coalesced")
 # Last compiled launch (registers, spills) for benchmark diagnostics.
 LAST_LAUNCH: list = [None]
 
@@ -162,6 +164,7 @@ def _value_plane(
     s, m_new, va, vz, v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
     f: tl.constexpr, VB: tl.constexpr, NPV: tl.constexpr,
     PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr,
+    VCOPY: tl.constexpr = 0,
 ):  # fmt: skip
     """Softmax weights of key plane f and the value product of its tokens into P0..P(NPV-1)
     (field e of the value words: channels NPV*u + e); row sums of p and p . z_v accumulated
@@ -175,7 +178,12 @@ def _value_plane(
     pa_lo_b = pa_b
     if PA_SPLIT:
         pa_lo_b = gl.convert_layout((pa32 - pa.to(gl.float32)).to(gl.float16), B_OP)
-    vwords = v_stage.index(vbase + f).permute((1, 0)).load(A_OP)  # [VW, KW]: ldmatrix.trans
+    if VCOPY == 1:  # stage [G, VW] in plane-major row order: plane f = rows f*KW ..
+        KW: tl.constexpr = s.shape[0]
+        vplane = v_stage.index(vbase).slice(f * KW, KW)
+    else:  # one [KW, VW] slot per plane
+        vplane = v_stage.index(vbase + f)
+    vwords = vplane.permute((1, 0)).load(A_OP)  # [VW, KW]: ldmatrix.trans
     P0 = _value_field(vwords, pa_b, pa_lo_b, P0, 0, VB, PA_SPLIT, INTERPRET)
     P1 = _value_field(vwords, pa_b, pa_lo_b, P1, 1, VB, PA_SPLIT, INTERPRET)
     if NPV >= 4:
@@ -212,7 +220,9 @@ def _store_o(acc, po_rows, uu, row_ok, e: tl.constexpr, NPV: tl.constexpr):
 
 
 @jit
-def _issue_tile(j, ok, slot, stages, offs, bases, VW: tl.constexpr, NPK: tl.constexpr):
+def _issue_tile(
+    j, ok, slot, stages, offs, bases, VW: tl.constexpr, NPK: tl.constexpr, VCOPY: tl.constexpr = 0
+):
     """cp.async of tile j into stage ``slot``, as one commit group: key words as stored, value
     rows plane-major (plane f = tokens NPK*w + f), and the tile's six metadata vectors (so no
     load of the tile loop waits on global memory)."""
@@ -225,8 +235,11 @@ def _issue_tile(j, ok, slot, stages, offs, bases, VW: tl.constexpr, NPK: tl.cons
     j64 = j.to(gl.int64)
     async_copy.async_copy_global_to_shared(k_stage.index(slot), kw_base + j64 * skw_n + k_off, mask=ok)
     vw_t = vw_base + j64 * svw_n + v_off
-    for f in gl.static_range(NPK):
-        async_copy.async_copy_global_to_shared(v_stage.index(slot * NPK + f), vw_t + f * VW, mask=ok)
+    if VCOPY == 1:  # one copy; v_off sends token 4w + f (contiguous per instruction) to row f*KW + w
+        async_copy.async_copy_global_to_shared(v_stage.index(slot), vw_t, mask=ok)
+    else:  # one copy per plane (rows 4w + f: strided reads, 4 requests per 128-byte line)
+        for f in gl.static_range(NPK):
+            async_copy.async_copy_global_to_shared(v_stage.index(slot * NPK + f), vw_t + f * VW, mask=ok)
     async_copy.async_copy_global_to_shared(km_stage.index(2 * slot), ka_base + j64 * ska_n + d_off, mask=ok)
     async_copy.async_copy_global_to_shared(
         km_stage.index(2 * slot + 1), kz_base + j64 * skz_n + d_off, mask=ok
@@ -247,7 +260,7 @@ def _tile_step(
     j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
     KB: tl.constexpr, VB: tl.constexpr, STAGES: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr, MMA: tl.constexpr, A_OP: tl.constexpr,
-    B_OP: tl.constexpr, TOK_META: tl.constexpr, CH_META: tl.constexpr,
+    B_OP: tl.constexpr, TOK_META: tl.constexpr, CH_META: tl.constexpr, VCOPY: tl.constexpr,
 ):  # fmt: skip
     """Tile j (the i-th of the program's split): issue the copies of tile j + STAGES - 1, wait for
     tile j's, then one online-softmax step over all its G tokens."""
@@ -257,7 +270,7 @@ def _tile_step(
     VW: tl.constexpr = v_stage.shape[2]
     i = j - start
     nxt = j + STAGES - 1
-    _issue_tile(nxt, nxt < end, (i + STAGES - 1) % STAGES, stages, offs, bases, VW, NPK)
+    _issue_tile(nxt, nxt < end, (i + STAGES - 1) % STAGES, stages, offs, bases, VW, NPK, VCOPY)
     buf = i % STAGES
     async_copy.wait_group(STAGES - 1)  # tile j's copies have landed
     gl.thread_barrier()
@@ -297,7 +310,7 @@ def _tile_step(
 
     va = _columns(tm_stage.index(3 * buf + 1).load(TOK_META), rows)
     vz = _columns(tm_stage.index(3 * buf + 2).load(TOK_META), rows)
-    vbase = buf * NPK
+    vbase = buf if VCOPY == 1 else buf * NPK
     P0 = gl.zeros(O0.shape, dtype=gl.float32, layout=MMA)
     P1 = P0
     P2 = P0
@@ -310,37 +323,37 @@ def _tile_step(
     pzsum = psum
     psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
         s0, m_new, va[0], vz[0], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-        0, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+        0, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
     )  # fmt: skip
     psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
         s1, m_new, va[1], vz[1], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-        1, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+        1, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
     )  # fmt: skip
     if NPK >= 4:
         psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
             s2, m_new, va[2], vz[2], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-            2, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+            2, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
         )  # fmt: skip
         psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
             s3, m_new, va[3], vz[3], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-            3, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+            3, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
         )  # fmt: skip
     if NPK >= 8:
         psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
             s4, m_new, va[4], vz[4], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-            4, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+            4, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
         )  # fmt: skip
         psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
             s5, m_new, va[5], vz[5], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-            5, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+            5, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
         )  # fmt: skip
         psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
             s6, m_new, va[6], vz[6], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-            6, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+            6, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
         )  # fmt: skip
         psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
             s7, m_new, va[7], vz[7], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-            7, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP,
+            7, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
         )  # fmt: skip
     c = _columns(c_stage.index(buf).load(CH_META), gl.SliceLayout(1, MMA))  # value channel scales per field
     gl.thread_barrier()  # every lane is done with stage `buf` before it is refilled
@@ -388,7 +401,7 @@ def _decode_warp_kernel(
     V_COPY: tl.constexpr, D_COPY: tl.constexpr, T_COPY: tl.constexpr, C_COPY: tl.constexpr,
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
     TOK_META: tl.constexpr, CH_META: tl.constexpr, DENSE_COPY: tl.constexpr, DENSE_SMEM: tl.constexpr,
-    PDL_TRIGGER: tl.constexpr = False,
+    PDL_TRIGGER: tl.constexpr = False, VCOPY: tl.constexpr = 0,
 ):  # fmt: skip
     """Program (KV row bh, column program_id(1), row block program_id(2)) of one warp. Columns
     0 .. ND-1 attend to the 16-bit segments in chunks of TC tokens (``_dense_chunk``: the new
@@ -441,6 +454,7 @@ def _decode_warp_kernel(
             ntiles_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale, NUM_SPLITS, b, b64, h, h64, col - ND + 1, rb, slot0,
             GROUP, L, D, G, KB, VB, N, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP,
             K_COPY, V_COPY, D_COPY, T_COPY, C_COPY, K_SMEM, V_SMEM, META_SMEM_1D, META_SMEM_2D, TOK_META, CH_META,
+            VCOPY,
         )  # fmt: skip
 
 
@@ -511,7 +525,7 @@ def _tiles_program(
     MMA: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr, K_COPY: tl.constexpr,
     V_COPY: tl.constexpr, D_COPY: tl.constexpr, T_COPY: tl.constexpr, C_COPY: tl.constexpr,
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
-    TOK_META: tl.constexpr, CH_META: tl.constexpr,
+    TOK_META: tl.constexpr, CH_META: tl.constexpr, VCOPY: tl.constexpr,
 ):  # fmt: skip
     """Split ``split`` (1-based) of the (row, KV head)'s packed tiles, as one partial at ``slot0``."""
     NPK: tl.constexpr = 16 // KB
@@ -550,9 +564,16 @@ def _tiles_program(
     kd = gl.arange(0, D, layout=gl.SliceLayout(1, K_COPY))
     kw = gl.arange(0, KW, layout=gl.SliceLayout(0, K_COPY))
     k_off = kd[:, None] * KW + kw[None, :]
-    vr = gl.arange(0, KW, layout=gl.SliceLayout(1, V_COPY))
-    vu = gl.arange(0, VW, layout=gl.SliceLayout(0, V_COPY))
-    v_off = (NPK * vr[:, None]) * VW + vu[None, :]
+    if (
+        VCOPY == 1
+    ):  # [G, VW]: stage row f*KW + w <- token NPK*w + f (V_COPY: consecutive tokens per instruction)
+        vr = gl.arange(0, G, layout=gl.SliceLayout(1, V_COPY))
+        vu = gl.arange(0, VW, layout=gl.SliceLayout(0, V_COPY))
+        v_off = (NPK * (vr % KW) + vr // KW)[:, None] * VW + vu[None, :]
+    else:  # [KW, VW] per plane f (add f * VW): rows NPK*w
+        vr = gl.arange(0, KW, layout=gl.SliceLayout(1, V_COPY))
+        vu = gl.arange(0, VW, layout=gl.SliceLayout(0, V_COPY))
+        v_off = (NPK * vr[:, None]) * VW + vu[None, :]
     d_off = gl.arange(0, D, layout=D_COPY)
     t_off = (
         gl.arange(0, KW, layout=gl.SliceLayout(1, T_COPY))[:, None] * NPK
@@ -565,7 +586,9 @@ def _tiles_program(
     md = ka_ptr.dtype.element_ty
     stages = (
         gl.allocate_shared_memory(gl.int16, [STAGES, D, KW], K_SMEM),
-        gl.allocate_shared_memory(gl.int16, [STAGES * NPK, KW, VW], V_SMEM),
+        gl.allocate_shared_memory(
+            gl.int16, [STAGES, G, VW] if VCOPY == 1 else [STAGES * NPK, KW, VW], V_SMEM
+        ),
         gl.allocate_shared_memory(md, [STAGES * 2, D], META_SMEM_1D),
         gl.allocate_shared_memory(md, [STAGES * 3, KW, NPK], META_SMEM_2D),
         gl.allocate_shared_memory(md, [STAGES, VW, NPV], META_SMEM_2D),
@@ -589,21 +612,21 @@ def _tiles_program(
     O7 = O0
 
     for pre in gl.static_range(STAGES - 1):
-        _issue_tile(start + pre, start + pre < end, pre, stages, offs, bases, VW, NPK)
+        _issue_tile(start + pre, start + pre < end, pre, stages, offs, bases, VW, NPK, VCOPY)
     if INTERPRET:
         # The interpreter cannot take a loaded scalar as a range() bound under numpy 2.
         j = start
         while j < end:
             m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _tile_step(
                 j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
-                KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META,
+                KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
             )  # fmt: skip
             j += 1
     else:
         for j in range(start, end):
             m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _tile_step(
                 j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
-                KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META,
+                KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
             )  # fmt: skip
     async_copy.wait_group(0)  # nothing left in flight when the program ends
 
@@ -643,8 +666,28 @@ def meta_layout(rows: int, cols: int) -> DistributedLinearLayout:
     )  # fmt: skip
 
 
+def coalesced_value_copy_layout(G: int, VW: int, NPK: int) -> DistributedLinearLayout:
+    """cp.async layout of a tile's value rows ``[G, VW]`` in plane-major order (row f*KW + w holds
+    token NPK*w + f): each lane copies 8 words (16 bytes), and the lanes of one instruction take the
+    16-byte chunks of a row, then the planes f, then the words w, so that they read consecutive
+    tokens: whole 128-byte lines instead of one 32-byte row of each."""
+    kw = G // NPK
+    bits = [[0, 8 << i] for i in range(_log2(VW // 8))]  # chunks of a row
+    bits += [[kw << i, 0] for i in range(_log2(NPK))]  # planes f
+    bits += [[1 << i, 0] for i in range(_log2(kw))]  # words w
+    lanes, regs = bits[:5], bits[5:]
+    lanes += [[0, 0]] * (5 - len(lanes))  # (tiny tiles: lanes repeat)
+    return DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [0, 4]] + regs,
+        lane_bases=lanes,
+        warp_bases=[],
+        block_bases=[],
+        shape=[G, VW],
+    )
+
+
 @functools.lru_cache(maxsize=64)
-def layouts(D: int, G: int, KB: int, VB: int) -> dict:
+def layouts(D: int, G: int, KB: int, VB: int, value_copy: str = "planes") -> dict:
     """The explicit layouts of one warp's program (constexpr arguments of the kernel)."""
     kw, vw = G * KB // 16, D * VB // 16
     npk, npv = 16 // KB, 16 // VB
@@ -671,7 +714,7 @@ def layouts(D: int, G: int, KB: int, VB: int) -> dict:
         A_OP=DotOperandLayout(operand_index=0, parent=mma, k_width=2),
         B_OP=DotOperandLayout(operand_index=1, parent=mma, k_width=2),
         K_COPY=copy(kw),
-        V_COPY=copy(vw),
+        V_COPY=coalesced_value_copy_layout(G, vw, npk) if value_copy == "coalesced" else copy(vw),
         D_COPY=BlockedLayout(
             size_per_thread=[max(2, min(8, D // 32))], threads_per_warp=[32], warps_per_cta=[1], order=[0]
         ),  # fmt: skip
@@ -730,6 +773,7 @@ def quantized_decode_attention(
     key_bits, value_bits, scaling, *, max_tiles: int | None = None, out: torch.Tensor | None = None,
     num_splits: int | None = None, rows_per_program: int | None = None, stages: int | None = None,
     qa_split: bool | None = None, pa_split: bool | None = None, merge_pdl: bool = False,
+    value_copy: str = "planes",
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract;
     the same as ``decode_tc.quantized_decode_attention``), in one launch of this module's one-warp
@@ -739,7 +783,11 @@ def quantized_decode_attention(
     override the launch; defaults depend only on shapes (CUDA graphs capture it). ``merge_pdl``
     (CUDA, sm_90+; off by default: not yet timed on a GPU): the merge as a programmatic dependent
     launch, triggered when every program of this kernel has started, so its launch latency
-    overlaps this kernel (the merge waits for the partials with ``griddepcontrol.wait``)."""
+    overlaps this kernel (the merge waits for the partials with ``griddepcontrol.wait``).
+    ``value_copy`` (``VALUE_COPIES``): how a tile's value rows reach the plane-major stage:
+    "planes" (default, GPU-checked: one cp.async per key plane, each instruction reading one
+    32-byte row of each of 16 lines) or "coalesced" (not yet run on a GPU: one copy whose
+    instructions read consecutive tokens, ``coalesced_value_copy_layout``; the same stage contents)."""
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
         v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_channel_scale=v_channel_scale,
@@ -754,6 +802,8 @@ def quantized_decode_attention(
     n_rows = ROWS_PER_PROGRAM if rows_per_program is None else rows_per_program
     if n_rows not in (8, 16):
         raise ValueError(f"rows_per_program={rows_per_program!r}: expected 8 or 16")
+    if value_copy not in VALUE_COPIES:
+        raise ValueError(f"value_copy={value_copy!r}: expected one of {VALUE_COPIES}")
     stages = STAGES if stages is None else stages
     if stages not in (1, 2, 3, 4):
         raise ValueError(f"stages={stages!r}: expected 1..4")
@@ -778,7 +828,8 @@ def quantized_decode_attention(
     )
     meta = dict(
         HKV=hkv, GROUP=group, L=nq, D=hd, G=g, KB=key_bits, VB=value_bits, N=n_rows, STAGES=stages, TC=tc,
-        QA_SPLIT=qa_split, PA_SPLIT=pa_split, INTERPRET=interpreting(), **layouts(hd, g, key_bits, value_bits),
+        QA_SPLIT=qa_split, PA_SPLIT=pa_split, INTERPRET=interpreting(), VCOPY=VALUE_COPIES.index(value_copy),
+        **layouts(hd, g, key_bits, value_bits, value_copy),
     )  # fmt: skip
     pdl = bool(merge_pdl) and dev.type == "cuda" and not interpreting()
     LAST_LAUNCH[0] = _WARP_LAUNCH((bsz * hkv, s1, n_rb), args, {**meta, "PDL_TRIGGER": pdl}, num_warps=1)

@@ -102,6 +102,32 @@ class SharedView:
         value = self.memory.slots[self.slot]
         return tl.trans(value) if self.transposed else value
 
+    def slice(self, start, length, dim=0):
+        if self.transposed or _slot(dim) != 0:
+            raise NotImplementedError("slice: only dim 0 of an untransposed view is modelled")
+        return SharedRows(self, _slot(start), _slot(length), False)
+
+
+class SharedRows:
+    """Rows [start, start + length) of a 2-D view (``length`` divides the rows, as in decode_warp)."""
+
+    def __init__(self, view: SharedView, start: int, length: int, transposed: bool):
+        self.view, self.start, self.length, self.transposed = view, start, length, transposed
+
+    def permute(self, order):
+        order = [o.value if isinstance(o, tl.constexpr) else o for o in order]
+        if list(order) != [1, 0]:
+            raise NotImplementedError(f"permute {order}: only the 2-D transpose is modelled")
+        return SharedRows(self.view, self.start, self.length, not self.transposed)
+
+    def load(self, layout=None):
+        whole = self.view.load()
+        rows, cols = whole.shape[0], whole.shape[1]
+        blocks = tl.reshape(whole, [rows // self.length, self.length, cols])
+        pick = tl.arange(0, rows // self.length)[:, None, None] == self.start // self.length
+        value = tl.sum(tl.where(pick, blocks, 0), axis=0).to(whole.dtype)
+        return tl.trans(value) if self.transposed else value
+
 
 def allocate_shared_memory(dtype, shape, layout=None, value=None):
     return SharedMemory(dtype, shape)
