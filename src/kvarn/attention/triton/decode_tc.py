@@ -1046,22 +1046,35 @@ def quantized_decode_attention(
         # launches: 128k x 1 76.0 us vs 79.1 us with 32, 32k x 8 129.0 vs 132.7 us)
         DC=min(g, dense_chunk or (128 if hd <= 128 else 32)), QA_SPLIT=qa_split, PA_SPLIT=pa_split,
     )  # fmt: skip
+    main_stream = side = None
+    if overlap_dense is None:
+        overlap_dense = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if overlap_dense and dev.type == "cuda" and not interp:
+        # The 16-bit segments on a second stream, concurrently with the tile launch (their
+        # latency-bound few programs otherwise sit alone on the GPU before it); the merge
+        # waits for both. Captured by CUDA graphs as two branches.
+        main_stream = torch.cuda.current_stream(dev)
+        side = _side_stream(dev)
+        side.wait_stream(main_stream)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        _TILE_LAUNCH(
+            (bsz * hkv, 1, n_mb), args,
+            {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp,
+             "WORDS": False, "META_AHEAD": 0, "SUBNORMAL": False},
+            num_warps=4, num_stages=1,
+        )  # fmt: skip
     tile_options = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None and not interp:
         tile_options["maxnreg"] = maxnreg
-
-    def tiles():
-        LAST_LAUNCH[0] = _TILE_LAUNCH(
-            (bsz * hkv, num_splits, n_mb), args,
-            {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp,
-             "INTERPRET": interp, "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0,
-             "SUBNORMAL": code_operands == "subnormal"},
-            **tile_options,
-        )  # fmt: skip
-
-    launch_dense_tiles_merge(
-        args, meta, n_mb, out, part_o, part_m, part_l, bsz * hkv, mrows, tiles, overlap_dense
-    )
+    LAST_LAUNCH[0] = _TILE_LAUNCH(
+        (bsz * hkv, num_splits, n_mb), args,
+        {**meta, "DENSE": False, "PREFETCH": prefetch, "UNPACK_ASM": unpack_asm and not interp, "INTERPRET": interp,
+         "WORDS": words, "META_AHEAD": int(meta_ahead) if words else 0, "SUBNORMAL": code_operands == "subnormal"},
+        **tile_options,
+    )  # fmt: skip
+    if side is not None:
+        main_stream.wait_stream(side)
+    launch_merge(out, part_o, part_m, part_l, hkv, group, nq, bsz * hkv, mrows)
     return out
 
 
@@ -1089,47 +1102,6 @@ def launch_args(query, st: list, part_o, part_m, part_l, scaling: float, num_spl
         part_o, part_m, part_l,
         float(scaling) * LOG2E, num_splits,
     )  # fmt: skip
-
-
-def dense_meta(hkv, group, nq, hd, g, key_bits, value_bits, mrows, query_dtype) -> tuple[dict, int]:
-    """decode_tc's default constexprs for the 16-bit segments' launch and its row blocks, for a
-    tile kernel of another module that shares the workspace and the merge."""
-    m_block = _next_pow2(mrows) if mrows < 16 else 16
-    f16 = query_dtype == torch.float16
-    meta = dict(
-        HKV=hkv, GROUP=group, L=nq, L_PAD=max(16, _next_pow2(nq)), D=hd, G=g, KB=key_bits, VB=value_bits,
-        M_BLOCK=m_block, DC=min(g, 128 if hd <= 128 else 32), QA_SPLIT=f16, PA_SPLIT=f16,
-    )  # fmt: skip
-    return meta, -(-mrows // m_block)
-
-
-def launch_dense_tiles_merge(
-    args, meta, n_mb, out, part_o, part_m, part_l, kv_rows, mrows, tiles, overlap_dense
-) -> None:  # fmt: skip
-    """The three launches of a decode call: the 16-bit segments (split 0, this module's kernel),
-    ``tiles()`` (the packed tiles, splits 1..S, any kernel writing the same workspace), the merge.
-    ``overlap_dense`` (CUDA; None = while a CUDA graph is captured): the 16-bit launch on a second
-    stream, concurrently with the tile launch (captured as two graph branches)."""
-    dev = out.device
-    interp = interpreting()
-    main_stream = side = None
-    if overlap_dense is None:
-        overlap_dense = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if overlap_dense and dev.type == "cuda" and not interp:
-        main_stream = torch.cuda.current_stream(dev)
-        side = _side_stream(dev)
-        side.wait_stream(main_stream)
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        _TILE_LAUNCH(
-            (kv_rows, 1, n_mb), args,
-            {**meta, "DENSE": True, "PREFETCH": False, "UNPACK_ASM": False, "INTERPRET": interp,
-             "WORDS": False, "META_AHEAD": 0, "SUBNORMAL": False},
-            num_warps=4, num_stages=1,
-        )  # fmt: skip
-    tiles()
-    if side is not None:
-        main_stream.wait_stream(side)
-    launch_merge(out, part_o, part_m, part_l, meta["HKV"], meta["GROUP"], meta["L"], kv_rows, mrows)
 
 
 def launch_merge(out, part_o, part_m, part_l, hkv, group, nq, kv_rows, mrows, pdl: bool = False) -> None:

@@ -459,6 +459,25 @@ def _decode_warp_kernel(
 
 
 @jit
+def _query_block(q_ptr, sq_b, sq_h, sq_l, b64, h, rb, GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
+                 N: tl.constexpr, B_OP: tl.constexpr):  # fmt: skip
+    """The program's N query rows (row = head within the group * L + query index; rows past the
+    group's are zero) as the B operand ``[D, N]``, in the query dtype."""
+    dq = gl.arange(0, D, layout=gl.SliceLayout(1, B_OP))
+    rows_q = rb * N + gl.arange(0, N, layout=gl.SliceLayout(0, B_OP))
+    q_off = b64 * sq_b + (h * GROUP + rows_q // L).to(gl.int64) * sq_h + (rows_q % L).to(gl.int64) * sq_l
+    return gl.load(q_ptr + q_off[None, :] + dq[:, None], mask=(rows_q < GROUP * L)[None, :], other=0.0)
+
+
+@jit
+def _partial_rows(rb, slot0, GROUP: tl.constexpr, L: tl.constexpr, N: tl.constexpr, MMA: tl.constexpr):
+    """Query rows of the program in the MMA's column layout, which of them exist, and their
+    workspace slots (the partial of row r is at ``slot0 + r``)."""
+    rows = rb * N + gl.arange(0, N, layout=gl.SliceLayout(0, MMA))
+    return rows, rows < GROUP * L, slot0 + rows
+
+
+@jit
 def _dense_chunk(
     q_ptr, sq_b, sq_h, sq_l, b64, h, rb, k_t, sk_tok, v_t, sv_tok, n_valid, causal, qk_scale,
     po_ptr, pm_ptr, pl_ptr, slot0,
@@ -470,16 +489,8 @@ def _dense_chunk(
     with ``causal`` token t is seen by the query at position >= t), as one partial. Products in
     the model dtype on tensor cores: q . k exact in float32; p split hi + lo in the value dtype, so
     p @ v loses nothing to operand rounding (as decode_tc's 16-bit segments)."""
-    MROWS: tl.constexpr = GROUP * L
-    dq = gl.arange(0, D, layout=gl.SliceLayout(1, B_OP))
-    nq = gl.arange(0, N, layout=gl.SliceLayout(0, B_OP))
-    rows_q = rb * N + nq
-    q_off = b64 * sq_b + (h * GROUP + rows_q // L).to(gl.int64) * sq_h + (rows_q % L).to(gl.int64) * sq_l
-    qm = gl.load(q_ptr + q_off[None, :] + dq[:, None], mask=(rows_q < MROWS)[None, :], other=0.0)  # [D, N]
-    nn = gl.arange(0, N, layout=gl.SliceLayout(0, MMA))
-    rows = rb * N + nn
-    row_ok = rows < MROWS
-    slot = slot0 + rows
+    qm = _query_block(q_ptr, sq_b, sq_h, sq_l, b64, h, rb, GROUP, L, D, N, B_OP)  # [D, N]
+    rows, row_ok, slot = _partial_rows(rb, slot0, GROUP, L, N, MMA)
     dd = gl.arange(0, D, layout=gl.SliceLayout(1, MMA))
     if n_valid > 0:
         tt = gl.arange(0, TC, layout=gl.SliceLayout(1, DENSE_COPY))
@@ -532,15 +543,9 @@ def _tiles_program(
     KW: tl.constexpr = G // NPK  # key words per channel row = tokens per key plane
     NPV: tl.constexpr = 16 // VB
     VW: tl.constexpr = D // NPV  # value words per token row
-    MROWS: tl.constexpr = GROUP * L
 
     # The queries as the B operand [D, N], pre-scaled into the log2 domain.
-    dq = gl.arange(0, D, layout=gl.SliceLayout(1, B_OP))
-    nq = gl.arange(0, N, layout=gl.SliceLayout(0, B_OP))
-    rows_q = rb * N + nq
-    q_off = b64 * sq_b + (h * GROUP + rows_q // L).to(gl.int64) * sq_h + (rows_q % L).to(gl.int64) * sq_l
-    qT = gl.load(q_ptr + q_off[None, :] + dq[:, None], mask=(rows_q < MROWS)[None, :], other=0.0)
-    qT = qT.to(gl.float32) * qk_scale
+    qT = _query_block(q_ptr, sq_b, sq_h, sq_l, b64, h, rb, GROUP, L, D, N, B_OP).to(gl.float32) * qk_scale
 
     n_tiles = gl.load(ntiles_ptr + b)
     per_split = gl.cdiv(n_tiles, NUM_SPLITS)
@@ -631,10 +636,7 @@ def _tiles_program(
     async_copy.wait_group(0)  # nothing left in flight when the program ends
 
     # Un-normalized partial, running max and sum.
-    nn = gl.arange(0, N, layout=gl.SliceLayout(0, MMA))
-    rows = rb * N + nn
-    row_ok = rows < MROWS
-    slot = slot0 + rows
+    _, row_ok, slot = _partial_rows(rb, slot0, GROUP, L, N, MMA)
     gl.store(pm_ptr + slot, m_i, mask=row_ok)
     gl.store(pl_ptr + slot, l_i, mask=row_ok)
     po_rows = po_ptr + slot * D
