@@ -492,7 +492,9 @@ def check_graph_generate(device, quant: str) -> str:
         if not path.use_graph or not recorded or path.stats.replays < 1:
             raise AssertionError(f"the graph path was not taken: {path}")
         if not torch.equal(got, expected):
-            raise AssertionError(f"graph_generation vs model.generate: {int((got != expected).sum())} tokens differ")
+            raise AssertionError(
+                f"graph_generation vs model.generate: {int((got != expected).sum())} tokens differ"
+            )
         generate(do_sample=False, repetition_penalty=1.1)
         fallback = kvarn.last_generate_path(model)
         if fallback.use_graph or "repetition_penalty" not in fallback.reason:

@@ -86,11 +86,16 @@ def check(seed: int) -> int:
 
 
 def where_the_time_goes(q, st) -> str:
-    """The default call with no packed tiles, and with one of its two launches left out (the
-    module-level launchers swapped for no-ops: benchmark only)."""
+    """The default call with no packed tiles, with no 16-bit sink tokens (its 16-bit programs then
+    exit at once), and with one of its two launches left out (the module-level launchers swapped
+    for no-ops: benchmark only)."""
     empty = dict(st, n_tiles=torch.zeros_like(st["n_tiles"]))
+    no_sink = dict(st, sink_len=torch.zeros_like(st["sink_len"]))
     parts = {
-        "no tiles (n_tiles=0)": bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **empty))
+        "no tiles (n_tiles=0)": bench.bench_graph(lambda: decode_warp.quantized_decode_attention(q, **empty)),
+        "no sink tokens (sink_len=0)": bench.bench_graph(
+            lambda: decode_warp.quantized_decode_attention(q, **no_sink)
+        ),
     }
     merge_launch, warp_launch = decode_tc._MERGE_LAUNCH, decode_warp._WARP_LAUNCH
     for name, module, attr in (("without the merge", decode_tc, "_MERGE_LAUNCH"),
@@ -101,6 +106,15 @@ def where_the_time_goes(q, st) -> str:
         finally:
             decode_tc._MERGE_LAUNCH, decode_warp._WARP_LAUNCH = merge_launch, warp_launch
     return ", ".join(f"{k} {v * 1e3:.1f}" for k, v in parts.items())
+
+
+def graph_floor_us() -> str:
+    """What a CUDA-graph replay of one and of two trivial kernels measures here: the part of every
+    timed call (ours: kernel + merge; SDPA's) that no kernel change removes."""
+    x = torch.zeros(16, device="cuda")
+    one = bench.bench_graph(lambda: x.add_(1))
+    two = bench.bench_graph(lambda: (x.add_(1), x.mul_(1)))
+    return f"{one * 1e3:.1f} / {two * 1e3:.1f} us"
 
 
 def time_point(
@@ -170,6 +184,8 @@ def main() -> None:
     p = torch.cuda.get_device_properties(0)
     copy_gbs, _ = bench.copy_bandwidth()
     print(f"device {p.name}, {p.multi_processor_count} SMs, copy {copy_gbs:.0f} GB/s", flush=True)
+    if not args.no_breakdown:
+        print(f"graph floor (replay of one / two tiny kernels): {graph_floor_us()}", flush=True)
     failures = 0 if args.no_check else check(args.seed)
     for point in args.points:
         c, b = point.split("x")

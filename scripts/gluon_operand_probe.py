@@ -35,7 +35,9 @@ CHANNELS, WORDS, QUERIES = 128, 64, 8
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]))
 A_OPERAND = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
 B_OPERAND = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
-ROWS = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0]))
+ROWS = gl.constexpr(
+    gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
+)
 STAGE = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
 
 
@@ -117,6 +119,7 @@ def main() -> None:
     report("values", kernel, args.sass)
     print("(LDG / PRMT / STS.128: the probes' naive global loads and staging; the P handoff shows as")
     print(" one STSM + BAR + LDSM.MT88 in the values kernel)")
+
 
 if __name__ == "__main__":
     main()

@@ -230,7 +230,8 @@ def test_decode_warp_rejects_unsupported_shapes():
 
 
 def test_decode_warp_rejects_bad_launch_options():
-    """rows_per_program other than 8 / 16, stages outside 1..4, num_splits outside 1..MAX_SPLITS and
+    """rows_per_program other than 8 / 16, stages outside 1..4, num_splits outside 1..MAX_SPLITS,
+    max_registers outside 24..255 and
     malformed storage raise errors naming the offending argument."""
     kw = _storage(2, 1, 128, 64, 4, 2, f16, [1], [64], [0], kv_heads=2)
     for bad in (12, 4, 32):
@@ -242,6 +243,9 @@ def test_decode_warp_rejects_bad_launch_options():
     for bad in (0, decode_warp.MAX_SPLITS + 1):
         with pytest.raises(ValueError, match="num_splits="):
             decode_warp.quantized_decode_attention(**kw, num_splits=bad)
+    for bad in (0, 16, 256):
+        with pytest.raises(ValueError, match="max_registers="):
+            decode_warp.quantized_decode_attention(**kw, max_registers=bad)
     with pytest.raises(ValueError, match="multiple of KV heads"):
         decode_warp.quantized_decode_attention(**{**kw, "query": kw["query"][:, :3]})
     with pytest.raises(ValueError, match="k_codes has shape"):
@@ -264,6 +268,26 @@ def test_decode_warp_merge_pdl_is_a_no_op_off_the_gpu():
     kw = _storage(4, 1, 128, 64, 4, 2, bf16, [3, 1], [64, 5], [7, 63], seed=21)
     assert torch.equal(
         decode_warp.quantized_decode_attention(**kw, num_splits=2, merge_pdl=True),
+        decode_warp.quantized_decode_attention(**kw, num_splits=2),
+    )
+
+
+def test_decode_warp_default_splits_fill_one_wave_up_to_the_default_cap():
+    """The default split count fills programs_per_sm x SMs for the call's (row, KV head, row block)
+    runs and stops at DEFAULT_MAX_SPLITS (callers may ask for up to MAX_SPLITS)."""
+    cpu = torch.device("cpu")  # sm_count() is 4 off the GPU
+    assert decode_warp.default_num_splits(1, 2, 1, cpu, 8) == 16
+    assert decode_warp.default_num_splits(8, 8, 2, cpu, 8) == 1
+    assert decode_warp.default_num_splits(1, 1, 1, cpu, 10_000) == decode_warp.DEFAULT_MAX_SPLITS
+    assert decode_warp.DEFAULT_MAX_SPLITS <= decode_warp.MAX_SPLITS
+
+
+def test_decode_warp_max_registers_is_a_no_op_off_the_gpu():
+    """``max_registers`` is a compiler option (maxnreg) for CUDA launches; under the interpreter it
+    is validated and otherwise leaves the result bit for bit the default's."""
+    kw = _storage(4, 1, 128, 64, 4, 2, f16, [2, 1], [64, 3], [5, 60], seed=23)
+    assert torch.equal(
+        decode_warp.quantized_decode_attention(**kw, num_splits=2, max_registers=168),
         decode_warp.quantized_decode_attention(**kw, num_splits=2),
     )
 

@@ -83,7 +83,10 @@ from triton.experimental.gluon.language import (  # plain dataclasses, usable ev
 
 KERNEL_BITS = (2, 4, 8)
 MAX_QUERIES = decode_tc.MAX_QUERIES
-MAX_SPLITS = decode_tc.MAX_SPLITS
+# Splits per (row, KV head, row block) a caller may ask for (the merge takes any count: its S1_PAD
+# is the next power of two), and the most the default picks (decode_tc's cap; higher defaults are not timed).
+MAX_SPLITS = 264
+DEFAULT_MAX_SPLITS = decode_tc.MAX_SPLITS
 # Query rows per program (the MMA's N): 8 fills one n8 tile (group 4 x 1 query pads to 8).
 ROWS_PER_PROGRAM = 8
 # Tiles in flight per program (cp.async stages).
@@ -761,7 +764,7 @@ def default_num_splits(
     bit (e.g. 18 splits at 32k x 8: 97.6 us) leaves most SMs idle for the last programs. The
     short 16-bit programs are not counted: they run first and finish early."""
     runs = max(1, batch * kv_heads * row_blocks)
-    return max(1, min(MAX_SPLITS, programs_per_sm * sm_count(device) // runs))
+    return max(1, min(DEFAULT_MAX_SPLITS, programs_per_sm * sm_count(device) // runs))
 
 
 # Programs of this kernel resident per SM on an H100/H200 (ncu, K4V2 D = G = 128: 210 registers
@@ -775,7 +778,7 @@ def quantized_decode_attention(
     key_bits, value_bits, scaling, *, max_tiles: int | None = None, out: torch.Tensor | None = None,
     num_splits: int | None = None, rows_per_program: int | None = None, stages: int | None = None,
     qa_split: bool | None = None, pa_split: bool | None = None, merge_pdl: bool = False,
-    value_copy: str = "planes",
+    value_copy: str = "planes", max_registers: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract;
     the same as ``decode_tc.quantized_decode_attention``), in one launch of this module's one-warp
@@ -783,13 +786,16 @@ def quantized_decode_attention(
     program, the MMA's N), ``stages`` (tiles in flight), ``num_splits``, ``qa_split`` /
     ``pa_split`` (second operands for the float16 rounding remainders; default: float16 queries)
     override the launch; defaults depend only on shapes (CUDA graphs capture it). ``merge_pdl``
-    (CUDA, sm_90+; off by default: not yet timed on a GPU): the merge as a programmatic dependent
-    launch, triggered when every program of this kernel has started, so its launch latency
-    overlaps this kernel (the merge waits for the partials with ``griddepcontrol.wait``).
-    ``value_copy`` (``VALUE_COPIES``): how a tile's value rows reach the plane-major stage:
-    "planes" (default, GPU-checked: one cp.async per key plane, each instruction reading one
-    32-byte row of each of 16 lines) or "coalesced" (not yet run on a GPU: one copy whose
-    instructions read consecutive tokens, ``coalesced_value_copy_layout``; the same stage contents)."""
+    (CUDA, sm_90+; GPU-checked, off by default: within noise of the default on the H200, session
+    6): the merge as a programmatic dependent launch, triggered when every program of this kernel
+    has started, so its launch latency overlaps this kernel (the merge waits for the partials
+    with ``griddepcontrol.wait``). ``value_copy`` (``VALUE_COPIES``): how a tile's value rows
+    reach the plane-major stage: "planes" (default: one cp.async per key plane, each instruction
+    reading one 32-byte row of each of 16 lines) or "coalesced" (GPU-checked, 2-4% slower on the
+    H200 in session 6: one copy whose instructions read consecutive tokens,
+    ``coalesced_value_copy_layout``; the same stage contents).
+    ``max_registers`` (CUDA): the compiler's per-thread register cap (``maxnreg``), which sets how
+    many one-warp programs fit on an SM (65,536 registers / (32 x cap))."""
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
         v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_channel_scale=v_channel_scale,
@@ -833,8 +839,13 @@ def quantized_decode_attention(
         QA_SPLIT=qa_split, PA_SPLIT=pa_split, INTERPRET=interpreting(), VCOPY=VALUE_COPIES.index(value_copy),
         **layouts(hd, g, key_bits, value_bits, value_copy),
     )  # fmt: skip
+    if max_registers is not None and not 24 <= max_registers <= 255:
+        raise ValueError(f"max_registers={max_registers!r}: expected 24..255")
     pdl = bool(merge_pdl) and dev.type == "cuda" and not interpreting()
-    LAST_LAUNCH[0] = _WARP_LAUNCH((bsz * hkv, s1, n_rb), args, {**meta, "PDL_TRIGGER": pdl}, num_warps=1)
+    options = {"maxnreg": max_registers} if max_registers is not None and not interpreting() else {}
+    LAST_LAUNCH[0] = _WARP_LAUNCH(
+        (bsz * hkv, s1, n_rb), args, {**meta, "PDL_TRIGGER": pdl}, num_warps=1, **options
+    )
     decode_tc.launch_merge(out, part_o, part_m, part_l, hkv, group, nq, bsz * hkv, mrows, pdl=pdl)
     return out
 
