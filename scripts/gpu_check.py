@@ -478,6 +478,24 @@ def main() -> int:
         (f16, 128, 128, 2, 3, 1, 2, 4, 40, {"warp_launch": {"value_copy": "coalesced"}}),
         (bf, 128, 32, 4, 3, 1, 8, 8, 40, {"warp_launch": {"value_copy": "coalesced"}}),
         (f16, 256, 128, 4, 2, 1, 4, 4, 20, {"warp_launch": {"value_copy": "coalesced", "stages": 3}}),
+        # software-pipelined tiles (session 6): keys one tile further ahead than values
+        (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"warp_launch": {"pipeline": True}}),
+        (f16, 128, 128, 2, 3, 1, 2, 4, 40, {"warp_launch": {"pipeline": True}}),
+        (bf, 128, 32, 4, 3, 1, 8, 8, 40, {"warp_launch": {"pipeline": True}}),
+        (f16, 256, 128, 4, 2, 1, 4, 4, 20, {"warp_launch": {"pipeline": True, "stages": 3}}),
+        (
+            bf,
+            128,
+            128,
+            8,
+            3,
+            3,
+            4,
+            2,
+            40,
+            {"splits": 160, "warp_launch": {"pipeline": True, "rows_per_program": 16}},
+        ),
+        (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"splits": 2, "warp_launch": {"pipeline": True, "stages": 4}}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]
@@ -513,6 +531,7 @@ def main() -> int:
             check_cuda_graph("warp", {"stages": 1, "num_splits": 1})
             check_cuda_graph("warp", {"merge_pdl": True})
             check_cuda_graph("warp", {"value_copy": "coalesced"})
+            check_cuda_graph("warp", {"pipeline": True})
     # One verdict line per decode kernel (scripts and dispatch decisions read these).
     for kernel in args.decode_kernels.split(","):
         bad = [f for f in FAILURES if f"[{kernel}]" in f]

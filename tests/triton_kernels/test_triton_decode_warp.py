@@ -313,6 +313,33 @@ def test_decode_warp_coalesced_value_copy_is_bit_for_bit_the_default(kb, vb, d, 
     assert torch.equal(planes, coalesced)
 
 
+@pytest.mark.parametrize(
+    "kb,vb,d,g,dtype,stages,splits,n_tiles",
+    [
+        (4, 2, 128, 128, bf16, 2, 1, [4, 1]),  # 4 tiles in one split: prologue, 3 steps, epilogue
+        (2, 4, 128, 128, f16, 3, 2, [5, 2]),  # 3 stages; splits of 3 and 2 tiles, one of 1 and 1
+        (8, 8, 128, 32, bf16, 4, 1, [6, 3]),  # 4 stages: copies 3 tiles ahead, more than a split has
+        (4, 4, 64, 64, f16, 2, 3, [1, 0]),  # one-tile and empty splits: no step, epilogue or none
+        (2, 2, 256, 128, bf16, 2, 2, [3, 1]),
+    ],
+)
+def test_decode_warp_pipeline_is_bit_for_bit_the_default(kb, vb, d, g, dtype, stages, splits, n_tiles):
+    """pipeline=True reorders the copies (keys one tile further ahead than values) and computes a
+    tile's scores one step before its softmax, but every tile goes through the same operations in
+    the same order, so the result is bit for bit the default's, and both match the reference:
+    several tiles per split, one tile, none, and more stages than a split has tiles."""
+    kw = _storage(4, 2, d, g, kb, vb, dtype, n_tiles, [g, 5], [7, g - 1], seed=kb * 10 + vb + stages)
+    default = _check(kw, num_splits=splits, stages=stages)
+    pipelined = decode_warp.quantized_decode_attention(**kw, num_splits=splits, stages=stages, pipeline=True)
+    assert torch.equal(default, pipelined)
+
+
+def test_decode_warp_pipeline_needs_two_stages():
+    kw = _storage(2, 1, 128, 64, 4, 2, f16, [1], [64], [0], kv_heads=1)
+    with pytest.raises(ValueError, match="pipeline=True needs stages >= 2"):
+        decode_warp.quantized_decode_attention(**kw, stages=1, pipeline=True)
+
+
 def test_decode_warp_coalesced_value_copy_layout_is_a_permutation_of_the_stage():
     """The copy layout covers every element of the [G, VW] stage exactly once, each lane holding
     16-byte runs of a row, and the lanes of one register step read consecutive tokens."""

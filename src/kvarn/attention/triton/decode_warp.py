@@ -24,6 +24,9 @@ instructions per tile of 128 tokens). Here, per tile (docs/gpu_decode_notes.md, 
   and the many small programs (8 per SM on an H100/H200) hide the memory latency together.
 * The 16-bit segments (new tokens, sink, tail) are one-warp programs of the same launch, in
   chunks of TC tokens (``_dense_chunk``), each writing its own partial.
+* A tile step is its key side (``_key_scores``) then its value side (``_softmax_values``);
+  ``pipeline=True`` runs tile j + 1's key side beside tile j's value side (``_pipelined_step``;
+  opt-in: slower on the H200, docs/gpu.md session 6).
 
 Scales fold as in decode_tc (SPEC "attention over quantized tiles"; log2 domain, softmax scale in q):
   scores  s[t, n] = r[t] * ((codes_k^T @ (q a_k)^T)[t, n] + q[n] . z_k)
@@ -229,6 +232,15 @@ def _issue_tile(
     """cp.async of tile j into stage ``slot``, as one commit group: key words as stored, value
     rows plane-major (plane f = tokens NPK*w + f), and the tile's six metadata vectors (so no
     load of the tile loop waits on global memory)."""
+    _issue_keys(j, ok, slot, stages, offs, bases)
+    _issue_values(j, ok, slot, stages, offs, bases, VW, NPK, VCOPY)
+    async_copy.commit_group()
+
+
+@jit
+def _issue_keys(j, ok, slot, stages, offs, bases):
+    """cp.async (uncommitted) of tile j's key side into stage ``slot``: the key words as stored,
+    the key channel scales and zeros, and the key token scales."""
     k_stage, v_stage, km_stage, tm_stage, c_stage = stages
     k_off, v_off, d_off, t_off, c_off = offs
     (
@@ -237,17 +249,32 @@ def _issue_tile(
     ) = bases  # fmt: skip
     j64 = j.to(gl.int64)
     async_copy.async_copy_global_to_shared(k_stage.index(slot), kw_base + j64 * skw_n + k_off, mask=ok)
+    async_copy.async_copy_global_to_shared(km_stage.index(2 * slot), ka_base + j64 * ska_n + d_off, mask=ok)
+    async_copy.async_copy_global_to_shared(
+        km_stage.index(2 * slot + 1), kz_base + j64 * skz_n + d_off, mask=ok
+    )
+    async_copy.async_copy_global_to_shared(tm_stage.index(3 * slot), kr_base + j64 * skr_n + t_off, mask=ok)
+
+
+@jit
+def _issue_values(
+    j, ok, slot, stages, offs, bases, VW: tl.constexpr, NPK: tl.constexpr, VCOPY: tl.constexpr = 0
+):
+    """cp.async (uncommitted) of tile j's value side into stage ``slot``: the value rows
+    plane-major, the value token scales and zeros, and the value channel scales."""
+    k_stage, v_stage, km_stage, tm_stage, c_stage = stages
+    k_off, v_off, d_off, t_off, c_off = offs
+    (
+        kw_base, skw_n, vw_base, svw_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+        va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+    ) = bases  # fmt: skip
+    j64 = j.to(gl.int64)
     vw_t = vw_base + j64 * svw_n + v_off
     if VCOPY == 1:  # one copy; v_off sends token 4w + f (contiguous per instruction) to row f*KW + w
         async_copy.async_copy_global_to_shared(v_stage.index(slot), vw_t, mask=ok)
     else:  # one copy per plane (rows 4w + f: strided reads, 4 requests per 128-byte line)
         for f in gl.static_range(NPK):
             async_copy.async_copy_global_to_shared(v_stage.index(slot * NPK + f), vw_t + f * VW, mask=ok)
-    async_copy.async_copy_global_to_shared(km_stage.index(2 * slot), ka_base + j64 * ska_n + d_off, mask=ok)
-    async_copy.async_copy_global_to_shared(
-        km_stage.index(2 * slot + 1), kz_base + j64 * skz_n + d_off, mask=ok
-    )
-    async_copy.async_copy_global_to_shared(tm_stage.index(3 * slot), kr_base + j64 * skr_n + t_off, mask=ok)
     async_copy.async_copy_global_to_shared(
         tm_stage.index(3 * slot + 1), va_base + j64 * sva_n + t_off, mask=ok
     )
@@ -255,7 +282,6 @@ def _issue_tile(
         tm_stage.index(3 * slot + 2), vz_base + j64 * svz_n + t_off, mask=ok
     )
     async_copy.async_copy_global_to_shared(c_stage.index(slot), vs_base + j64 * svs_n + c_off, mask=ok)
-    async_copy.commit_group()
 
 
 @jit
@@ -268,7 +294,6 @@ def _tile_step(
     """Tile j (the i-th of the program's split): issue the copies of tile j + STAGES - 1, wait for
     tile j's, then one online-softmax step over all its G tokens."""
     NPK: tl.constexpr = 16 // KB
-    NPV: tl.constexpr = 16 // VB
     k_stage, v_stage, km_stage, tm_stage, c_stage = stages
     VW: tl.constexpr = v_stage.shape[2]
     i = j - start
@@ -277,6 +302,63 @@ def _tile_step(
     buf = i % STAGES
     async_copy.wait_group(STAGES - 1)  # tile j's copies have landed
     gl.thread_barrier()
+    s0, s1, s2, s3, s4, s5, s6, s7 = _key_scores(
+        buf, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META
+    )
+    m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _softmax_values(
+        s0, s1, s2, s3, s4, s5, s6, s7, buf, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages,
+        KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
+    )  # fmt: skip
+    gl.thread_barrier()  # every lane is done with stage `buf` before it is refilled
+    return m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7
+
+
+@jit
+def _pipelined_step(
+    j, start, end, qT, s0, s1, s2, s3, s4, s5, s6, s7, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7,
+    stages, offs, bases,
+    KB: tl.constexpr, VB: tl.constexpr, STAGES: tl.constexpr, QA_SPLIT: tl.constexpr,
+    PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr, MMA: tl.constexpr, A_OP: tl.constexpr,
+    B_OP: tl.constexpr, TOK_META: tl.constexpr, CH_META: tl.constexpr, VCOPY: tl.constexpr,
+):  # fmt: skip
+    """Tile j of a software-pipelined split (``pipeline=True``), for j + 1 < end: s0..s7 are tile
+    j's scores, computed one step earlier. Issues the key side of tile j + STAGES and the value side
+    of tile j + STAGES - 1 (one commit group), waits for the group that brought tile j + 1's keys
+    and tile j's values, then computes tile j + 1's scores and tile j's softmax and value product:
+    two independent chains in one block, for the scheduler to interleave. Tile t lives in slot
+    (t - start) % STAGES on both sides; the key slot of tile j + STAGES held tile j's keys (read
+    one step earlier), the value slot of tile j + STAGES - 1 held tile j - 1's values."""
+    NPK: tl.constexpr = 16 // KB
+    k_stage, v_stage, km_stage, tm_stage, c_stage = stages
+    VW: tl.constexpr = v_stage.shape[2]
+    i = j - start
+    k_next = j + STAGES
+    _issue_keys(k_next, k_next < end, i % STAGES, stages, offs, bases)
+    v_next = j + STAGES - 1
+    _issue_values(v_next, v_next < end, (i + STAGES - 1) % STAGES, stages, offs, bases, VW, NPK, VCOPY)
+    async_copy.commit_group()
+    async_copy.wait_group(STAGES - 1)  # tile j + 1's keys and tile j's values have landed
+    gl.thread_barrier()
+    n0, n1, n2, n3, n4, n5, n6, n7 = _key_scores(
+        (i + 1) % STAGES, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META
+    )
+    m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _softmax_values(
+        s0, s1, s2, s3, s4, s5, s6, s7, i % STAGES, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages,
+        KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
+    )  # fmt: skip
+    gl.thread_barrier()  # every lane is done with both slots before they are refilled
+    return n0, n1, n2, n3, n4, n5, n6, n7, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7
+
+
+@jit
+def _key_scores(
+    buf, qT, stages, KB: tl.constexpr, QA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+    MMA: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr, TOK_META: tl.constexpr,
+):  # fmt: skip
+    """Scores (log2 domain) of the tile whose key side is in stage ``buf``, one ``[KW, N]`` tensor
+    per key plane (planes past NPK repeat plane 0)."""
+    NPK: tl.constexpr = 16 // KB
+    k_stage, v_stage, km_stage, tm_stage, c_stage = stages
     # q * a_k (the key product's B operand) and q . z_k, from this tile's key channel metadata.
     ka = km_stage.index(2 * buf).load(gl.SliceLayout(1, B_OP)).to(gl.float32)
     kz = km_stage.index(2 * buf + 1).load(gl.SliceLayout(1, B_OP)).to(gl.float32)
@@ -291,7 +373,6 @@ def _tile_step(
     kwords = k_stage.index(buf).permute((1, 0)).load(A_OP)  # [KW, D]: ldmatrix.trans
     s0 = _plane_scores(kwords, qa, qa_lo, qz, r[0], 0, KB, QA_SPLIT, INTERPRET, MMA)
     s1 = _plane_scores(kwords, qa, qa_lo, qz, r[1], 1, KB, QA_SPLIT, INTERPRET, MMA)
-    mx = gl.maximum(s0, s1)
     s2 = s0
     s3 = s0
     s4 = s0
@@ -301,16 +382,35 @@ def _tile_step(
     if NPK >= 4:
         s2 = _plane_scores(kwords, qa, qa_lo, qz, r[2], 2, KB, QA_SPLIT, INTERPRET, MMA)
         s3 = _plane_scores(kwords, qa, qa_lo, qz, r[3], 3, KB, QA_SPLIT, INTERPRET, MMA)
-        mx = gl.maximum(mx, gl.maximum(s2, s3))
     if NPK >= 8:
         s4 = _plane_scores(kwords, qa, qa_lo, qz, r[4], 4, KB, QA_SPLIT, INTERPRET, MMA)
         s5 = _plane_scores(kwords, qa, qa_lo, qz, r[5], 5, KB, QA_SPLIT, INTERPRET, MMA)
         s6 = _plane_scores(kwords, qa, qa_lo, qz, r[6], 6, KB, QA_SPLIT, INTERPRET, MMA)
         s7 = _plane_scores(kwords, qa, qa_lo, qz, r[7], 7, KB, QA_SPLIT, INTERPRET, MMA)
+    return s0, s1, s2, s3, s4, s5, s6, s7
+
+
+@jit
+def _softmax_values(
+    s0, s1, s2, s3, s4, s5, s6, s7, buf, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages,
+    KB: tl.constexpr, VB: tl.constexpr, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+    MMA: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr, TOK_META: tl.constexpr,
+    CH_META: tl.constexpr, VCOPY: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step over a tile's scores s0..s(NPK-1), with its value side in stage
+    ``buf``: the new running max, sum and output accumulators."""
+    NPK: tl.constexpr = 16 // KB
+    NPV: tl.constexpr = 16 // VB
+    k_stage, v_stage, km_stage, tm_stage, c_stage = stages
+    mx = gl.maximum(s0, s1)
+    if NPK >= 4:
+        mx = gl.maximum(mx, gl.maximum(s2, s3))
+    if NPK >= 8:
         mx = gl.maximum(mx, gl.maximum(gl.maximum(s4, s5), gl.maximum(s6, s7)))
     m_new = gl.maximum(m_i, gl.max(mx, axis=0))
     alpha = gl.exp2(m_i - m_new)
 
+    rows: tl.constexpr = gl.SliceLayout(1, MMA)
     va = _columns(tm_stage.index(3 * buf + 1).load(TOK_META), rows)
     vz = _columns(tm_stage.index(3 * buf + 2).load(TOK_META), rows)
     vbase = buf if VCOPY == 1 else buf * NPK
@@ -359,7 +459,6 @@ def _tile_step(
             7, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
         )  # fmt: skip
     c = _columns(c_stage.index(buf).load(CH_META), gl.SliceLayout(1, MMA))  # value channel scales per field
-    gl.thread_barrier()  # every lane is done with stage `buf` before it is refilled
     l_i = l_i * alpha + gl.sum(psum, axis=0)
     pz = gl.sum(pzsum, axis=0)
     O0 = _rescale(O0, P0, c[0], alpha, pz, 0, VB)
@@ -404,7 +503,7 @@ def _decode_warp_kernel(
     V_COPY: tl.constexpr, D_COPY: tl.constexpr, T_COPY: tl.constexpr, C_COPY: tl.constexpr,
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
     TOK_META: tl.constexpr, CH_META: tl.constexpr, DENSE_COPY: tl.constexpr, DENSE_SMEM: tl.constexpr,
-    PDL_TRIGGER: tl.constexpr = False, VCOPY: tl.constexpr = 0,
+    PDL_TRIGGER: tl.constexpr = False, VCOPY: tl.constexpr = 0, PIPE: tl.constexpr = False,
 ):  # fmt: skip
     """Program (KV row bh, column program_id(1), row block program_id(2)) of one warp. Columns
     0 .. ND-1 attend to the 16-bit segments in chunks of TC tokens (``_dense_chunk``: the new
@@ -457,7 +556,7 @@ def _decode_warp_kernel(
             ntiles_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale, NUM_SPLITS, b, b64, h, h64, col - ND + 1, rb, slot0,
             GROUP, L, D, G, KB, VB, N, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP,
             K_COPY, V_COPY, D_COPY, T_COPY, C_COPY, K_SMEM, V_SMEM, META_SMEM_1D, META_SMEM_2D, TOK_META, CH_META,
-            VCOPY,
+            VCOPY, PIPE,
         )  # fmt: skip
 
 
@@ -539,7 +638,7 @@ def _tiles_program(
     MMA: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr, K_COPY: tl.constexpr,
     V_COPY: tl.constexpr, D_COPY: tl.constexpr, T_COPY: tl.constexpr, C_COPY: tl.constexpr,
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
-    TOK_META: tl.constexpr, CH_META: tl.constexpr, VCOPY: tl.constexpr,
+    TOK_META: tl.constexpr, CH_META: tl.constexpr, VCOPY: tl.constexpr, PIPE: tl.constexpr,
 ):  # fmt: skip
     """Split ``split`` (1-based) of the (row, KV head)'s packed tiles, as one partial at ``slot0``."""
     NPK: tl.constexpr = 16 // KB
@@ -619,23 +718,63 @@ def _tiles_program(
     O6 = O0
     O7 = O0
 
-    for pre in gl.static_range(STAGES - 1):
-        _issue_tile(start + pre, start + pre < end, pre, stages, offs, bases, VW, NPK, VCOPY)
-    if INTERPRET:
-        # The interpreter cannot take a loaded scalar as a range() bound under numpy 2.
-        j = start
-        while j < end:
-            m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _tile_step(
-                j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
-                KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
+    if PIPE:
+        # Prologue: tile start's key side alone, then STAGES - 1 groups each with the key side of
+        # the tile after and the value side of a tile (``_pipelined_step``'s schedule).
+        _issue_keys(start, start < end, 0, stages, offs, bases)
+        async_copy.commit_group()
+        for pre in gl.static_range(STAGES - 1):
+            _issue_keys(start + pre + 1, start + pre + 1 < end, (pre + 1) % STAGES, stages, offs, bases)
+            _issue_values(start + pre, start + pre < end, pre, stages, offs, bases, VW, NPK, VCOPY)
+            async_copy.commit_group()
+        async_copy.wait_group(STAGES - 1)
+        gl.thread_barrier()
+        s0, s1, s2, s3, s4, s5, s6, s7 = _key_scores(
+            0, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META
+        )
+        gl.thread_barrier()  # key slot 0 is refilled by the first step
+        if INTERPRET:
+            j = start
+            while j < end - 1:
+                s0, s1, s2, s3, s4, s5, s6, s7, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _pipelined_step(
+                    j, start, end, qT, s0, s1, s2, s3, s4, s5, s6, s7, m_i, l_i, O0, O1, O2, O3, O4, O5, O6,
+                    O7, stages, offs, bases, KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP,
+                    TOK_META, CH_META, VCOPY,
+                )  # fmt: skip
+                j += 1
+        else:
+            for j in range(start, end - 1):
+                s0, s1, s2, s3, s4, s5, s6, s7, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _pipelined_step(
+                    j, start, end, qT, s0, s1, s2, s3, s4, s5, s6, s7, m_i, l_i, O0, O1, O2, O3, O4, O5, O6,
+                    O7, stages, offs, bases, KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP,
+                    TOK_META, CH_META, VCOPY,
+                )  # fmt: skip
+        async_copy.wait_group(0)  # the last tile's value side
+        gl.thread_barrier()
+        if end > start:
+            m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _softmax_values(
+                s0, s1, s2, s3, s4, s5, s6, s7, (end - 1 - start) % STAGES, m_i, l_i,
+                O0, O1, O2, O3, O4, O5, O6, O7, stages,
+                KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
             )  # fmt: skip
-            j += 1
     else:
-        for j in range(start, end):
-            m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _tile_step(
-                j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
-                KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
-            )  # fmt: skip
+        for pre in gl.static_range(STAGES - 1):
+            _issue_tile(start + pre, start + pre < end, pre, stages, offs, bases, VW, NPK, VCOPY)
+        if INTERPRET:
+            # The interpreter cannot take a loaded scalar as a range() bound under numpy 2.
+            j = start
+            while j < end:
+                m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _tile_step(
+                    j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
+                    KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
+                )  # fmt: skip
+                j += 1
+        else:
+            for j in range(start, end):
+                m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _tile_step(
+                    j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
+                    KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
+                )  # fmt: skip
     async_copy.wait_group(0)  # nothing left in flight when the program ends
 
     # Un-normalized partial, running max and sum.
@@ -778,7 +917,7 @@ def quantized_decode_attention(
     key_bits, value_bits, scaling, *, max_tiles: int | None = None, out: torch.Tensor | None = None,
     num_splits: int | None = None, rows_per_program: int | None = None, stages: int | None = None,
     qa_split: bool | None = None, pa_split: bool | None = None, merge_pdl: bool = False,
-    value_copy: str = "planes", max_registers: int | None = None,
+    value_copy: str = "planes", max_registers: int | None = None, pipeline: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract;
     the same as ``decode_tc.quantized_decode_attention``), in one launch of this module's one-warp
@@ -795,7 +934,10 @@ def quantized_decode_attention(
     H200 in session 6: one copy whose instructions read consecutive tokens,
     ``coalesced_value_copy_layout``; the same stage contents).
     ``max_registers`` (CUDA): the compiler's per-thread register cap (``maxnreg``), which sets how
-    many one-warp programs fit on an SM (65,536 registers / (32 x cap))."""
+    many one-warp programs fit on an SM (65,536 registers / (32 x cap)). ``pipeline`` (needs
+    ``stages >= 2``): software-pipelined tiles (``_pipelined_step``): each step computes the next
+    tile's scores next to this tile's softmax and value product, with the key side copied one
+    tile further ahead than the value side (the same shared memory)."""
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
         v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_channel_scale=v_channel_scale,
@@ -839,12 +981,18 @@ def quantized_decode_attention(
         QA_SPLIT=qa_split, PA_SPLIT=pa_split, INTERPRET=interpreting(), VCOPY=VALUE_COPIES.index(value_copy),
         **layouts(hd, g, key_bits, value_bits, value_copy),
     )  # fmt: skip
+    if pipeline and stages < 2:
+        raise ValueError(f"pipeline=True needs stages >= 2, got stages={stages}")
     if max_registers is not None and not 24 <= max_registers <= 255:
         raise ValueError(f"max_registers={max_registers!r}: expected 24..255")
     pdl = bool(merge_pdl) and dev.type == "cuda" and not interpreting()
     options = {"maxnreg": max_registers} if max_registers is not None and not interpreting() else {}
     LAST_LAUNCH[0] = _WARP_LAUNCH(
-        (bsz * hkv, s1, n_rb), args, {**meta, "PDL_TRIGGER": pdl}, num_warps=1, **options
+        (bsz * hkv, s1, n_rb),
+        args,
+        {**meta, "PDL_TRIGGER": pdl, "PIPE": bool(pipeline)},
+        num_warps=1,
+        **options,
     )
     decode_tc.launch_merge(out, part_o, part_m, part_l, hkv, group, nq, bsz * hkv, mrows, pdl=pdl)
     return out
