@@ -178,10 +178,18 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help="time storage of this tile size (default: the benchmark's 128)",
+    )
+    ap.add_argument(
         "--graph-generate", action="store_true", help="also run gpu_end_to_end's graph_generation check"
     )
     args = ap.parse_args()
     p = torch.cuda.get_device_properties(0)
+    if args.tile_size is not None:
+        bench.G = args.tile_size  # make_storage, ours_bytes and the context -> tiles conversion read it
     copy_gbs, _ = bench.copy_bandwidth()
     print(f"device {p.name}, {p.multi_processor_count} SMs, copy {copy_gbs:.0f} GB/s", flush=True)
     if not args.no_breakdown:

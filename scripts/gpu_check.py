@@ -478,6 +478,9 @@ def main() -> int:
         (f16, 128, 128, 2, 3, 1, 2, 4, 40, {"warp_launch": {"value_copy": "coalesced"}}),
         (bf, 128, 32, 4, 3, 1, 8, 8, 40, {"warp_launch": {"value_copy": "coalesced"}}),
         (f16, 256, 128, 4, 2, 1, 4, 4, 20, {"warp_launch": {"value_copy": "coalesced", "stages": 3}}),
+        # the session-5 grid order (16-bit programs first; session 6 made tile splits first the default)
+        (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"warp_launch": {"dense_last": False}}),
+        (f16, 128, 64, 4, 3, 2, 4, 4, 40, {"splits": 160, "warp_launch": {"dense_last": False}}),
         # software-pipelined tiles (session 6): keys one tile further ahead than values
         (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"warp_launch": {"pipeline": True}}),
         (f16, 128, 128, 2, 3, 1, 2, 4, 40, {"warp_launch": {"pipeline": True}}),

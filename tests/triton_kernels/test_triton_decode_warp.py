@@ -334,6 +334,24 @@ def test_decode_warp_pipeline_is_bit_for_bit_the_default(kb, vb, d, g, dtype, st
     assert torch.equal(default, pipelined)
 
 
+@pytest.mark.parametrize(
+    "kb,vb,d,g,dtype,splits,n_tiles,sink,tail",
+    [
+        (4, 2, 128, 128, bf16, 3, [4, 1], [128, 5], [7, 127]),
+        (4, 4, 64, 64, f16, 1, [2, 0], [64, 0], [0, 63]),
+        (8, 8, 128, 32, bf16, 4, [3, 2], [3, 32], [31, 1]),
+    ],
+)
+def test_decode_warp_grid_order_does_not_change_the_result(kb, vb, d, g, dtype, splits, n_tiles, sink, tail):
+    """dense_last (the default: tile splits first in the grid, the 16-bit programs after) against
+    the session-5 order (dense_last=False): only which grid column runs which program changes;
+    every program writes the same partial slot, so the results are equal bit for bit, and both
+    match the reference."""
+    kw = _storage(4, 2, d, g, kb, vb, dtype, n_tiles, sink, tail, seed=kb + vb + splits)
+    default = _check(kw, num_splits=splits)
+    assert torch.equal(default, _check(kw, num_splits=splits, dense_last=False))
+
+
 def test_decode_warp_pipeline_needs_two_stages():
     kw = _storage(2, 1, 128, 64, 4, 2, f16, [1], [64], [0], kv_heads=1)
     with pytest.raises(ValueError, match="pipeline=True needs stages >= 2"):

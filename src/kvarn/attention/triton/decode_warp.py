@@ -504,6 +504,7 @@ def _decode_warp_kernel(
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
     TOK_META: tl.constexpr, CH_META: tl.constexpr, DENSE_COPY: tl.constexpr, DENSE_SMEM: tl.constexpr,
     PDL_TRIGGER: tl.constexpr = False, VCOPY: tl.constexpr = 0, PIPE: tl.constexpr = False,
+    DENSE_LAST: tl.constexpr = False,
 ):  # fmt: skip
     """Program (KV row bh, column program_id(1), row block program_id(2)) of one warp. Columns
     0 .. ND-1 attend to the 16-bit segments in chunks of TC tokens (``_dense_chunk``: the new
@@ -517,6 +518,8 @@ def _decode_warp_kernel(
         )
     bh = gl.program_id(0)
     col = gl.program_id(1)
+    if DENSE_LAST:  # launch order: the tile splits first, the short 16-bit programs after them
+        col = (col + ND) % (ND + NUM_SPLITS)
     rb = gl.program_id(2)
     b = bh // HKV
     h = bh % HKV
@@ -918,6 +921,7 @@ def quantized_decode_attention(
     num_splits: int | None = None, rows_per_program: int | None = None, stages: int | None = None,
     qa_split: bool | None = None, pa_split: bool | None = None, merge_pdl: bool = False,
     value_copy: str = "planes", max_registers: int | None = None, pipeline: bool = False,
+    dense_last: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract;
     the same as ``decode_tc.quantized_decode_attention``), in one launch of this module's one-warp
@@ -937,7 +941,11 @@ def quantized_decode_attention(
     many one-warp programs fit on an SM (65,536 registers / (32 x cap)). ``pipeline`` (needs
     ``stages >= 2``): software-pipelined tiles (``_pipelined_step``): each step computes the next
     tile's scores next to this tile's softmax and value product, with the key side copied one
-    tile further ahead than the value side (the same shared memory)."""
+    tile further ahead than the value side (the same shared memory). ``dense_last`` (default; False is
+    the session-5 order): the grid enumerates the tile splits before the 16-bit programs (the same partial slots, so the same
+    result bit for bit), so a one-wave launch starts every tile program at once and the short
+    16-bit programs fill the slots that empty splits leave (H200: 79.3 vs 80.8 us at 32k x 8,
+    equal at 128k x 1 and 32k x 1; docs/gpu.md session 6)."""
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
         v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_channel_scale=v_channel_scale,
@@ -990,7 +998,7 @@ def quantized_decode_attention(
     LAST_LAUNCH[0] = _WARP_LAUNCH(
         (bsz * hkv, s1, n_rb),
         args,
-        {**meta, "PDL_TRIGGER": pdl, "PIPE": bool(pipeline)},
+        {**meta, "PDL_TRIGGER": pdl, "PIPE": bool(pipeline), "DENSE_LAST": bool(dense_last)},
         num_warps=1,
         **options,
     )
