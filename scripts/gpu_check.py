@@ -499,6 +499,14 @@ def main() -> int:
             {"splits": 160, "warp_launch": {"pipeline": True, "rows_per_program": 16}},
         ),
         (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"splits": 2, "warp_launch": {"pipeline": True, "stages": 4}}),
+        # tiles copied by TMA (session 7): key rows of 32/64/128 bytes, value rows of 32/64/128
+        (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"warp_launch": {"copy": "tma"}}),
+        (f16, 128, 128, 2, 3, 1, 2, 4, 40, {"warp_launch": {"copy": "tma"}}),
+        (bf, 128, 64, 4, 3, 1, 8, 8, 40, {"warp_launch": {"copy": "tma"}}),
+        (f16, 256, 128, 4, 2, 1, 4, 2, 20, {"warp_launch": {"copy": "tma", "stages": 3}}),
+        (bf, 128, 128, 8, 3, 3, 4, 2, 40, {"splits": 160, "warp_launch": {"copy": "tma", "rows_per_program": 16}}),
+        (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"splits": 2, "warp_launch": {"copy": "tma", "stages": 4}}),
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"warp_launch": {"copy": "tma", "stages": 1}}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]
@@ -535,6 +543,7 @@ def main() -> int:
             check_cuda_graph("warp", {"merge_pdl": True})
             check_cuda_graph("warp", {"value_copy": "coalesced"})
             check_cuda_graph("warp", {"pipeline": True})
+            check_cuda_graph("warp", {"copy": "tma"})
     # One verdict line per decode kernel (scripts and dispatch decisions read these).
     for kernel in args.decode_kernels.split(","):
         bad = [f for f in FAILURES if f"[{kernel}]" in f]

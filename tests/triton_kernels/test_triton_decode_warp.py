@@ -390,3 +390,49 @@ def test_decode_warp_rejects_unknown_value_copy():
     kw = _storage(2, 1, 128, 64, 4, 2, f16, [1], [64], [0], kv_heads=1)
     with pytest.raises(ValueError, match="value_copy="):
         decode_warp.quantized_decode_attention(**kw, value_copy="rows")
+
+
+@pytest.mark.parametrize(
+    "kb,vb,d,g,dtype,md,stages,splits,n_tiles,capacity",
+    [
+        (4, 2, 128, 128, bf16, torch.bfloat16, 2, 1, [4, 1], None),  # the benchmark format
+        (2, 4, 128, 128, f16, torch.float16, 3, 2, [5, 2], 7),  # spare capacity: tile stride > tiles
+        (8, 8, 128, 64, bf16, torch.float32, 4, 1, [6, 3], None),  # float32 metadata, 4 stages
+        (4, 2, 256, 128, f16, torch.bfloat16, 1, 3, [1, 0], 3),  # one stage; one-tile and empty splits
+    ],
+)
+def test_decode_warp_tma_copy_is_bit_for_bit_the_default(kb, vb, d, g, dtype, md, stages, splits, n_tiles, capacity):
+    """copy="tma" moves each tile with descriptor boxes (key rows, value planes in one 3-D box,
+    1-D metadata vectors) to the same stage contents as the per-lane cp.async path, so the result
+    is bit for bit the default's: the coordinates of every (row, head, tile), through spare
+    capacity and poisoned slots past each row's tiles (a wrong tile would bring NaN)."""
+    kw = _storage(4, 1, d, g, kb, vb, dtype, n_tiles, [g, 3], [5, g - 1], md=md, capacity=capacity, seed=kb + vb)
+    default = _check(kw, num_splits=splits, stages=stages)
+    tma = decode_warp.quantized_decode_attention(**kw, num_splits=splits, stages=stages, copy="tma")
+    assert torch.equal(default, tma)
+
+
+def test_decode_warp_tma_copy_on_a_strided_batch():
+    """Every other row of a larger storage (a batch stride of two rows, starting past the first
+    row): the descriptors span the storage from the view's first element and find each tile of
+    each row by coordinate."""
+    kw = _storage(4, 1, 128, 128, 4, 2, bf16, [2, 3, 1, 2], [128, 9, 0, 5], [3, 0, 127, 1], seed=21)
+    part = {k: (v[1::2] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    assert not part["k_codes"].is_contiguous() and part["k_codes"].data_ptr() != kw["k_codes"].data_ptr()
+    default = _check(part, num_splits=2)
+    assert torch.equal(default, decode_warp.quantized_decode_attention(**part, num_splits=2, copy="tma"))
+
+
+def test_decode_warp_tma_copy_rejects_what_it_cannot_take():
+    """Rows the swizzled stages cannot take (256-byte value rows: head_dim 256 at 8 bits), the
+    software pipeline and the coalesced value copy are clear errors, as is an unknown copy."""
+    kw = _storage(2, 1, 256, 64, 4, 8, bf16, [1, 1], [3, 3], [1, 1])
+    with pytest.raises(ValueError, match="value rows of 256 bytes"):
+        decode_warp.quantized_decode_attention(**kw, copy="tma")
+    kw = _storage(2, 1, 128, 128, 4, 2, bf16, [1, 1], [3, 3], [1, 1])
+    with pytest.raises(ValueError, match="neither pipeline"):
+        decode_warp.quantized_decode_attention(**kw, copy="tma", pipeline=True)
+    with pytest.raises(ValueError, match="neither pipeline"):
+        decode_warp.quantized_decode_attention(**kw, copy="tma", value_copy="coalesced")
+    with pytest.raises(ValueError, match="copy='bulk'"):
+        decode_warp.quantized_decode_attention(**kw, copy="bulk")

@@ -114,7 +114,7 @@ def kernel_layout(query: torch.Tensor, st: dict) -> tuple[torch.Tensor, dict]:
     out = {}
     for name, x in st.items():
         if name in ("n_tiles", "sink_len", "tail_len"):
-            out[name] = x
+            out[name] = x.contiguous()  # the kernels read row b's length at offset b (a no-op if dense)
         else:
             out[name] = inner_contiguous(x, 2 if name.endswith("_codes") else 1)
     return inner_contiguous(query, 1), out

@@ -69,11 +69,15 @@ if interpreting():
 
     async_copy = gl
     mma_v2 = gl.mma_v2
+    tma = gl.tma
+    mbarrier = gl.mbarrier
+    fence_async_shared = gl.fence_async_shared
     jit = triton.jit
 else:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
     jit = gluon.jit
 from triton.experimental.gluon.language import (  # plain dataclasses, usable everywhere
@@ -81,8 +85,10 @@ from triton.experimental.gluon.language import (  # plain dataclasses, usable ev
     DistributedLinearLayout,
     DotOperandLayout,
     NVMMADistributedLayout,
+    NVMMASharedLayout,
     SwizzledSharedLayout,
 )
+from triton.experimental.gluon.language.nvidia.hopper.mbarrier import MBarrierLayout
 
 KERNEL_BITS = (2, 4, 8)
 MAX_QUERIES = decode_tc.MAX_QUERIES
@@ -96,6 +102,8 @@ ROWS_PER_PROGRAM = 8
 STAGES = 2
 # How value rows are copied to the plane-major stage (launch option ``value_copy``; index = VCOPY).
 VALUE_COPIES = ("planes", "coalesced")
+# How a tile reaches shared memory (launch option ``copy``): per-lane cp.async, or TMA (sm_90+).
+COPIES = ("cp.async", "tma")
 # Last compiled launch (registers, spills) for benchmark diagnostics.
 LAST_LAUNCH: list = [None]
 
@@ -227,14 +235,67 @@ def _store_o(acc, po_rows, uu, row_ok, e: tl.constexpr, NPV: tl.constexpr):
 
 @jit
 def _issue_tile(
-    j, ok, slot, stages, offs, bases, VW: tl.constexpr, NPK: tl.constexpr, VCOPY: tl.constexpr = 0
-):
+    j, ok, slot, stages, offs, bases, VW: tl.constexpr, NPK: tl.constexpr, VCOPY: tl.constexpr = 0,
+    TMA: tl.constexpr = None,
+):  # fmt: skip
     """cp.async of tile j into stage ``slot``, as one commit group: key words as stored, value
     rows plane-major (plane f = tokens NPK*w + f), and the tile's six metadata vectors (so no
-    load of the tile loop waits on global memory)."""
-    _issue_keys(j, ok, slot, stages, offs, bases)
-    _issue_values(j, ok, slot, stages, offs, bases, VW, NPK, VCOPY)
-    async_copy.commit_group()
+    load of the tile loop waits on global memory). With TMA the same bytes to the same places,
+    as 8 tensor-memory copies signalling the slot's barrier (``_issue_tile_tma``)."""
+    if TMA is not None:
+        _issue_tile_tma(j, ok, slot, stages, offs, bases, NPK, TMA)
+    else:
+        _issue_keys(j, ok, slot, stages, offs, bases)
+        _issue_values(j, ok, slot, stages, offs, bases, VW, NPK, VCOPY)
+        async_copy.commit_group()
+
+
+@jit
+def _issue_tile_tma(j, ok, slot, stages, offs, bases, NPK: tl.constexpr, LAYOUTS: tl.constexpr):
+    """Tile j into stage ``slot`` by TMA (``copy="tma"``), one thread issuing, the slot's mbarrier
+    counting the bytes: key words ``[D, KW]`` (a box of a ``[rows, KW]`` view), value rows as
+    NPK planes ``[NPK, KW, VW]`` in one box (a 3-D view whose outer dimension is the plane f,
+    stride one row, and middle the word w, stride NPK rows: the plane-major order of the
+    cp.async path), and the six metadata vectors (1-D boxes). ``bases`` holds each tensor's
+    coordinate of the program's first tile and its step per tile (``tma_coordinates``)."""
+    k_stage, v_stage, km_stage, tm_stage, c_stage = stages
+    descs, bars, v_boxes = offs
+    META1: tl.constexpr = LAYOUTS[2]  # 1-D view of a metadata slot (the descriptors' layout)
+    kc_d, vc_d, ka_d, kz_d, kr_d, va_d, vz_d, vs_d = descs
+    (
+        k_row, k_step, v_row, v_step, ka_o, ka_step, kz_o, kz_step, kr_o, kr_step,
+        va_o, va_step, vz_o, vz_step, vs_o, vs_step,
+    ) = bases  # fmt: skip
+    D: tl.constexpr = km_stage.shape[1]
+    G: tl.constexpr = tm_stage.shape[1] * tm_stage.shape[2]
+    md: tl.constexpr = km_stage.dtype
+    KW: tl.constexpr = k_stage.shape[2]
+    VW: tl.constexpr = v_stage.shape[2]
+    NBYTES: tl.constexpr = 2 * (D * KW + G * VW) + (md.primitive_bitwidth // 8) * 3 * (D + G)
+    bar = bars.index(slot)
+    mbarrier.expect(bar, NBYTES, pred=ok)
+    tma.async_copy_global_to_shared(kc_d, [k_row + j * k_step, 0], bar, k_stage.index(slot), pred=ok)
+    tma.async_copy_global_to_shared(
+        vc_d, [0, v_row + j * v_step, 0], bar, v_boxes.index(slot), pred=ok
+    )
+    tma.async_copy_global_to_shared(
+        ka_d, [ka_o + j * ka_step], bar, km_stage.index(2 * slot)._reinterpret(md, [D], META1), pred=ok
+    )
+    tma.async_copy_global_to_shared(
+        kz_d, [kz_o + j * kz_step], bar, km_stage.index(2 * slot + 1)._reinterpret(md, [D], META1), pred=ok
+    )
+    tma.async_copy_global_to_shared(
+        kr_d, [kr_o + j * kr_step], bar, tm_stage.index(3 * slot)._reinterpret(md, [G], META1), pred=ok
+    )
+    tma.async_copy_global_to_shared(
+        va_d, [va_o + j * va_step], bar, tm_stage.index(3 * slot + 1)._reinterpret(md, [G], META1), pred=ok
+    )
+    tma.async_copy_global_to_shared(
+        vz_d, [vz_o + j * vz_step], bar, tm_stage.index(3 * slot + 2)._reinterpret(md, [G], META1), pred=ok
+    )
+    tma.async_copy_global_to_shared(
+        vs_d, [vs_o + j * vs_step], bar, c_stage.index(slot)._reinterpret(md, [D], META1), pred=ok
+    )
 
 
 @jit
@@ -290,6 +351,7 @@ def _tile_step(
     KB: tl.constexpr, VB: tl.constexpr, STAGES: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr, MMA: tl.constexpr, A_OP: tl.constexpr,
     B_OP: tl.constexpr, TOK_META: tl.constexpr, CH_META: tl.constexpr, VCOPY: tl.constexpr,
+    TMA: tl.constexpr = None,
 ):  # fmt: skip
     """Tile j (the i-th of the program's split): issue the copies of tile j + STAGES - 1, wait for
     tile j's, then one online-softmax step over all its G tokens."""
@@ -298,10 +360,13 @@ def _tile_step(
     VW: tl.constexpr = v_stage.shape[2]
     i = j - start
     nxt = j + STAGES - 1
-    _issue_tile(nxt, nxt < end, (i + STAGES - 1) % STAGES, stages, offs, bases, VW, NPK, VCOPY)
+    _issue_tile(nxt, nxt < end, (i + STAGES - 1) % STAGES, stages, offs, bases, VW, NPK, VCOPY, TMA)
     buf = i % STAGES
-    async_copy.wait_group(STAGES - 1)  # tile j's copies have landed
-    gl.thread_barrier()
+    if TMA is not None:  # the slot's barrier completes once per use: phase = uses so far, mod 2
+        mbarrier.wait(offs[1].index(buf), (i // STAGES) & 1)
+    else:
+        async_copy.wait_group(STAGES - 1)  # tile j's copies have landed
+        gl.thread_barrier()
     s0, s1, s2, s3, s4, s5, s6, s7 = _key_scores(
         buf, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META
     )
@@ -496,6 +561,7 @@ def _decode_warp_kernel(
     nv_ptr, snv_b, snv_h, snv_t,
     po_ptr, pm_ptr, pl_ptr,
     qk_scale, NUM_SPLITS,
+    kc_desc, vc_desc, ka_desc, kz_desc, kr_desc, va_desc, vz_desc, vs_desc,
     HKV: tl.constexpr, GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     KB: tl.constexpr, VB: tl.constexpr, N: tl.constexpr, STAGES: tl.constexpr, TC: tl.constexpr,
     QA_SPLIT: tl.constexpr, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
@@ -504,7 +570,7 @@ def _decode_warp_kernel(
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
     TOK_META: tl.constexpr, CH_META: tl.constexpr, DENSE_COPY: tl.constexpr, DENSE_SMEM: tl.constexpr,
     PDL_TRIGGER: tl.constexpr = False, VCOPY: tl.constexpr = 0, PIPE: tl.constexpr = False,
-    DENSE_LAST: tl.constexpr = False,
+    DENSE_LAST: tl.constexpr = False, TMA: tl.constexpr = False, TMA_LAYOUTS: tl.constexpr = None,
 ):  # fmt: skip
     """Program (KV row bh, column program_id(1), row block program_id(2)) of one warp. Columns
     0 .. ND-1 attend to the 16-bit segments in chunks of TC tokens (``_dense_chunk``: the new
@@ -559,7 +625,7 @@ def _decode_warp_kernel(
             ntiles_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale, NUM_SPLITS, b, b64, h, h64, col - ND + 1, rb, slot0,
             GROUP, L, D, G, KB, VB, N, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP,
             K_COPY, V_COPY, D_COPY, T_COPY, C_COPY, K_SMEM, V_SMEM, META_SMEM_1D, META_SMEM_2D, TOK_META, CH_META,
-            VCOPY, PIPE,
+            VCOPY, PIPE, (kc_desc, vc_desc, ka_desc, kz_desc, kr_desc, va_desc, vz_desc, vs_desc), TMA, TMA_LAYOUTS,
         )  # fmt: skip
 
 
@@ -642,6 +708,7 @@ def _tiles_program(
     V_COPY: tl.constexpr, D_COPY: tl.constexpr, T_COPY: tl.constexpr, C_COPY: tl.constexpr,
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
     TOK_META: tl.constexpr, CH_META: tl.constexpr, VCOPY: tl.constexpr, PIPE: tl.constexpr,
+    descs=None, TMA: tl.constexpr = False, TMA_LAYOUTS: tl.constexpr = None,
 ):  # fmt: skip
     """Split ``split`` (1-based) of the (row, KV head)'s packed tiles, as one partial at ``slot0``."""
     NPK: tl.constexpr = 16 // KB
@@ -694,20 +761,53 @@ def _tiles_program(
         + gl.arange(0, NPV, layout=gl.SliceLayout(0, C_COPY))[None, :]
     )
     md = ka_ptr.dtype.element_ty
-    stages = (
-        gl.allocate_shared_memory(gl.int16, [STAGES, D, KW], K_SMEM),
-        gl.allocate_shared_memory(
-            gl.int16, [STAGES, G, VW] if VCOPY == 1 else [STAGES * NPK, KW, VW], V_SMEM
-        ),
-        gl.allocate_shared_memory(md, [STAGES * 2, D], META_SMEM_1D),
-        gl.allocate_shared_memory(md, [STAGES * 3, KW, NPK], META_SMEM_2D),
-        gl.allocate_shared_memory(md, [STAGES, VW, NPV], META_SMEM_2D),
-    )
-    offs = (k_off, v_off, d_off, t_off, c_off)
-    bases = (
-        kw_base, skw_n, vw_base, svw_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
-        va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
-    )  # fmt: skip
+    if TMA:
+        # The code stages in the descriptors' (NVMMA-swizzled) layouts; the metadata stages as in
+        # the cp.async path, each slot written through a 1-D view (``_issue_tile_tma``).
+        K_TMA: tl.constexpr = TMA_LAYOUTS[0]
+        V_TMA: tl.constexpr = TMA_LAYOUTS[1]
+        META1: tl.constexpr = TMA_LAYOUTS[2]
+        BAR: tl.constexpr = TMA_LAYOUTS[3]
+        # A tile's value planes are one TMA box [NPK, KW, VW]; the tile loop reads them as slots
+        # of [STAGES * NPK, KW, VW] (the same bytes).
+        v_boxes = gl.allocate_shared_memory(gl.int16, [STAGES, NPK, KW, VW], V_TMA)
+        stages = (
+            gl.allocate_shared_memory(gl.int16, [STAGES, D, KW], K_TMA),
+            v_boxes._reinterpret(gl.int16, [STAGES * NPK, KW, VW], TMA_LAYOUTS[4]),
+            gl.allocate_shared_memory(md, [STAGES * 2, D], META_SMEM_1D),
+            gl.allocate_shared_memory(md, [STAGES * 3, KW, NPK], META_SMEM_2D),
+            gl.allocate_shared_memory(md, [STAGES, VW, NPV], META_SMEM_2D),
+        )
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], BAR)
+        for sl in gl.static_range(STAGES):
+            mbarrier.init(bars.index(sl), count=1)
+        fence_async_shared()
+        offs = (descs, bars, v_boxes)
+        # Tile coordinates: rows of KW words (keys), groups of NPK value rows, metadata elements.
+        kb0 = b64 * skc_b + h64 * skc_h
+        vb0 = b64 * svc_b + h64 * svc_h
+        bases = (
+            (kb0 // (2 * KW)).to(gl.int32), skc_n // (2 * KW),
+            (vb0 // (2 * NPK * VW)).to(gl.int32), svc_n // (2 * NPK * VW),
+            (b64 * ska_b + h64 * ska_h).to(gl.int32), ska_n, (b64 * skz_b + h64 * skz_h).to(gl.int32), skz_n,
+            (b64 * skr_b + h64 * skr_h).to(gl.int32), skr_n, (b64 * sva_b + h64 * sva_h).to(gl.int32), sva_n,
+            (b64 * svz_b + h64 * svz_h).to(gl.int32), svz_n, (b64 * svs_b + h64 * svs_h).to(gl.int32), svs_n,
+        )  # fmt: skip
+    else:
+        stages = (
+            gl.allocate_shared_memory(gl.int16, [STAGES, D, KW], K_SMEM),
+            gl.allocate_shared_memory(
+                gl.int16, [STAGES, G, VW] if VCOPY == 1 else [STAGES * NPK, KW, VW], V_SMEM
+            ),
+            gl.allocate_shared_memory(md, [STAGES * 2, D], META_SMEM_1D),
+            gl.allocate_shared_memory(md, [STAGES * 3, KW, NPK], META_SMEM_2D),
+            gl.allocate_shared_memory(md, [STAGES, VW, NPV], META_SMEM_2D),
+        )
+        offs = (k_off, v_off, d_off, t_off, c_off)
+        bases = (
+            kw_base, skw_n, vw_base, svw_n, ka_base, ska_n, kz_base, skz_n, kr_base, skr_n,
+            va_base, sva_n, vz_base, svz_n, vs_base, svs_n,
+        )  # fmt: skip
 
     uu = gl.arange(0, VW, layout=gl.SliceLayout(1, MMA))  # value words = rows of the output tiles
     m_i = gl.full([N], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
@@ -762,7 +862,7 @@ def _tiles_program(
             )  # fmt: skip
     else:
         for pre in gl.static_range(STAGES - 1):
-            _issue_tile(start + pre, start + pre < end, pre, stages, offs, bases, VW, NPK, VCOPY)
+            _issue_tile(start + pre, start + pre < end, pre, stages, offs, bases, VW, NPK, VCOPY, TMA_LAYOUTS)
         if INTERPRET:
             # The interpreter cannot take a loaded scalar as a range() bound under numpy 2.
             j = start
@@ -770,6 +870,7 @@ def _tiles_program(
                 m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _tile_step(
                     j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
                     KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
+                    TMA_LAYOUTS,
                 )  # fmt: skip
                 j += 1
         else:
@@ -777,8 +878,13 @@ def _tiles_program(
                 m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _tile_step(
                     j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
                     KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
+                    TMA_LAYOUTS,
                 )  # fmt: skip
-    async_copy.wait_group(0)  # nothing left in flight when the program ends
+    if TMA:  # every copy issued was waited for (tiles past the split's end are not issued)
+        for sl in gl.static_range(STAGES):
+            mbarrier.invalidate(offs[1].index(sl))
+    else:
+        async_copy.wait_group(0)  # nothing left in flight when the program ends
 
     # Un-normalized partial, running max and sum.
     _, row_ok, slot = _partial_rows(rb, slot0, GROUP, L, N, MMA)
@@ -921,7 +1027,7 @@ def quantized_decode_attention(
     num_splits: int | None = None, rows_per_program: int | None = None, stages: int | None = None,
     qa_split: bool | None = None, pa_split: bool | None = None, merge_pdl: bool = False,
     value_copy: str = "planes", max_registers: int | None = None, pipeline: bool = False,
-    dense_last: bool = True,
+    dense_last: bool = True, copy: str = "cp.async",
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract;
     the same as ``decode_tc.quantized_decode_attention``), in one launch of this module's one-warp
@@ -945,7 +1051,10 @@ def quantized_decode_attention(
     the session-5 order): the grid enumerates the tile splits before the 16-bit programs (the same partial slots, so the same
     result bit for bit), so a one-wave launch starts every tile program at once and the short
     16-bit programs fill the slots that empty splits leave (H200: 79.3 vs 80.8 us at 32k x 8,
-    equal at 128k x 1 and 32k x 1; docs/gpu.md session 6)."""
+    equal at 128k x 1 and 32k x 1; docs/gpu.md session 6). ``copy`` (``COPIES``): how a tile
+    reaches shared memory: "cp.async" (default: every lane copies 16-byte pieces) or "tma"
+    (CUDA sm_90+, opt-in: one thread issues 8 tensor-memory copies per tile that signal an
+    mbarrier; the same stage contents; descriptors from ``tma_descriptors``)."""
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
         v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_channel_scale=v_channel_scale,
@@ -981,9 +1090,20 @@ def quantized_decode_attention(
     dev = query.device
     part_o, part_m, part_l = split_workspace(bsz * hkv, s1, mrows, hd, dev, decode_tc.POISON_WORKSPACE)
     out = output_buffer(out, (bsz, hq, nq, hd), query.dtype, dev)
+    if copy not in COPIES:
+        raise ValueError(f"copy={copy!r}: expected one of {COPIES}")
+    use_tma = copy == "tma"
+    if use_tma:
+        if pipeline or value_copy != "planes":
+            raise ValueError("copy='tma' takes neither pipeline=True nor value_copy='coalesced'")
+        if dev.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(dev)[0] < 9:
+            raise ValueError("copy='tma' needs a GPU of compute capability 9.0 or newer")
+        descs, tma_layouts = tma_descriptors(storage, hd, g, key_bits, value_bits)
+    else:
+        descs, tma_layouts = (None,) * 8, None
     args = decode_tc.launch_args(
         query, [storage[n] for n in STORAGE], part_o, part_m, part_l, scaling, num_splits
-    )
+    ) + tuple(descs)
     meta = dict(
         HKV=hkv, GROUP=group, L=nq, D=hd, G=g, KB=key_bits, VB=value_bits, N=n_rows, STAGES=stages, TC=tc,
         QA_SPLIT=qa_split, PA_SPLIT=pa_split, INTERPRET=interpreting(), VCOPY=VALUE_COPIES.index(value_copy),
@@ -998,12 +1118,92 @@ def quantized_decode_attention(
     LAST_LAUNCH[0] = _WARP_LAUNCH(
         (bsz * hkv, s1, n_rb),
         args,
-        {**meta, "PDL_TRIGGER": pdl, "PIPE": bool(pipeline), "DENSE_LAST": bool(dense_last)},
+        {
+            **meta, "PDL_TRIGGER": pdl, "PIPE": bool(pipeline), "DENSE_LAST": bool(dense_last),
+            "TMA": use_tma, "TMA_LAYOUTS": tma_layouts,
+        },  # fmt: skip
         num_warps=1,
         **options,
     )
     decode_tc.launch_merge(out, part_o, part_m, part_l, hkv, group, nq, bsz * hkv, mrows, pdl=pdl)
     return out
+
+
+def _extent(x: torch.Tensor) -> int:
+    """Elements from ``x``'s first to one past its last (a strided view's span of storage)."""
+    return 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
+
+
+def _tma_swizzle(row_bytes: int, what: str) -> int:
+    if row_bytes not in (32, 64, 128):
+        raise ValueError(
+            f"copy='tma': {what} rows of {row_bytes} bytes; the TMA path takes rows of 32, 64 or 128 "
+            "bytes (the swizzle width ldmatrix reads conflict-free), use copy='cp.async'"
+        )
+    return row_bytes
+
+
+def tma_descriptors(storage: dict, head_dim: int, tile_size: int, key_bits: int, value_bits: int):
+    """Tensor descriptors over one layer's packed tiles for ``copy="tma"`` and the shared layouts
+    of the kernel's stages, ``(descs, (key stage, value box, metadata view, barrier, value plane))``.
+
+    Each descriptor spans the storage from its first element, whatever the batch, head and tile
+    strides, so the kernel finds tile (b, h, j) by a coordinate (``_issue_tile_tma``): key words
+    as rows of KW words (box ``[D, KW]``); value rows as ``[NPK, rows / NPK, VW]`` with strides
+    ``(VW, NPK * VW, 1)``, so that a ``[NPK, KW, VW]`` box lands plane-major (plane f = the rows
+    ``NPK * w + f``); metadata vectors 1-D (box of one vector). Those coordinates need the
+    leading strides to be whole rows (row groups for values): checked, with an error naming the
+    tensor, as is every other TMA limit (16-byte aligned bases, int32 coordinates)."""
+    kw, vw = tile_size * key_bits // 16, head_dim * value_bits // 16
+    npk = 16 // key_bits
+    k16 = storage["k_codes"].view(torch.int16)
+    v16 = storage["v_codes"].view(torch.int16)
+    meta = [storage[n] for n in ("k_scale", "k_zero", "k_token_scale", "v_scale", "v_zero", "v_channel_scale")]
+    md = meta[0].dtype
+    k_layout = NVMMASharedLayout(swizzle_byte_width=_tma_swizzle(2 * kw, "key word"), element_bitwidth=16, rank=2)
+    v_layout = NVMMASharedLayout(swizzle_byte_width=_tma_swizzle(2 * vw, "value"), element_bitwidth=16, rank=3)
+    m_layout = NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * meta[0].element_size(), rank=1)
+
+    def whole(name, x, unit):
+        if any(st % unit for st in x.stride()[:3]):
+            raise ValueError(
+                f"copy='tma': {name} has strides {tuple(x.stride())} (elements); the leading three must "
+                f"be multiples of {unit}"
+            )
+        if x.data_ptr() % 16:
+            raise ValueError(f"copy='tma': {name} does not start on a 16-byte boundary")
+        if _extent(x) >= 2**31:
+            raise ValueError(f"copy='tma': {name} spans {_extent(x)} elements, past int32 coordinates")
+
+    whole("k_codes", k16, kw)
+    whole("v_codes", v16, npk * vw)
+    for name, x in zip(("k_scale", "k_zero", "k_token_scale", "v_scale", "v_zero", "v_channel_scale"), meta):
+        whole(name, x, 8)  # 16-byte aligned vectors (8 float16 / 4 float32 elements: 8 covers both)
+    if interpreting():
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        def desc(base, shape, strides, block, layout):
+            return TensorDescriptor(base, shape, strides, block)
+    else:
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        def desc(base, shape, strides, block, layout):
+            return TensorDescriptor(base, shape, strides, block, layout)
+
+    k_rows = _extent(k16) // kw
+    v_groups = _extent(v16) // (npk * vw)
+    descs = [
+        desc(torch.as_strided(k16, (k_rows, kw), (kw, 1)), [k_rows, kw], [kw, 1], [head_dim, kw], k_layout),
+        desc(
+            torch.as_strided(v16, (npk, v_groups, vw), (vw, npk * vw, 1)), [npk, v_groups, vw],
+            [vw, npk * vw, 1], [npk, kw, vw], v_layout,
+        ),  # fmt: skip
+    ]
+    for x in meta:
+        n = _extent(x)
+        descs.append(desc(torch.as_strided(x, (n,), (1,)), [n], [1], [x.shape[-1]], m_layout))
+    v_planes = NVMMASharedLayout(swizzle_byte_width=v_layout.swizzle_byte_width, element_bitwidth=16, rank=2)
+    return descs, (k_layout, v_layout, m_layout, MBarrierLayout(), v_planes)
 
 
 def dense_chunk(head_dim: int, tile_size: int) -> int:

@@ -133,6 +133,126 @@ def allocate_shared_memory(dtype, shape, layout=None, value=None):
     return SharedMemory(dtype, shape)
 
 
+class SharedSlots:
+    """Slots [start, start + length) of an allocation, written whole (a TMA box whose leading
+    dimension spans slots): slot start + i takes the box's i-th leading slice."""
+
+    def __init__(self, memory: SharedMemory, start: int, length: int):
+        self.memory, self.start, self.length = memory, start, length
+
+    def store(self, value):
+        n = value.shape[0]
+        for i in range(self.length):
+            pick = tl.arange(0, n)[:, None, None] == i
+            part = tl.sum(tl.where(pick, value, 0), axis=0).to(value.dtype)
+            self.memory.slots[self.start + i] = part
+
+
+def _memory_slice(self, start, length, dim=0):
+    if _slot(dim) != 0:
+        raise NotImplementedError("slice: only the leading (slot) dimension is modelled")
+    return SharedSlots(self, _slot(start), _slot(length))
+
+
+def _view_reinterpret(self, dtype, shape, layout):
+    """Same bytes seen with another shape: the model keeps values, so only a slot holding a
+    tensor of ``shape``'s element count is re-shaped when it is read or written."""
+    return Reinterpreted(self, [s.value if isinstance(s, tl.constexpr) else s for s in shape])
+
+
+def _memory_reinterpret(self, dtype, shape, layout):
+    """``[S, k, ...]`` seen as ``[S * k, ...]`` (decode_warp's value boxes read as planes)."""
+    shape = [s.value if isinstance(s, tl.constexpr) else s for s in shape]
+    k = shape[0] // self.shape[0]
+    if len(self.shape) != len(shape) + 1 or self.shape[1] != k or list(self.shape[2:]) != list(shape[1:]):
+        raise NotImplementedError(f"reinterpret {self.shape} as {shape}: only [S, k, ...] -> [S*k, ...]")
+    return Regrouped(self, k)
+
+
+class Regrouped:
+    def __init__(self, memory: SharedMemory, k: int):
+        self.memory, self.k = memory, k
+        self.dtype, self.shape = memory.dtype, [memory.shape[0] * k, *memory.shape[2:]]
+
+    def index(self, i):
+        return SlotPart(self.memory, _slot(i) // self.k, _slot(i) % self.k)
+
+
+class SlotPart:
+    """Part ``part`` (along the leading dimension) of slot ``slot``, read only."""
+
+    def __init__(self, memory: SharedMemory, slot: int, part: int):
+        self.memory, self.slot, self.part, self.transposed = memory, slot, part, False
+
+    def permute(self, order):
+        order = [o.value if isinstance(o, tl.constexpr) else o for o in order]
+        if list(order) != [1, 0]:
+            raise NotImplementedError(f"permute {order}: only the 2-D transpose is modelled")
+        view = SlotPart(self.memory, self.slot, self.part)
+        view.transposed = not self.transposed
+        return view
+
+    def load(self, layout=None):
+        whole = self.memory.slots[self.slot]
+        pick = tl.arange(0, whole.shape[0])[:, None, None] == self.part
+        value = tl.sum(tl.where(pick, whole, 0), axis=0).to(whole.dtype)
+        return tl.trans(value) if self.transposed else value
+
+
+SharedMemory.slice = _memory_slice
+SharedMemory._reinterpret = _memory_reinterpret
+SharedView._reinterpret = _view_reinterpret
+
+
+class Reinterpreted:
+    def __init__(self, view: SharedView, shape: list):
+        self.view, self.shape = view, shape
+
+    def store(self, value):
+        old = self.view.memory.shape[1:]
+        self.view.store(tl.reshape(value, old))
+
+    def load(self, layout=None):
+        return tl.reshape(self.view.load(), self.shape)
+
+
+class tma:  # noqa: N801 (stands in for the ``tma`` module)
+    """TMA copies as descriptor loads (``triton.tools`` descriptors under the interpreter)."""
+
+    @staticmethod
+    def async_copy_global_to_shared(desc, coord, barrier, result, pred=True):
+        if _slot(pred):
+            result.store(desc.load(coord))
+
+
+class mbarrier:  # noqa: N801 (stands in for the ``mbarrier`` module)
+    """Barriers have nothing to wait for: a copy has landed when its call returns."""
+
+    @staticmethod
+    def MBarrierLayout():  # noqa: N802
+        return None
+
+    @staticmethod
+    def init(bar, count):
+        return None
+
+    @staticmethod
+    def expect(bar, nbytes, pred=True):
+        return None
+
+    @staticmethod
+    def wait(bar, phase, pred=True, deps=()):
+        return None
+
+    @staticmethod
+    def invalidate(bar):
+        return None
+
+
+def fence_async_shared(cluster=False):
+    return None
+
+
 def async_copy_global_to_shared(
     smem, pointer, mask=None, cache_modifier="", eviction_policy="", volatile=False
 ):

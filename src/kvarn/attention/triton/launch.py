@@ -26,6 +26,8 @@ def _arg_key(a):
     # a stride or size goes through Triton once, which re-specializes or reuses its own cache.
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() & 15)
+    if hasattr(a, "block_shape") and hasattr(a, "base"):  # a host tensor descriptor (TMA)
+        return ("desc", tuple(a.block_shape), getattr(a, "layout", None), a.base.dtype, a.base.data_ptr() & 15)
     return a
 
 
