@@ -241,10 +241,9 @@ def _issue_tile(
     """cp.async of tile j into stage ``slot``, as one commit group: key words as stored, value
     rows plane-major (plane f = tokens NPK*w + f), and the tile's six metadata vectors (so no
     load of the tile loop waits on global memory). With TMA the same bytes to the same places,
-    each side on its own barrier (``_issue_keys_tma``, ``_issue_values_tma``)."""
+    as 8 tensor-memory copies signalling the slot's barrier (``_issue_tile_tma``)."""
     if TMA is not None:
-        _issue_keys_tma(j, ok, slot, stages, offs, bases, TMA)
-        _issue_values_tma(j, ok, slot, stages, offs, bases, TMA)
+        _issue_tile_tma(j, ok, slot, stages, offs, bases, NPK, TMA)
     else:
         _issue_keys(j, ok, slot, stages, offs, bases)
         _issue_values(j, ok, slot, stages, offs, bases, VW, NPK, VCOPY)
@@ -252,11 +251,13 @@ def _issue_tile(
 
 
 @jit
-def _issue_keys_tma(j, ok, slot, stages, offs, bases, LAYOUTS: tl.constexpr):
-    """The key side of tile j into stage ``slot`` by TMA (``copy="tma"``; one thread issues, the
-    slot's key barrier counts the bytes): the key words ``[D, KW]`` (a box of a ``[rows, KW]``
-    view), the key channel scales and zeros and the key token scales (1-D boxes). ``bases``
-    holds each tensor's coordinate of the program's tile 0 and its step per tile."""
+def _issue_tile_tma(j, ok, slot, stages, offs, bases, NPK: tl.constexpr, LAYOUTS: tl.constexpr):
+    """Tile j into stage ``slot`` by TMA (``copy="tma"``), one thread issuing, the slot's mbarrier
+    counting the bytes: key words ``[D, KW]`` (a box of a ``[rows, KW]`` view), value rows as
+    NPK planes ``[NPK, KW, VW]`` in one box (a 3-D view whose outer dimension is the plane f,
+    stride one row, and middle the word w, stride NPK rows: the plane-major order of the
+    cp.async path), and the six metadata vectors (1-D boxes). ``bases`` holds each tensor's
+    coordinate of the program's first tile and its step per tile (``tma_coordinates``)."""
     k_stage, v_stage, km_stage, tm_stage, c_stage = stages
     descs, bars, v_boxes = offs
     META1: tl.constexpr = LAYOUTS[2]  # 1-D view of a metadata slot (the descriptors' layout)
@@ -269,10 +270,14 @@ def _issue_keys_tma(j, ok, slot, stages, offs, bases, LAYOUTS: tl.constexpr):
     G: tl.constexpr = tm_stage.shape[1] * tm_stage.shape[2]
     md: tl.constexpr = km_stage.dtype
     KW: tl.constexpr = k_stage.shape[2]
-    NBYTES: tl.constexpr = 2 * D * KW + (md.primitive_bitwidth // 8) * (2 * D + G)
-    bar = bars.index(2 * slot)
+    VW: tl.constexpr = v_stage.shape[2]
+    NBYTES: tl.constexpr = 2 * (D * KW + G * VW) + (md.primitive_bitwidth // 8) * 3 * (D + G)
+    bar = bars.index(slot)
     mbarrier.expect(bar, NBYTES, pred=ok)
     tma.async_copy_global_to_shared(kc_d, [k_row + j * k_step, 0], bar, k_stage.index(slot), pred=ok)
+    tma.async_copy_global_to_shared(
+        vc_d, [0, v_row + j * v_step, 0], bar, v_boxes.index(slot), pred=ok
+    )
     tma.async_copy_global_to_shared(
         ka_d, [ka_o + j * ka_step], bar, km_stage.index(2 * slot)._reinterpret(md, [D], META1), pred=ok
     )
@@ -282,30 +287,6 @@ def _issue_keys_tma(j, ok, slot, stages, offs, bases, LAYOUTS: tl.constexpr):
     tma.async_copy_global_to_shared(
         kr_d, [kr_o + j * kr_step], bar, tm_stage.index(3 * slot)._reinterpret(md, [G], META1), pred=ok
     )
-
-
-@jit
-def _issue_values_tma(j, ok, slot, stages, offs, bases, LAYOUTS: tl.constexpr):
-    """The value side of tile j into stage ``slot`` by TMA, on the slot's value barrier: the
-    value rows as NPK planes ``[NPK, KW, VW]`` in one box (a 3-D view whose outer dimension is
-    the plane f, stride one row, and middle the word w, stride NPK rows: the plane-major order of
-    the cp.async path), the value token scales and zeros and the value channel scales."""
-    k_stage, v_stage, km_stage, tm_stage, c_stage = stages
-    descs, bars, v_boxes = offs
-    META1: tl.constexpr = LAYOUTS[2]
-    kc_d, vc_d, ka_d, kz_d, kr_d, va_d, vz_d, vs_d = descs
-    (
-        k_row, k_step, v_row, v_step, ka_o, ka_step, kz_o, kz_step, kr_o, kr_step,
-        va_o, va_step, vz_o, vz_step, vs_o, vs_step,
-    ) = bases  # fmt: skip
-    D: tl.constexpr = km_stage.shape[1]
-    G: tl.constexpr = tm_stage.shape[1] * tm_stage.shape[2]
-    md: tl.constexpr = km_stage.dtype
-    VW: tl.constexpr = v_stage.shape[2]
-    NBYTES: tl.constexpr = 2 * G * VW + (md.primitive_bitwidth // 8) * (2 * G + D)
-    bar = bars.index(2 * slot + 1)
-    mbarrier.expect(bar, NBYTES, pred=ok)
-    tma.async_copy_global_to_shared(vc_d, [0, v_row + j * v_step, 0], bar, v_boxes.index(slot), pred=ok)
     tma.async_copy_global_to_shared(
         va_d, [va_o + j * va_step], bar, tm_stage.index(3 * slot + 1)._reinterpret(md, [G], META1), pred=ok
     )
@@ -378,39 +359,22 @@ def _tile_step(
     k_stage, v_stage, km_stage, tm_stage, c_stage = stages
     VW: tl.constexpr = v_stage.shape[2]
     i = j - start
+    nxt = j + STAGES - 1
+    _issue_tile(nxt, nxt < end, (i + STAGES - 1) % STAGES, stages, offs, bases, VW, NPK, VCOPY, TMA)
     buf = i % STAGES
-    if TMA is not None:
-        # STAGES tiles ahead, each side refilled as soon as it has been read: the key side of
-        # tile j + STAGES while tile j's softmax and value product run. A slot's barriers
-        # complete once per use: phase = the slot's uses so far, mod 2.
-        phase = (i // STAGES) & 1
-        mbarrier.wait(offs[1].index(2 * buf), phase)
-        s0, s1, s2, s3, s4, s5, s6, s7 = _key_scores(
-            buf, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META
-        )
-        gl.thread_barrier()  # every lane has read the key slot
-        nxt = j + STAGES
-        _issue_keys_tma(nxt, nxt < end, buf, stages, offs, bases, TMA)
-        mbarrier.wait(offs[1].index(2 * buf + 1), phase)
-        m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _softmax_values(
-            s0, s1, s2, s3, s4, s5, s6, s7, buf, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages,
-            KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
-        )  # fmt: skip
-        gl.thread_barrier()  # every lane has read the value slot
-        _issue_values_tma(nxt, nxt < end, buf, stages, offs, bases, TMA)
+    if TMA is not None:  # the slot's barrier completes once per use: phase = uses so far, mod 2
+        mbarrier.wait(offs[1].index(buf), (i // STAGES) & 1)
     else:
-        nxt = j + STAGES - 1
-        _issue_tile(nxt, nxt < end, (i + STAGES - 1) % STAGES, stages, offs, bases, VW, NPK, VCOPY)
         async_copy.wait_group(STAGES - 1)  # tile j's copies have landed
         gl.thread_barrier()
-        s0, s1, s2, s3, s4, s5, s6, s7 = _key_scores(
-            buf, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META
-        )
-        m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _softmax_values(
-            s0, s1, s2, s3, s4, s5, s6, s7, buf, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages,
-            KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
-        )  # fmt: skip
-        gl.thread_barrier()  # every lane is done with stage `buf` before it is refilled
+    s0, s1, s2, s3, s4, s5, s6, s7 = _key_scores(
+        buf, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META
+    )
+    m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _softmax_values(
+        s0, s1, s2, s3, s4, s5, s6, s7, buf, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages,
+        KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
+    )  # fmt: skip
+    gl.thread_barrier()  # every lane is done with stage `buf` before it is refilled
     return m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7
 
 
@@ -814,8 +778,8 @@ def _tiles_program(
             gl.allocate_shared_memory(md, [STAGES * 3, KW, NPK], META_SMEM_2D),
             gl.allocate_shared_memory(md, [STAGES, VW, NPV], META_SMEM_2D),
         )
-        bars = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], BAR)  # (key, value) per slot
-        for sl in gl.static_range(2 * STAGES):
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], BAR)
+        for sl in gl.static_range(STAGES):
             mbarrier.init(bars.index(sl), count=1)
         fence_async_shared()
         offs = (descs, bars, v_boxes)
@@ -897,9 +861,7 @@ def _tiles_program(
                 KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
             )  # fmt: skip
     else:
-        # STAGES - 1 tiles ahead with cp.async (the slot refilled at a step's start is the one
-        # read in the step before); STAGES with TMA (each side refilled once it has been read).
-        for pre in gl.static_range(STAGES - 1 if TMA_LAYOUTS is None else STAGES):
+        for pre in gl.static_range(STAGES - 1):
             _issue_tile(start + pre, start + pre < end, pre, stages, offs, bases, VW, NPK, VCOPY, TMA_LAYOUTS)
         if INTERPRET:
             # The interpreter cannot take a loaded scalar as a range() bound under numpy 2.
@@ -919,7 +881,7 @@ def _tiles_program(
                     TMA_LAYOUTS,
                 )  # fmt: skip
     if TMA:  # every copy issued was waited for (tiles past the split's end are not issued)
-        for sl in gl.static_range(2 * STAGES):
+        for sl in gl.static_range(STAGES):
             mbarrier.invalidate(offs[1].index(sl))
     else:
         async_copy.wait_group(0)  # nothing left in flight when the program ends
