@@ -392,3 +392,16 @@ def test_subnormal_field_asm_gives_exact_scaled_codes(bits):
             assert not (lane & 0x7C00).any()  # exponent bits zero: subnormal (or zero)
             halves = lane.astype(np.uint16).view(np.float16).astype(np.float64)
             assert np.array_equal(halves * scale, (word >> (bits * j)) & ((1 << bits) - 1)), (bits, j)
+
+
+def test_decode_tc_on_a_strided_batch():
+    """Every other row of a larger storage: the per-row length vectors are strided too (the
+    kernels read row b's length at offset b, so the wrapper makes them dense)."""
+    cfg = KVarNConfig(key_bits=4, value_bits=2, tile_size=32)
+    kw = random_layer_storage(
+        batch=4, kv_heads=2, group=4, num_queries=1, head_dim=64, config=cfg, n_tiles=[2, 3, 1, 2],
+        sink_len=[32, 9, 0, 5], tail_len=[3, 0, 31, 1], capacity=4, dtype=torch.bfloat16, seed=22,
+    )  # fmt: skip
+    part = {k: (v[1::2] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    assert part["n_tiles"].stride(0) == 2
+    _check(part)

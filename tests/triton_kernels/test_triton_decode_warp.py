@@ -401,12 +401,16 @@ def test_decode_warp_rejects_unknown_value_copy():
         (4, 2, 256, 128, f16, torch.bfloat16, 1, 3, [1, 0], 3),  # one stage; one-tile and empty splits
     ],
 )
-def test_decode_warp_tma_copy_is_bit_for_bit_the_default(kb, vb, d, g, dtype, md, stages, splits, n_tiles, capacity):
+def test_decode_warp_tma_copy_is_bit_for_bit_the_default(
+    kb, vb, d, g, dtype, md, stages, splits, n_tiles, capacity
+):
     """copy="tma" moves each tile with descriptor boxes (key rows, value planes in one 3-D box,
     1-D metadata vectors) to the same stage contents as the per-lane cp.async path, so the result
     is bit for bit the default's: the coordinates of every (row, head, tile), through spare
     capacity and poisoned slots past each row's tiles (a wrong tile would bring NaN)."""
-    kw = _storage(4, 1, d, g, kb, vb, dtype, n_tiles, [g, 3], [5, g - 1], md=md, capacity=capacity, seed=kb + vb)
+    kw = _storage(
+        4, 1, d, g, kb, vb, dtype, n_tiles, [g, 3], [5, g - 1], md=md, capacity=capacity, seed=kb + vb
+    )
     default = _check(kw, num_splits=splits, stages=stages)
     tma = decode_warp.quantized_decode_attention(**kw, num_splits=splits, stages=stages, copy="tma")
     assert torch.equal(default, tma)

@@ -257,7 +257,7 @@ def _issue_tile_tma(j, ok, slot, stages, offs, bases, NPK: tl.constexpr, LAYOUTS
     NPK planes ``[NPK, KW, VW]`` in one box (a 3-D view whose outer dimension is the plane f,
     stride one row, and middle the word w, stride NPK rows: the plane-major order of the
     cp.async path), and the six metadata vectors (1-D boxes). ``bases`` holds each tensor's
-    coordinate of the program's first tile and its step per tile (``tma_coordinates``)."""
+    coordinate of the (row, head)'s tile 0 and its step per tile (set in ``_tiles_program``)."""
     k_stage, v_stage, km_stage, tm_stage, c_stage = stages
     descs, bars, v_boxes = offs
     META1: tl.constexpr = LAYOUTS[2]  # 1-D view of a metadata slot (the descriptors' layout)
@@ -275,9 +275,7 @@ def _issue_tile_tma(j, ok, slot, stages, offs, bases, NPK: tl.constexpr, LAYOUTS
     bar = bars.index(slot)
     mbarrier.expect(bar, NBYTES, pred=ok)
     tma.async_copy_global_to_shared(kc_d, [k_row + j * k_step, 0], bar, k_stage.index(slot), pred=ok)
-    tma.async_copy_global_to_shared(
-        vc_d, [0, v_row + j * v_step, 0], bar, v_boxes.index(slot), pred=ok
-    )
+    tma.async_copy_global_to_shared(vc_d, [0, v_row + j * v_step, 0], bar, v_boxes.index(slot), pred=ok)
     tma.async_copy_global_to_shared(
         ka_d, [ka_o + j * ka_step], bar, km_stage.index(2 * slot)._reinterpret(md, [D], META1), pred=ok
     )
@@ -766,7 +764,6 @@ def _tiles_program(
         # the cp.async path, each slot written through a 1-D view (``_issue_tile_tma``).
         K_TMA: tl.constexpr = TMA_LAYOUTS[0]
         V_TMA: tl.constexpr = TMA_LAYOUTS[1]
-        META1: tl.constexpr = TMA_LAYOUTS[2]
         BAR: tl.constexpr = TMA_LAYOUTS[3]
         # A tile's value planes are one TMA box [NPK, KW, VW]; the tile loop reads them as slots
         # of [STAGES * NPK, KW, VW] (the same bytes).
@@ -1119,8 +1116,12 @@ def quantized_decode_attention(
         (bsz * hkv, s1, n_rb),
         args,
         {
-            **meta, "PDL_TRIGGER": pdl, "PIPE": bool(pipeline), "DENSE_LAST": bool(dense_last),
-            "TMA": use_tma, "TMA_LAYOUTS": tma_layouts,
+            **meta,
+            "PDL_TRIGGER": pdl,
+            "PIPE": bool(pipeline),
+            "DENSE_LAST": bool(dense_last),
+            "TMA": use_tma,
+            "TMA_LAYOUTS": tma_layouts,
         },  # fmt: skip
         num_warps=1,
         **options,
@@ -1131,7 +1132,7 @@ def quantized_decode_attention(
 
 def _extent(x: torch.Tensor) -> int:
     """Elements from ``x``'s first to one past its last (a strided view's span of storage)."""
-    return 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
+    return 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride(), strict=True))
 
 
 def _tma_swizzle(row_bytes: int, what: str) -> int:
@@ -1158,10 +1159,15 @@ def tma_descriptors(storage: dict, head_dim: int, tile_size: int, key_bits: int,
     npk = 16 // key_bits
     k16 = storage["k_codes"].view(torch.int16)
     v16 = storage["v_codes"].view(torch.int16)
-    meta = [storage[n] for n in ("k_scale", "k_zero", "k_token_scale", "v_scale", "v_zero", "v_channel_scale")]
-    md = meta[0].dtype
-    k_layout = NVMMASharedLayout(swizzle_byte_width=_tma_swizzle(2 * kw, "key word"), element_bitwidth=16, rank=2)
-    v_layout = NVMMASharedLayout(swizzle_byte_width=_tma_swizzle(2 * vw, "value"), element_bitwidth=16, rank=3)
+    meta = [
+        storage[n] for n in ("k_scale", "k_zero", "k_token_scale", "v_scale", "v_zero", "v_channel_scale")
+    ]
+    k_layout = NVMMASharedLayout(
+        swizzle_byte_width=_tma_swizzle(2 * kw, "key word"), element_bitwidth=16, rank=2
+    )
+    v_layout = NVMMASharedLayout(
+        swizzle_byte_width=_tma_swizzle(2 * vw, "value"), element_bitwidth=16, rank=3
+    )
     m_layout = NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * meta[0].element_size(), rank=1)
 
     def whole(name, x, unit):
@@ -1177,8 +1183,9 @@ def tma_descriptors(storage: dict, head_dim: int, tile_size: int, key_bits: int,
 
     whole("k_codes", k16, kw)
     whole("v_codes", v16, npk * vw)
-    for name, x in zip(("k_scale", "k_zero", "k_token_scale", "v_scale", "v_zero", "v_channel_scale"), meta):
-        whole(name, x, 8)  # 16-byte aligned vectors (8 float16 / 4 float32 elements: 8 covers both)
+    names = ("k_scale", "k_zero", "k_token_scale", "v_scale", "v_zero", "v_channel_scale")
+    for name, x in zip(names, meta, strict=True):
+        whole(name, x, 16 // x.element_size())  # each vector's box starts on a 16-byte boundary
     if interpreting():
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -1195,8 +1202,11 @@ def tma_descriptors(storage: dict, head_dim: int, tile_size: int, key_bits: int,
     descs = [
         desc(torch.as_strided(k16, (k_rows, kw), (kw, 1)), [k_rows, kw], [kw, 1], [head_dim, kw], k_layout),
         desc(
-            torch.as_strided(v16, (npk, v_groups, vw), (vw, npk * vw, 1)), [npk, v_groups, vw],
-            [vw, npk * vw, 1], [npk, kw, vw], v_layout,
+            torch.as_strided(v16, (npk, v_groups, vw), (vw, npk * vw, 1)),
+            [npk, v_groups, vw],
+            [vw, npk * vw, 1],
+            [npk, kw, vw],
+            v_layout,
         ),  # fmt: skip
     ]
     for x in meta:

@@ -27,7 +27,13 @@ def _arg_key(a):
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() & 15)
     if hasattr(a, "block_shape") and hasattr(a, "base"):  # a host tensor descriptor (TMA)
-        return ("desc", tuple(a.block_shape), getattr(a, "layout", None), a.base.dtype, a.base.data_ptr() & 15)
+        return (
+            "desc",
+            tuple(a.block_shape),
+            getattr(a, "layout", None),
+            a.base.dtype,
+            a.base.data_ptr() & 15,
+        )
     return a
 
 
