@@ -568,7 +568,7 @@ def _decode_warp_kernel(
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
     TOK_META: tl.constexpr, CH_META: tl.constexpr, DENSE_COPY: tl.constexpr, DENSE_SMEM: tl.constexpr,
     PDL_TRIGGER: tl.constexpr = False, VCOPY: tl.constexpr = 0, PIPE: tl.constexpr = False,
-    DENSE_LAST: tl.constexpr = False, TMA: tl.constexpr = False, TMA_LAYOUTS: tl.constexpr = None,
+    DENSE_LAST: tl.constexpr = False, TMA_LAYOUTS: tl.constexpr = None,
 ):  # fmt: skip
     """Program (KV row bh, column program_id(1), row block program_id(2)) of one warp. Columns
     0 .. ND-1 attend to the 16-bit segments in chunks of TC tokens (``_dense_chunk``: the new
@@ -623,7 +623,7 @@ def _decode_warp_kernel(
             ntiles_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale, NUM_SPLITS, b, b64, h, h64, col - ND + 1, rb, slot0,
             GROUP, L, D, G, KB, VB, N, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP,
             K_COPY, V_COPY, D_COPY, T_COPY, C_COPY, K_SMEM, V_SMEM, META_SMEM_1D, META_SMEM_2D, TOK_META, CH_META,
-            VCOPY, PIPE, (kc_desc, vc_desc, ka_desc, kz_desc, kr_desc, va_desc, vz_desc, vs_desc), TMA, TMA_LAYOUTS,
+            VCOPY, PIPE, (kc_desc, vc_desc, ka_desc, kz_desc, kr_desc, va_desc, vz_desc, vs_desc), TMA_LAYOUTS,
         )  # fmt: skip
 
 
@@ -706,9 +706,10 @@ def _tiles_program(
     V_COPY: tl.constexpr, D_COPY: tl.constexpr, T_COPY: tl.constexpr, C_COPY: tl.constexpr,
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
     TOK_META: tl.constexpr, CH_META: tl.constexpr, VCOPY: tl.constexpr, PIPE: tl.constexpr,
-    descs=None, TMA: tl.constexpr = False, TMA_LAYOUTS: tl.constexpr = None,
+    descs=None, TMA_LAYOUTS: tl.constexpr = None,
 ):  # fmt: skip
-    """Split ``split`` (1-based) of the (row, KV head)'s packed tiles, as one partial at ``slot0``."""
+    """Split ``split`` (1-based) of the (row, KV head)'s packed tiles, as one partial at ``slot0``.
+    With ``TMA_LAYOUTS`` (``tma_descriptors``' shared layouts) the tiles come by TMA (``descs``)."""
     NPK: tl.constexpr = 16 // KB
     KW: tl.constexpr = G // NPK  # key words per channel row = tokens per key plane
     NPV: tl.constexpr = 16 // VB
@@ -759,7 +760,7 @@ def _tiles_program(
         + gl.arange(0, NPV, layout=gl.SliceLayout(0, C_COPY))[None, :]
     )
     md = ka_ptr.dtype.element_ty
-    if TMA:
+    if TMA_LAYOUTS is not None:
         # The code stages in the descriptors' (NVMMA-swizzled) layouts; the metadata stages as in
         # the cp.async path, each slot written through a 1-D view (``_issue_tile_tma``).
         K_TMA: tl.constexpr = TMA_LAYOUTS[0]
@@ -877,7 +878,9 @@ def _tiles_program(
                     KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
                     TMA_LAYOUTS,
                 )  # fmt: skip
-    if TMA:  # every copy issued was waited for (tiles past the split's end are not issued)
+    if (
+        TMA_LAYOUTS is not None
+    ):  # every copy issued was waited for (tiles past the split's end are not issued)
         for sl in gl.static_range(STAGES):
             mbarrier.invalidate(offs[1].index(sl))
     else:
@@ -1089,8 +1092,7 @@ def quantized_decode_attention(
     out = output_buffer(out, (bsz, hq, nq, hd), query.dtype, dev)
     if copy not in COPIES:
         raise ValueError(f"copy={copy!r}: expected one of {COPIES}")
-    use_tma = copy == "tma"
-    if use_tma:
+    if copy == "tma":
         if pipeline or value_copy != "planes":
             raise ValueError("copy='tma' takes neither pipeline=True nor value_copy='coalesced'")
         if dev.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(dev)[0] < 9:
@@ -1120,7 +1122,6 @@ def quantized_decode_attention(
             "PDL_TRIGGER": pdl,
             "PIPE": bool(pipeline),
             "DENSE_LAST": bool(dense_last),
-            "TMA": use_tma,
             "TMA_LAYOUTS": tma_layouts,
         },  # fmt: skip
         num_warps=1,
@@ -1159,9 +1160,8 @@ def tma_descriptors(storage: dict, head_dim: int, tile_size: int, key_bits: int,
     npk = 16 // key_bits
     k16 = storage["k_codes"].view(torch.int16)
     v16 = storage["v_codes"].view(torch.int16)
-    meta = [
-        storage[n] for n in ("k_scale", "k_zero", "k_token_scale", "v_scale", "v_zero", "v_channel_scale")
-    ]
+    names = ("k_scale", "k_zero", "k_token_scale", "v_scale", "v_zero", "v_channel_scale")
+    meta = [storage[n] for n in names]
     k_layout = NVMMASharedLayout(
         swizzle_byte_width=_tma_swizzle(2 * kw, "key word"), element_bitwidth=16, rank=2
     )
@@ -1170,7 +1170,8 @@ def tma_descriptors(storage: dict, head_dim: int, tile_size: int, key_bits: int,
     )
     m_layout = NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * meta[0].element_size(), rank=1)
 
-    def whole(name, x, unit):
+    def checked_extent(name, x, unit):
+        """``_extent(x)`` once ``x`` passes the TMA path's limits."""
         if any(st % unit for st in x.stride()[:3]):
             raise ValueError(
                 f"copy='tma': {name} has strides {tuple(x.stride())} (elements); the leading three must "
@@ -1178,14 +1179,15 @@ def tma_descriptors(storage: dict, head_dim: int, tile_size: int, key_bits: int,
             )
         if x.data_ptr() % 16:
             raise ValueError(f"copy='tma': {name} does not start on a 16-byte boundary")
-        if _extent(x) >= 2**31:
-            raise ValueError(f"copy='tma': {name} spans {_extent(x)} elements, past int32 coordinates")
+        n = _extent(x)
+        if n >= 2**31:
+            raise ValueError(f"copy='tma': {name} spans {n} elements, past int32 coordinates")
+        return n
 
-    whole("k_codes", k16, kw)
-    whole("v_codes", v16, npk * vw)
-    names = ("k_scale", "k_zero", "k_token_scale", "v_scale", "v_zero", "v_channel_scale")
-    for name, x in zip(names, meta, strict=True):
-        whole(name, x, 16 // x.element_size())  # each vector's box starts on a 16-byte boundary
+    k_rows = checked_extent("k_codes", k16, kw) // kw
+    v_groups = checked_extent("v_codes", v16, npk * vw) // (npk * vw)
+    # each metadata vector's box starts on a 16-byte boundary
+    m_extents = [checked_extent(n, x, 16 // x.element_size()) for n, x in zip(names, meta, strict=True)]
     if interpreting():
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -1197,8 +1199,6 @@ def tma_descriptors(storage: dict, head_dim: int, tile_size: int, key_bits: int,
         def desc(base, shape, strides, block, layout):
             return TensorDescriptor(base, shape, strides, block, layout)
 
-    k_rows = _extent(k16) // kw
-    v_groups = _extent(v16) // (npk * vw)
     descs = [
         desc(torch.as_strided(k16, (k_rows, kw), (kw, 1)), [k_rows, kw], [kw, 1], [head_dim, kw], k_layout),
         desc(
@@ -1209,8 +1209,7 @@ def tma_descriptors(storage: dict, head_dim: int, tile_size: int, key_bits: int,
             v_layout,
         ),  # fmt: skip
     ]
-    for x in meta:
-        n = _extent(x)
+    for x, n in zip(meta, m_extents, strict=True):
         descs.append(desc(torch.as_strided(x, (n,), (1,)), [n], [1], [x.shape[-1]], m_layout))
     v_planes = NVMMASharedLayout(swizzle_byte_width=v_layout.swizzle_byte_width, element_bitwidth=16, rank=2)
     return descs, (k_layout, v_layout, m_layout, MBarrierLayout(), v_planes)

@@ -133,27 +133,6 @@ def allocate_shared_memory(dtype, shape, layout=None, value=None):
     return SharedMemory(dtype, shape)
 
 
-class SharedSlots:
-    """Slots [start, start + length) of an allocation, written whole (a TMA box whose leading
-    dimension spans slots): slot start + i takes the box's i-th leading slice."""
-
-    def __init__(self, memory: SharedMemory, start: int, length: int):
-        self.memory, self.start, self.length = memory, start, length
-
-    def store(self, value):
-        n = value.shape[0]
-        for i in range(self.length):
-            pick = tl.arange(0, n)[:, None, None] == i
-            part = tl.sum(tl.where(pick, value, 0), axis=0).to(value.dtype)
-            self.memory.slots[self.start + i] = part
-
-
-def _memory_slice(self, start, length, dim=0):
-    if _slot(dim) != 0:
-        raise NotImplementedError("slice: only the leading (slot) dimension is modelled")
-    return SharedSlots(self, _slot(start), _slot(length))
-
-
 def _view_reinterpret(self, dtype, shape, layout):
     """Same bytes seen with another shape: the model keeps values, so only a slot holding a
     tensor of ``shape``'s element count is re-shaped when it is read or written."""
@@ -199,7 +178,6 @@ class SlotPart:
         return tl.trans(value) if self.transposed else value
 
 
-SharedMemory.slice = _memory_slice
 SharedMemory._reinterpret = _memory_reinterpret
 SharedView._reinterpret = _view_reinterpret
 
@@ -227,10 +205,6 @@ class tma:  # noqa: N801 (stands in for the ``tma`` module)
 
 class mbarrier:  # noqa: N801 (stands in for the ``mbarrier`` module)
     """Barriers have nothing to wait for: a copy has landed when its call returns."""
-
-    @staticmethod
-    def MBarrierLayout():  # noqa: N802
-        return None
 
     @staticmethod
     def init(bar, count):
