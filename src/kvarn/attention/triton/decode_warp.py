@@ -878,9 +878,8 @@ def _tiles_program(
                     KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
                     TMA_LAYOUTS,
                 )  # fmt: skip
-    if (
-        TMA_LAYOUTS is not None
-    ):  # every copy issued was waited for (tiles past the split's end are not issued)
+    # Every copy issued was waited for (tiles past the split's end are not issued).
+    if TMA_LAYOUTS is not None:
         for sl in gl.static_range(STAGES):
             mbarrier.invalidate(offs[1].index(sl))
     else:
