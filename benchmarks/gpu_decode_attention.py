@@ -196,6 +196,8 @@ def run_case(
     t_warp = bench_graph(warp)
     t_warp_eager = bench(warp)
     warp_info = describe(decode_warp.LAST_LAUNCH[0])
+    # the per-lane cp.async copy (the default before session 8, and off sm_90), side by side
+    t_warp_cp = bench_graph(lambda: decode_warp.quantized_decode_attention(q, **st, copy="cp.async"))
     warp_splits = decode_warp.default_num_splits(batch, HKV, 1, dev, decode_warp.PROGRAMS_PER_SM)
     warp_vs_tc = relative_error(warp(), tc())
     best = sweep(ctx, batch, q, st, splits, variants, split_counts) if do_sweep else (t_tc, "default")
@@ -241,6 +243,7 @@ def run_case(
         batch=batch,
         warp_gpu_us=t_warp * 1e3,
         warp_eager_us=t_warp_eager * 1e3,
+        warp_cpasync_gpu_us=t_warp_cp * 1e3,
         warp_speedup=t_sdpa / t_warp,
         warp_frac_copy=b_warp / t_warp / 1e6 / copy_gbs,
         warp_splits=warp_splits,
@@ -305,8 +308,14 @@ def main() -> None:
     k1 = torch.randn(1, HKV, 256, D, device="cuda", dtype=torch.bfloat16)
     host_tc = host_us_per_call(lambda: decode_tc.quantized_decode_attention(q1, **tiny))
     host_warp = host_us_per_call(lambda: decode_warp.quantized_decode_attention(q1, **tiny))
+    host_warp_cp = host_us_per_call(
+        lambda: decode_warp.quantized_decode_attention(q1, **tiny, copy="cp.async")
+    )
     host_sdpa = host_us_per_call(lambda: F.scaled_dot_product_attention(q1, k1, k1, enable_gqa=True))
-    print(f"host us/call (tiny problem, eager): warp {host_warp:.1f}, tc {host_tc:.1f}, SDPA {host_sdpa:.1f}")
+    print(
+        f"host us/call (tiny problem, eager): warp {host_warp:.1f} (cp.async {host_warp_cp:.1f}), "
+        f"tc {host_tc:.1f}, SDPA {host_sdpa:.1f}"
+    )
     rows = []
     for ctx in args.contexts:
         for batch in args.batches:
@@ -321,7 +330,7 @@ def main() -> None:
             print(
                 f"ctx {ctx:>6} B {batch:>2}: warp GPU {r['warp_gpu_us']:8.1f} us (eager {r['warp_eager_us']:8.1f}), "
                 f"{100 * r['warp_frac_copy']:3.0f}% copy, {r['warp_speedup']:4.2f}x SDPA, {r['warp_kernel']} "
-                f"splits {r['warp_splits']}, vs tc {r['warp_vs_tc']:.1e}",
+                f"splits {r['warp_splits']}, vs tc {r['warp_vs_tc']:.1e}; cp.async GPU {r['warp_cpasync_gpu_us']:.1f} us",
                 flush=True,
             )
             print(
@@ -332,17 +341,21 @@ def main() -> None:
                 flush=True,
             )
     print()
-    print(f"host us/call (tiny problem, eager): warp {host_warp:.1f}, tc {host_tc:.1f}, SDPA {host_sdpa:.1f}")
     print(
-        "| context | batch | K4V2 warp GPU (us) | speedup vs SDPA | warp % copy BW | warp eager (us) "
+        f"host us/call (tiny problem, eager): warp {host_warp:.1f} (cp.async {host_warp_cp:.1f}), "
+        f"tc {host_tc:.1f}, SDPA {host_sdpa:.1f}"
+    )
+    print(
+        "| context | batch | K4V2 warp GPU (us) | speedup vs SDPA | warp % copy BW | warp cp.async GPU (us) "
+        "| warp eager (us) "
         "| K4V2 tc GPU (us) | SDPA GPU (us) | tc speedup | best tc (us) | best speedup "
         "| tc % copy BW (best) | SDPA % copy BW | tc eager (us) | SDPA eager (us) | dequant+SDPA eager (us) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['context']} | {r['batch']} | {r['warp_gpu_us']:.1f} | {r['warp_speedup']:.2f}x | "
-            f"{100 * r['warp_frac_copy']:.0f}% | {r['warp_eager_us']:.1f} | "
+            f"{100 * r['warp_frac_copy']:.0f}% | {r['warp_cpasync_gpu_us']:.1f} | {r['warp_eager_us']:.1f} | "
             f"{r['tc_gpu_us']:.1f} | {r['sdpa_gpu_us']:.1f} | "
             f"{r['speedup_gpu']:.2f}x | {r['tc_best_us']:.1f} | {r['speedup_best']:.2f}x | "
             f"{100 * r['tc_frac_copy']:.0f}% ({100 * r['tc_best_frac_copy']:.0f}%) | {100 * r['sdpa_frac_copy']:.0f}% | "

@@ -457,7 +457,7 @@ def main() -> int:
         (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"maxnreg": 128}}),
         (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"tc_launch": {"dense_chunk": 64}}),
         # warp launch variants (the other kernels skip these; the "splits" cases above run on warp
-        # too). Defaults: 8 rows per program, 2 stages, the wave-model split count, second operands
+        # too). Defaults: 8 rows per program, TMA with 1 stage on sm_90 (else cp.async, 2 stages), the wave-model split count, second operands
         # for float16 only. (The split count goes in "splits", never in the launch dict.)
         (bf, 128, 128, 4, 3, 4, 4, 2, 40, {"warp_launch": {"rows_per_program": 16}}),
         (f16, 128, 128, 8, 3, 3, 4, 2, 40, {"warp_launch": {"rows_per_program": 16}}),  # 24 rows: 16 + 8
@@ -518,6 +518,12 @@ def main() -> int:
         ),
         (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"splits": 2, "warp_launch": {"copy": "tma", "stages": 4}}),
         (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"warp_launch": {"copy": "tma", "stages": 1}}),
+        # per-lane cp.async asked for (session 8: on sm_90 the default launch is TMA, 1 stage)
+        (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"warp_launch": {"copy": "cp.async"}}),
+        (f16, 128, 128, 2, 3, 1, 2, 4, 40, {"warp_launch": {"copy": "cp.async"}}),
+        (bf, 128, 64, 4, 3, 1, 8, 8, 40, {"warp_launch": {"copy": "cp.async", "stages": 1}}),
+        (f16, 256, 128, 4, 2, 1, 4, 2, 20, {"warp_launch": {"copy": "cp.async", "stages": 3}}),
+        (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"splits": 2, "warp_launch": {"copy": "cp.async"}}),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]
@@ -554,7 +560,8 @@ def main() -> int:
             check_cuda_graph("warp", {"merge_pdl": True})
             check_cuda_graph("warp", {"value_copy": "coalesced"})
             check_cuda_graph("warp", {"pipeline": True})
-            check_cuda_graph("warp", {"copy": "tma"})
+            check_cuda_graph("warp", {"copy": "tma", "stages": 2})
+            check_cuda_graph("warp", {"copy": "cp.async"})
     # One verdict line per decode kernel (scripts and dispatch decisions read these).
     for kernel in args.decode_kernels.split(","):
         bad = [f for f in FAILURES if f"[{kernel}]" in f]

@@ -440,3 +440,30 @@ def test_decode_warp_tma_copy_rejects_what_it_cannot_take():
         decode_warp.quantized_decode_attention(**kw, copy="tma", value_copy="coalesced")
     with pytest.raises(ValueError, match="copy='bulk'"):
         decode_warp.quantized_decode_attention(**kw, copy="bulk")
+
+
+def test_decode_warp_default_copy_takes_tma_only_where_it_applies(monkeypatch):
+    """copy=None picks TMA on a GPU of compute capability 9.0+ for storage the descriptors take,
+    and the per-lane cp.async path everywhere else: older GPUs, the software pipeline, the
+    coalesced value copy, rows TMA cannot take (here 256-byte value rows), the interpreter
+    and the CPU. The choice is made on the host, so a CUDA device of each capability is
+    simulated (no GPU is touched: the descriptors are host objects)."""
+    cuda = torch.device("cuda")
+    kw = _storage(2, 1, 128, 128, 4, 2, bf16, [2, 1], [3, 3], [1, 1])
+    storage = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor) and k != "query"}
+    args = (storage, 128, 128, 4, 2)
+    assert decode_warp.default_copy(*args, torch.device("cpu"), False, "planes")[0] == "cp.async"
+    assert decode_warp.default_copy(*args, cuda, False, "planes")[0] == "cp.async"  # interpreting
+    monkeypatch.setattr(decode_warp, "interpreting", lambda: False)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    copy, descs, layouts = decode_warp.default_copy(*args, cuda, False, "planes")
+    assert copy == "tma" and len(descs) == 8 and len(layouts) == 5
+    assert [d.block_shape for d in descs[:2]] == [[128, 32], [4, 32, 16]]  # key rows, value planes
+    assert decode_warp.default_copy(*args, cuda, True, "planes")[0] == "cp.async"
+    assert decode_warp.default_copy(*args, cuda, False, "coalesced")[0] == "cp.async"
+    wide = _storage(2, 1, 256, 64, 4, 8, bf16, [1, 1], [3, 3], [1, 1])
+    wide = {k: v for k, v in wide.items() if isinstance(v, torch.Tensor) and k != "query"}
+    assert decode_warp.default_copy(wide, 256, 64, 4, 8, cuda, False, "planes") == ("cp.async", None, None)
+    capability[0] = (8, 0)
+    assert decode_warp.default_copy(*args, cuda, False, "planes") == ("cp.async", None, None)

@@ -10,7 +10,7 @@ instructions per tile of 128 tokens). Here, per tile (docs/gpu_decode_notes.md, 
 * Both products run transposed, ``S^T = codes_k^T @ (q * a_k)^T`` and ``O^T = codes_v^T @ (p * a_v)^T``,
   so the codes are the A operand (M = 16 words, rows of the MMA) and the queries the N side
   (``mma.m16n8k16``: N = 8, group 4 pads to 8, not 16).
-* Codes go from global memory to shared memory by ``cp.async`` (``STAGES`` tiles in flight) and
+* Codes go from global memory to shared memory by ``cp.async`` (``stages`` tiles in flight) and
   come back with ``ldmatrix.trans`` straight into the A-operand registers; one ``and`` per two codes
   (plus one shift for fields above mantissa bit 10) makes them subnormal float16 operands
   ``code * 2**(s-24)`` (decode_tc's "subnormal" code operands), the power of two folded into the
@@ -98,12 +98,15 @@ MAX_SPLITS = 264
 DEFAULT_MAX_SPLITS = decode_tc.MAX_SPLITS
 # Query rows per program (the MMA's N): 8 fills one n8 tile (group 4 x 1 query pads to 8).
 ROWS_PER_PROGRAM = 8
-# Tiles in flight per program (cp.async stages).
-STAGES = 2
 # How value rows are copied to the plane-major stage (launch option ``value_copy``; index = VCOPY).
 VALUE_COPIES = ("planes", "coalesced")
 # How a tile reaches shared memory (launch option ``copy``): per-lane cp.async, or TMA (sm_90+).
 COPIES = ("cp.async", "tma")
+# Tiles in flight per copy path: cp.async refills a slot one step after it was read, so it needs
+# two; TMA refills each side of a slot as soon as it has been read (``_tile_step``), and one slot
+# (16 KB per program at K4V2 D = G = 128) measured faster than two on the H200 (session 8:
+# 128k x 1 48.3 vs 52.6 us, 32k x 8 76.4 vs 80.7).
+DEFAULT_STAGES = {"cp.async": 2, "tma": 1}
 # Last compiled launch (registers, spills) for benchmark diagnostics.
 LAST_LAUNCH: list = [None]
 
@@ -241,9 +244,10 @@ def _issue_tile(
     """cp.async of tile j into stage ``slot``, as one commit group: key words as stored, value
     rows plane-major (plane f = tokens NPK*w + f), and the tile's six metadata vectors (so no
     load of the tile loop waits on global memory). With TMA the same bytes to the same places,
-    as 8 tensor-memory copies signalling the slot's barrier (``_issue_tile_tma``)."""
+    each side on its own barrier (``_issue_keys_tma``, ``_issue_values_tma``)."""
     if TMA is not None:
-        _issue_tile_tma(j, ok, slot, stages, offs, bases, NPK, TMA)
+        _issue_keys_tma(j, ok, slot, stages, offs, bases, TMA)
+        _issue_values_tma(j, ok, slot, stages, offs, bases, TMA)
     else:
         _issue_keys(j, ok, slot, stages, offs, bases)
         _issue_values(j, ok, slot, stages, offs, bases, VW, NPK, VCOPY)
@@ -251,13 +255,12 @@ def _issue_tile(
 
 
 @jit
-def _issue_tile_tma(j, ok, slot, stages, offs, bases, NPK: tl.constexpr, LAYOUTS: tl.constexpr):
-    """Tile j into stage ``slot`` by TMA (``copy="tma"``), one thread issuing, the slot's mbarrier
-    counting the bytes: key words ``[D, KW]`` (a box of a ``[rows, KW]`` view), value rows as
-    NPK planes ``[NPK, KW, VW]`` in one box (a 3-D view whose outer dimension is the plane f,
-    stride one row, and middle the word w, stride NPK rows: the plane-major order of the
-    cp.async path), and the six metadata vectors (1-D boxes). ``bases`` holds each tensor's
-    coordinate of the (row, head)'s tile 0 and its step per tile (set in ``_tiles_program``)."""
+def _issue_keys_tma(j, ok, slot, stages, offs, bases, LAYOUTS: tl.constexpr):
+    """The key side of tile j into stage ``slot`` by TMA (``copy="tma"``; one thread issues, the
+    slot's key barrier counts the bytes): the key words ``[D, KW]`` (a box of a ``[rows, KW]``
+    view), the key channel scales and zeros and the key token scales (1-D boxes). ``bases``
+    holds each tensor's coordinate of the (row, head)'s tile 0 and its step per tile (set in
+    ``_tiles_program``)."""
     k_stage, v_stage, km_stage, tm_stage, c_stage = stages
     descs, bars, v_boxes = offs
     META1: tl.constexpr = LAYOUTS[2]  # 1-D view of a metadata slot (the descriptors' layout)
@@ -270,12 +273,10 @@ def _issue_tile_tma(j, ok, slot, stages, offs, bases, NPK: tl.constexpr, LAYOUTS
     G: tl.constexpr = tm_stage.shape[1] * tm_stage.shape[2]
     md: tl.constexpr = km_stage.dtype
     KW: tl.constexpr = k_stage.shape[2]
-    VW: tl.constexpr = v_stage.shape[2]
-    NBYTES: tl.constexpr = 2 * (D * KW + G * VW) + (md.primitive_bitwidth // 8) * 3 * (D + G)
-    bar = bars.index(slot)
+    NBYTES: tl.constexpr = 2 * D * KW + (md.primitive_bitwidth // 8) * (2 * D + G)
+    bar = bars.index(2 * slot)
     mbarrier.expect(bar, NBYTES, pred=ok)
     tma.async_copy_global_to_shared(kc_d, [k_row + j * k_step, 0], bar, k_stage.index(slot), pred=ok)
-    tma.async_copy_global_to_shared(vc_d, [0, v_row + j * v_step, 0], bar, v_boxes.index(slot), pred=ok)
     tma.async_copy_global_to_shared(
         ka_d, [ka_o + j * ka_step], bar, km_stage.index(2 * slot)._reinterpret(md, [D], META1), pred=ok
     )
@@ -285,6 +286,30 @@ def _issue_tile_tma(j, ok, slot, stages, offs, bases, NPK: tl.constexpr, LAYOUTS
     tma.async_copy_global_to_shared(
         kr_d, [kr_o + j * kr_step], bar, tm_stage.index(3 * slot)._reinterpret(md, [G], META1), pred=ok
     )
+
+
+@jit
+def _issue_values_tma(j, ok, slot, stages, offs, bases, LAYOUTS: tl.constexpr):
+    """The value side of tile j into stage ``slot`` by TMA, on the slot's value barrier: the
+    value rows as NPK planes ``[NPK, KW, VW]`` in one box (a 3-D view whose outer dimension is
+    the plane f, stride one row, and middle the word w, stride NPK rows: the plane-major order of
+    the cp.async path), the value token scales and zeros and the value channel scales."""
+    k_stage, v_stage, km_stage, tm_stage, c_stage = stages
+    descs, bars, v_boxes = offs
+    META1: tl.constexpr = LAYOUTS[2]
+    kc_d, vc_d, ka_d, kz_d, kr_d, va_d, vz_d, vs_d = descs
+    (
+        k_row, k_step, v_row, v_step, ka_o, ka_step, kz_o, kz_step, kr_o, kr_step,
+        va_o, va_step, vz_o, vz_step, vs_o, vs_step,
+    ) = bases  # fmt: skip
+    D: tl.constexpr = km_stage.shape[1]
+    G: tl.constexpr = tm_stage.shape[1] * tm_stage.shape[2]
+    md: tl.constexpr = km_stage.dtype
+    VW: tl.constexpr = v_stage.shape[2]
+    NBYTES: tl.constexpr = 2 * G * VW + (md.primitive_bitwidth // 8) * (2 * G + D)
+    bar = bars.index(2 * slot + 1)
+    mbarrier.expect(bar, NBYTES, pred=ok)
+    tma.async_copy_global_to_shared(vc_d, [0, v_row + j * v_step, 0], bar, v_boxes.index(slot), pred=ok)
     tma.async_copy_global_to_shared(
         va_d, [va_o + j * va_step], bar, tm_stage.index(3 * slot + 1)._reinterpret(md, [G], META1), pred=ok
     )
@@ -357,22 +382,39 @@ def _tile_step(
     k_stage, v_stage, km_stage, tm_stage, c_stage = stages
     VW: tl.constexpr = v_stage.shape[2]
     i = j - start
-    nxt = j + STAGES - 1
-    _issue_tile(nxt, nxt < end, (i + STAGES - 1) % STAGES, stages, offs, bases, VW, NPK, VCOPY, TMA)
     buf = i % STAGES
-    if TMA is not None:  # the slot's barrier completes once per use: phase = uses so far, mod 2
-        mbarrier.wait(offs[1].index(buf), (i // STAGES) & 1)
+    if TMA is not None:
+        # STAGES tiles ahead, each side refilled as soon as it has been read: the key side of
+        # tile j + STAGES while tile j's softmax and value product run. A slot's barriers
+        # complete once per use: phase = the slot's uses so far, mod 2.
+        phase = (i // STAGES) & 1
+        mbarrier.wait(offs[1].index(2 * buf), phase)
+        s0, s1, s2, s3, s4, s5, s6, s7 = _key_scores(
+            buf, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META
+        )
+        gl.thread_barrier()  # every lane has read the key slot
+        nxt = j + STAGES
+        _issue_keys_tma(nxt, nxt < end, buf, stages, offs, bases, TMA)
+        mbarrier.wait(offs[1].index(2 * buf + 1), phase)
+        m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _softmax_values(
+            s0, s1, s2, s3, s4, s5, s6, s7, buf, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages,
+            KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
+        )  # fmt: skip
+        gl.thread_barrier()  # every lane has read the value slot
+        _issue_values_tma(nxt, nxt < end, buf, stages, offs, bases, TMA)
     else:
+        nxt = j + STAGES - 1
+        _issue_tile(nxt, nxt < end, (i + STAGES - 1) % STAGES, stages, offs, bases, VW, NPK, VCOPY)
         async_copy.wait_group(STAGES - 1)  # tile j's copies have landed
         gl.thread_barrier()
-    s0, s1, s2, s3, s4, s5, s6, s7 = _key_scores(
-        buf, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META
-    )
-    m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _softmax_values(
-        s0, s1, s2, s3, s4, s5, s6, s7, buf, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages,
-        KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
-    )  # fmt: skip
-    gl.thread_barrier()  # every lane is done with stage `buf` before it is refilled
+        s0, s1, s2, s3, s4, s5, s6, s7 = _key_scores(
+            buf, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META
+        )
+        m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _softmax_values(
+            s0, s1, s2, s3, s4, s5, s6, s7, buf, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages,
+            KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
+        )  # fmt: skip
+        gl.thread_barrier()  # every lane is done with stage `buf` before it is refilled
     return m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7
 
 
@@ -776,8 +818,8 @@ def _tiles_program(
             gl.allocate_shared_memory(md, [STAGES * 3, KW, NPK], META_SMEM_2D),
             gl.allocate_shared_memory(md, [STAGES, VW, NPV], META_SMEM_2D),
         )
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], BAR)
-        for sl in gl.static_range(STAGES):
+        bars = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], BAR)  # (key, value) per slot
+        for sl in gl.static_range(2 * STAGES):
             mbarrier.init(bars.index(sl), count=1)
         fence_async_shared()
         offs = (descs, bars, v_boxes)
@@ -859,7 +901,9 @@ def _tiles_program(
                 KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
             )  # fmt: skip
     else:
-        for pre in gl.static_range(STAGES - 1):
+        # STAGES - 1 tiles ahead with cp.async (the slot refilled at a step's start is the one
+        # read in the step before); STAGES with TMA (each side refilled once it has been read).
+        for pre in gl.static_range(STAGES - 1 if TMA_LAYOUTS is None else STAGES):
             _issue_tile(start + pre, start + pre < end, pre, stages, offs, bases, VW, NPK, VCOPY, TMA_LAYOUTS)
         if INTERPRET:
             # The interpreter cannot take a loaded scalar as a range() bound under numpy 2.
@@ -880,7 +924,7 @@ def _tiles_program(
                 )  # fmt: skip
     # Every copy issued was waited for (tiles past the split's end are not issued).
     if TMA_LAYOUTS is not None:
-        for sl in gl.static_range(STAGES):
+        for sl in gl.static_range(2 * STAGES):
             mbarrier.invalidate(offs[1].index(sl))
     else:
         async_copy.wait_group(0)  # nothing left in flight when the program ends
@@ -1026,7 +1070,7 @@ def quantized_decode_attention(
     num_splits: int | None = None, rows_per_program: int | None = None, stages: int | None = None,
     qa_split: bool | None = None, pa_split: bool | None = None, merge_pdl: bool = False,
     value_copy: str = "planes", max_registers: int | None = None, pipeline: bool = False,
-    dense_last: bool = True, copy: str = "cp.async",
+    dense_last: bool = True, copy: str | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract;
     the same as ``decode_tc.quantized_decode_attention``), in one launch of this module's one-warp
@@ -1051,9 +1095,13 @@ def quantized_decode_attention(
     result bit for bit), so a one-wave launch starts every tile program at once and the short
     16-bit programs fill the slots that empty splits leave (H200: 79.3 vs 80.8 us at 32k x 8,
     equal at 128k x 1 and 32k x 1; docs/gpu.md session 6). ``copy`` (``COPIES``): how a tile
-    reaches shared memory: "cp.async" (default: every lane copies 16-byte pieces) or "tma"
-    (CUDA sm_90+, opt-in: one thread issues 8 tensor-memory copies per tile that signal an
-    mbarrier; the same stage contents; descriptors from ``tma_descriptors``)."""
+    reaches shared memory: "cp.async" (every lane copies 16-byte pieces) or "tma" (CUDA sm_90+: one
+    thread issues 8 tensor-memory copies per tile, the key side and the value side each on its own
+    mbarrier and each refilled as soon as it has been read; the same stage contents; descriptors
+    from ``tma_descriptors``). Default (``copy=None``): "tma" where it applies (a CUDA GPU of
+    compute capability 9.0+, no ``pipeline`` or coalesced value copy, storage the descriptors
+    take), else "cp.async" (``default_copy``); ``stages`` then defaults per path
+    (``DEFAULT_STAGES``)."""
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
         v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_channel_scale=v_channel_scale,
@@ -1070,7 +1118,16 @@ def quantized_decode_attention(
         raise ValueError(f"rows_per_program={rows_per_program!r}: expected 8 or 16")
     if value_copy not in VALUE_COPIES:
         raise ValueError(f"value_copy={value_copy!r}: expected one of {VALUE_COPIES}")
-    stages = STAGES if stages is None else stages
+    if copy is not None and copy not in COPIES:
+        raise ValueError(f"copy={copy!r}: expected one of {COPIES}")
+    query, storage = kernel_layout(query, storage)
+    dev = query.device
+    descs = tma_layouts = None
+    if copy is None:
+        copy, descs, tma_layouts = default_copy(
+            storage, hd, g, key_bits, value_bits, dev, pipeline, value_copy
+        )
+    stages = DEFAULT_STAGES[copy] if stages is None else stages
     if stages not in (1, 2, 3, 4):
         raise ValueError(f"stages={stages!r}: expected 1..4")
     n_rb = -(-mrows // n_rows)
@@ -1083,21 +1140,17 @@ def quantized_decode_attention(
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits={num_splits}: expected 1..{MAX_SPLITS}")
 
-    query, storage = kernel_layout(query, storage)
     tc = dense_chunk(hd, g)
     s1 = dense_programs(g, tc) + num_splits
-    dev = query.device
     part_o, part_m, part_l = split_workspace(bsz * hkv, s1, mrows, hd, dev, decode_tc.POISON_WORKSPACE)
     out = output_buffer(out, (bsz, hq, nq, hd), query.dtype, dev)
-    if copy not in COPIES:
-        raise ValueError(f"copy={copy!r}: expected one of {COPIES}")
-    if copy == "tma":
+    if copy == "tma" and descs is None:
         if pipeline or value_copy != "planes":
             raise ValueError("copy='tma' takes neither pipeline=True nor value_copy='coalesced'")
         if dev.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(dev)[0] < 9:
             raise ValueError("copy='tma' needs a GPU of compute capability 9.0 or newer")
         descs, tma_layouts = tma_descriptors(storage, hd, g, key_bits, value_bits)
-    else:
+    elif copy == "cp.async":
         descs, tma_layouts = (None,) * 8, None
     args = decode_tc.launch_args(
         query, [storage[n] for n in STORAGE], part_o, part_m, part_l, scaling, num_splits
@@ -1128,6 +1181,27 @@ def quantized_decode_attention(
     )
     decode_tc.launch_merge(out, part_o, part_m, part_l, hkv, group, nq, bsz * hkv, mrows, pdl=pdl)
     return out
+
+
+def default_copy(storage, head_dim, tile_size, key_bits, value_bits, device, pipeline, value_copy):
+    """The copy path ``copy=None`` takes, with its descriptors: ``("tma", descs, layouts)`` on a
+    CUDA GPU of compute capability 9.0+ when the launch and the storage suit TMA (faster at every
+    benchmark point on the H200, docs/gpu.md session 8), else ``("cp.async", None, None)``: older
+    GPUs, the interpreter (the TMA path is tested there by asking for it), ``pipeline`` or the
+    coalesced value copy, and storage whose strides or alignment the descriptors cannot take."""
+    if (
+        device.type != "cuda"
+        or interpreting()
+        or pipeline
+        or value_copy != "planes"
+        or torch.cuda.get_device_capability(device)[0] < 9
+    ):
+        return "cp.async", None, None
+    try:
+        descs, layouts_ = tma_descriptors(storage, head_dim, tile_size, key_bits, value_bits)
+    except ValueError:  # strides, alignment or row widths TMA cannot take: every lane copies
+        return "cp.async", None, None
+    return "tma", descs, layouts_
 
 
 def _extent(x: torch.Tensor) -> int:
