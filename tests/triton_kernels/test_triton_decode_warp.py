@@ -442,6 +442,14 @@ def test_decode_warp_tma_copy_rejects_what_it_cannot_take():
         decode_warp.quantized_decode_attention(**kw, copy="bulk")
 
 
+def _kernel_storage(*args, **kwargs):
+    """``_storage``'s tensors as the launch sees them (``kernel_layout``: what ``default_copy`` and
+    ``tma_descriptors`` are given)."""
+    kw = _storage(*args, **kwargs)
+    _, storage = decode_warp.kernel_layout(kw["query"], {n: kw[n] for n in decode_warp.STORAGE})
+    return storage
+
+
 def test_decode_warp_default_copy_takes_tma_only_where_it_applies(monkeypatch):
     """copy=None picks TMA on a GPU of compute capability 9.0+ for storage the descriptors take,
     and the per-lane cp.async path everywhere else: older GPUs, the software pipeline, the
@@ -449,8 +457,7 @@ def test_decode_warp_default_copy_takes_tma_only_where_it_applies(monkeypatch):
     and the CPU. The choice is made on the host, so a CUDA device of each capability is
     simulated (no GPU is touched: the descriptors are host objects)."""
     cuda = torch.device("cuda")
-    kw = _storage(2, 1, 128, 128, 4, 2, bf16, [2, 1], [3, 3], [1, 1])
-    storage = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor) and k != "query"}
+    storage = _kernel_storage(2, 1, 128, 128, 4, 2, bf16, [2, 1], [3, 3], [1, 1])
     args = (storage, 128, 128, 4, 2)
     assert decode_warp.default_copy(*args, torch.device("cpu"), False, "planes")[0] == "cp.async"
     assert decode_warp.default_copy(*args, cuda, False, "planes")[0] == "cp.async"  # interpreting
@@ -462,8 +469,15 @@ def test_decode_warp_default_copy_takes_tma_only_where_it_applies(monkeypatch):
     assert [d.block_shape for d in descs[:2]] == [[128, 32], [4, 32, 16]]  # key rows, value planes
     assert decode_warp.default_copy(*args, cuda, True, "planes")[0] == "cp.async"
     assert decode_warp.default_copy(*args, cuda, False, "coalesced")[0] == "cp.async"
-    wide = _storage(2, 1, 256, 64, 4, 8, bf16, [1, 1], [3, 3], [1, 1])
-    wide = {k: v for k, v in wide.items() if isinstance(v, torch.Tensor) and k != "query"}
+    wide = _kernel_storage(2, 1, 256, 64, 4, 8, bf16, [1, 1], [3, 3], [1, 1])
     assert decode_warp.default_copy(wide, 256, 64, 4, 8, cuda, False, "planes") == ("cp.async", None, None)
+    # 32-token tiles: bfloat16 token vectors of 64 bytes are not whole 128-byte TMA boxes, float32
+    # ones (128 bytes) are
+    short = _kernel_storage(2, 1, 128, 32, 8, 8, bf16, [2, 1], [3, 3], [1, 1])
+    assert decode_warp.default_copy(short, 128, 32, 8, 8, cuda, False, "planes")[0] == "cp.async"
+    with pytest.raises(ValueError, match="k_token_scale vectors of 64 bytes"):
+        decode_warp.tma_descriptors(short, 128, 32, 8, 8)
+    short = _kernel_storage(2, 1, 128, 32, 8, 8, bf16, [2, 1], [3, 3], [1, 1], md=torch.float32)
+    assert decode_warp.default_copy(short, 128, 32, 8, 8, cuda, False, "planes")[0] == "tma"
     capability[0] = (8, 0)
     assert decode_warp.default_copy(*args, cuda, False, "planes") == ("cp.async", None, None)

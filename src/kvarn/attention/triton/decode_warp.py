@@ -1228,7 +1228,8 @@ def tma_descriptors(storage: dict, head_dim: int, tile_size: int, key_bits: int,
     ``(VW, NPK * VW, 1)``, so that a ``[NPK, KW, VW]`` box lands plane-major (plane f = the rows
     ``NPK * w + f``); metadata vectors 1-D (box of one vector). Those coordinates need the
     leading strides to be whole rows (row groups for values): checked, with an error naming the
-    tensor, as is every other TMA limit (16-byte aligned bases, int32 coordinates)."""
+    tensor, as is every other TMA limit (16-byte aligned bases, int32 coordinates, metadata
+    vectors of a multiple of 128 bytes)."""
     kw, vw = tile_size * key_bits // 16, head_dim * value_bits // 16
     npk = 16 // key_bits
     k16 = storage["k_codes"].view(torch.int16)
@@ -1261,6 +1262,15 @@ def tma_descriptors(storage: dict, head_dim: int, tile_size: int, key_bits: int,
     v_groups = checked_extent("v_codes", v16, npk * vw) // (npk * vw)
     # each metadata vector's box starts on a 16-byte boundary
     m_extents = [checked_extent(n, x, 16 // x.element_size()) for n, x in zip(names, meta, strict=True)]
+    for n, x in zip(names, meta, strict=True):
+        # Tensor copies write shared memory at 128-byte aligned addresses, and a tile's metadata
+        # vectors sit back to back in their stages (GPU: "misaligned address" at G = 32, bf16).
+        if (x.shape[-1] * x.element_size()) % 128:
+            raise ValueError(
+                f"copy='tma': {n} vectors of {x.shape[-1] * x.element_size()} bytes; the TMA path "
+                "takes metadata vectors of a multiple of 128 bytes (its shared-memory boxes start on "
+                "128-byte boundaries), use copy='cp.async'"
+            )
     if interpreting():
         from triton.tools.tensor_descriptor import TensorDescriptor
 
