@@ -451,10 +451,10 @@ def _kernel_storage(*args, **kwargs):
 
 
 def test_decode_warp_default_copy_takes_tma_only_where_it_applies(monkeypatch):
-    """copy=None picks TMA on a GPU of compute capability 9.0+ for storage the descriptors take,
-    and the per-lane cp.async path everywhere else: older GPUs, the software pipeline, the
-    coalesced value copy, rows TMA cannot take (here 256-byte value rows), the interpreter
-    and the CPU. The choice is made on the host, so a CUDA device of each capability is
+    """copy=None picks TMA under CUDA-graph capture on a GPU of compute capability 9.0+ for
+    storage the descriptors take, and the per-lane cp.async path everywhere else: eager calls,
+    older GPUs, the software pipeline, the coalesced value copy, rows or vectors TMA cannot
+    take, the interpreter and the CPU. The choice is made on the host, so a CUDA device of each capability is
     simulated (no GPU is touched: the descriptors are host objects)."""
     cuda = torch.device("cuda")
     storage = _kernel_storage(2, 1, 128, 128, 4, 2, bf16, [2, 1], [3, 3], [1, 1])
@@ -464,6 +464,11 @@ def test_decode_warp_default_copy_takes_tma_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(decode_warp, "interpreting", lambda: False)
     capability = [(9, 0)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    # eager calls: cp.async (TMA's per-launch host cost), whatever the GPU
+    assert decode_warp.default_copy(*args, cuda, False, "planes") == ("cp.async", None, None)
+    capturing[0] = True  # under CUDA-graph capture
     copy, descs, layouts = decode_warp.default_copy(*args, cuda, False, "planes")
     assert copy == "tma" and len(descs) == 8 and len(layouts) == 5
     assert [d.block_shape for d in descs[:2]] == [[128, 32], [4, 32, 16]]  # key rows, value planes
