@@ -39,6 +39,7 @@ import triton
 import triton.testing
 
 from kvarn.attention.triton import decode_tc, decode_warp
+from kvarn.attention.triton.copy_policy import graph_step_copies
 from kvarn.attention.triton.testing import relative_error
 from kvarn.codec import QuantizedKeys, QuantizedTiles, QuantizedValues, decode_tiles
 
@@ -62,15 +63,17 @@ def bench(fn, reps_ms: int = 60) -> float:
 
 
 def bench_graph(fn, reps_ms: int = 60) -> float:
-    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph (the GPU's own time)."""
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph (the GPU's own time),
+    warmed up and recorded as ``GraphDecoder`` records a decode step (``graph_step_copies``: the
+    warp kernel's default launch copies tiles by TMA on sm_90)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up (compiles) outside the capture
+    with torch.cuda.stream(stream), graph_step_copies():  # warm up (compiles) outside the capture
         fn()
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), graph_step_copies():
         fn()
     return triton.testing.do_bench(graph.replay, warmup=10, rep=reps_ms, return_mode="median")
 
@@ -308,12 +311,10 @@ def main() -> None:
     k1 = torch.randn(1, HKV, 256, D, device="cuda", dtype=torch.bfloat16)
     host_tc = host_us_per_call(lambda: decode_tc.quantized_decode_attention(q1, **tiny))
     host_warp = host_us_per_call(lambda: decode_warp.quantized_decode_attention(q1, **tiny))
-    host_warp_cp = host_us_per_call(
-        lambda: decode_warp.quantized_decode_attention(q1, **tiny, copy="cp.async")
-    )
+    host_warp_tma = host_us_per_call(lambda: decode_warp.quantized_decode_attention(q1, **tiny, copy="tma"))
     host_sdpa = host_us_per_call(lambda: F.scaled_dot_product_attention(q1, k1, k1, enable_gqa=True))
     print(
-        f"host us/call (tiny problem, eager): warp {host_warp:.1f} (cp.async {host_warp_cp:.1f}), "
+        f"host us/call (tiny problem, eager): warp {host_warp:.1f} (copy='tma': {host_warp_tma:.1f}), "
         f"tc {host_tc:.1f}, SDPA {host_sdpa:.1f}"
     )
     rows = []
@@ -342,7 +343,7 @@ def main() -> None:
             )
     print()
     print(
-        f"host us/call (tiny problem, eager): warp {host_warp:.1f} (cp.async {host_warp_cp:.1f}), "
+        f"host us/call (tiny problem, eager): warp {host_warp:.1f} (copy='tma': {host_warp_tma:.1f}), "
         f"tc {host_tc:.1f}, SDPA {host_sdpa:.1f}"
     )
     print(

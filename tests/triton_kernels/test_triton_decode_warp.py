@@ -16,6 +16,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
 pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
 
+from kvarn.attention.triton.copy_policy import graph_step_copies, graph_step_copies_active  # noqa: E402
 from kvarn.attention.triton.reference import quantized_decode_attention_reference  # noqa: E402
 from kvarn.attention.triton.testing import random_layer_storage, relative_error  # noqa: E402
 from kvarn.config import KVarNConfig  # noqa: E402
@@ -451,7 +452,7 @@ def _kernel_storage(*args, **kwargs):
 
 
 def test_decode_warp_default_copy_takes_tma_only_where_it_applies(monkeypatch):
-    """copy=None picks TMA under CUDA-graph capture on a GPU of compute capability 9.0+ for
+    """copy=None picks TMA in graph steps (``graph_step_copies``) on a GPU of compute capability 9.0+ for
     storage the descriptors take, and the per-lane cp.async path everywhere else: eager calls,
     older GPUs, the software pipeline, the coalesced value copy, rows or vectors TMA cannot
     take, the interpreter and the CPU. The choice is made on the host, so a CUDA device of each capability is
@@ -464,11 +465,16 @@ def test_decode_warp_default_copy_takes_tma_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(decode_warp, "interpreting", lambda: False)
     capability = [(9, 0)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
-    capturing = [False]
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     # eager calls: cp.async (TMA's per-launch host cost), whatever the GPU
     assert decode_warp.default_copy(*args, cuda, False, "planes") == ("cp.async", None, None)
-    capturing[0] = True  # under CUDA-graph capture
+    with graph_step_copies():  # a decode step being warmed up and recorded as a CUDA graph
+        _default_copy_in_graph_steps(args, cuda, capability)
+    assert not graph_step_copies_active()
+    assert decode_warp.default_copy(*args, cuda, False, "planes") == ("cp.async", None, None)
+
+
+def _default_copy_in_graph_steps(args, cuda, capability):
+    """default_copy's choices inside graph_step_copies(), on a simulated sm_90 then sm_80."""
     copy, descs, layouts = decode_warp.default_copy(*args, cuda, False, "planes")
     assert copy == "tma" and len(descs) == 8 and len(layouts) == 5
     assert [d.block_shape for d in descs[:2]] == [[128, 32], [4, 32, 16]]  # key rows, value planes

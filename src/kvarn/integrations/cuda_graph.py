@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvarn.attention.triton import dispatch
+from kvarn.attention.triton.copy_policy import graph_step_copies
 from kvarn.cache.cache import KVarNCache
 from kvarn.cache.errors import CacheUsageError, UnsupportedModelError
 from kvarn.cache.layer import KVarNLayer
@@ -169,7 +170,7 @@ class GraphDecoder:
             # the graph's memory pool.
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), graph_step_copies():
                 _, chosen = self._device_step()
             torch.cuda.current_stream().wait_stream(stream)
             self._graph_buffers = self._buffers()
@@ -178,7 +179,9 @@ class GraphDecoder:
             if self._graph is None or self._graph_buffers != self._buffers():
                 self._graph = torch.cuda.CUDAGraph()
                 self._register_generator(self._graph)
-                with torch.cuda.graph(self._graph):
+                # graph_step_copies: the recorded decode kernels copy tiles by TMA on Hopper
+                # (host cost paid once here, not per replay; the warm-up above compiled them)
+                with torch.cuda.graph(self._graph), graph_step_copies():
                     self._logits, self._next = self._device_step()
                 self._graph_buffers = self._buffers()
                 self.stats.recordings += 1

@@ -56,6 +56,7 @@ from kvarn.attention.triton.contract import (
     output_buffer,
     shape_unsupported_reason,
 )
+from kvarn.attention.triton.copy_policy import graph_step_copies_active
 from kvarn.attention.triton.decode_tc import (
     _subnormal_field_s,
     subnormal_field_asm_text,
@@ -1098,9 +1099,10 @@ def quantized_decode_attention(
     reaches shared memory: "cp.async" (every lane copies 16-byte pieces) or "tma" (CUDA sm_90+: one
     thread issues 8 tensor-memory copies per tile, the key side and the value side each on its own
     mbarrier and each refilled as soon as it has been read; the same stage contents; descriptors
-    from ``tma_descriptors``). Default (``copy=None``): "tma" where it applies (CUDA-graph capture
-    on a GPU of compute capability 9.0+, no ``pipeline`` or coalesced value copy, storage the
-    descriptors take), else "cp.async" (``default_copy``: eager calls too, for TMA's host cost);
+    from ``tma_descriptors``). Default (``copy=None``): "tma" where it applies (inside
+    ``copy_policy.graph_step_copies()``, as ``GraphDecoder`` records its steps, on a GPU of
+    compute capability 9.0+, no ``pipeline`` or coalesced value copy, storage the descriptors
+    take), else "cp.async" (``default_copy``; eager calls keep it for TMA's host cost);
     ``stages`` then defaults per path (``DEFAULT_STAGES``)."""
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
@@ -1184,21 +1186,20 @@ def quantized_decode_attention(
 
 
 def default_copy(storage, head_dim, tile_size, key_bits, value_bits, device, pipeline, value_copy):
-    """The copy path ``copy=None`` takes, with its descriptors: ``("tma", descs, layouts)`` while a
-    CUDA graph is being captured on a GPU of compute capability 9.0+ and the launch and the storage
-    suit TMA (faster on the GPU at every benchmark point on the H200, docs/gpu.md session 8), else
-    ``("cp.async", None, None)``. Eager calls take cp.async because TMA's host cost is paid per
-    launch (8 descriptors built and encoded: 711 us per eager call against 314 on the H200
-    machine's host), which an eager decode step, host-bound already, would pay in every layer;
-    a graph replay pays none of it. Also cp.async: older GPUs, the interpreter (the TMA path is
-    tested there by asking for it), ``pipeline`` or the coalesced value copy, and storage whose
-    strides, alignment or vector widths the descriptors cannot take."""
+    """The copy path ``copy=None`` takes, with its descriptors: ``("tma", descs, layouts)`` inside
+    ``copy_policy.graph_step_copies()`` (a decode step being warmed up and recorded as a CUDA
+    graph) on a GPU of compute capability 9.0+ when the launch and the storage suit TMA (faster
+    on the GPU at every benchmark point on the H200, docs/gpu.md session 8), else
+    ``("cp.async", None, None)``: eager calls (TMA's host cost is paid per launch,
+    ``copy_policy``), older GPUs, the interpreter (the TMA path is tested there by asking for it),
+    ``pipeline`` or the coalesced value copy, and storage whose strides, alignment or vector
+    widths the descriptors cannot take."""
     if (
         device.type != "cuda"
         or interpreting()
         or pipeline
         or value_copy != "planes"
-        or not torch.cuda.is_current_stream_capturing()
+        or not graph_step_copies_active()
         or torch.cuda.get_device_capability(device)[0] < 9
     ):
         return "cp.async", None, None
