@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--key-bits", type=int, default=4)
     ap.add_argument("--value-bits", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--sass", default=None, help="write each launch's SASS to this prefix")
+    ap.add_argument("--sass", default=None, help="write each launch's SASS, PTX and TTGIR to this prefix")
     ap.add_argument("--top", type=int, default=14)
     a = ap.parse_args()
     overrides = dict(kv.split("=", 1) for kv in a.set)
@@ -168,6 +168,8 @@ def main() -> None:
             print("    " + " ".join(f"{op}:{n}" for op, n in body.most_common(a.top + 6)))
         if a.sass:
             Path(f"{a.sass}.{i}.sass").write_text(sass)
+            Path(f"{a.sass}.{i}.ptx").write_text(k.asm["ptx"])
+            Path(f"{a.sass}.{i}.ttgir").write_text(k.asm["ttgir"])
     sys.stdout.flush()
 
 
