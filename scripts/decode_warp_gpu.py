@@ -8,7 +8,9 @@
    reference, the split-K workspace poisoned with NaN so unwritten partials show; and at full size
    against decode_tc.
 2. Timing (CUDA-graph replays, L2 flushed): decode_warp launch variants vs decode_tc vs SDPA on a
-   bf16 cache at the benchmark's points (Llama-3-8B heads, K4V2).
+   bf16 cache at the benchmark's points (Llama-3-8B heads, K4V2). Each variant is warmed up and
+   recorded inside ``graph_step_copies()``, as GraphDecoder records a step: ``{}`` is the graph
+   default (TMA, one stage, on sm_90); ``{"copy": "cp.async"}`` the eager default.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_decode_attention as bench  # noqa: E402
 
 from kvarn.attention.triton import decode_tc, decode_warp  # noqa: E402
+from kvarn.attention.triton.copy_policy import graph_step_copies  # noqa: E402
 from kvarn.attention.triton.reference import quantized_decode_attention_reference  # noqa: E402
 from kvarn.attention.triton.testing import random_layer_storage, relative_error  # noqa: E402
 from kvarn.config import KVarNConfig  # noqa: E402
@@ -152,7 +155,8 @@ def time_point(
     for v in variants:
         try:
             t = bench.bench_graph(lambda v=v: decode_warp.quantized_decode_attention(q, **st, **v))
-            out = decode_warp.quantized_decode_attention(q, **st, **v)
+            with graph_step_copies():  # the launch bench_graph timed (its registers go in the log)
+                out = decode_warp.quantized_decode_attention(q, **st, **v)
         except Exception as exc:  # noqa: BLE001 (report and go on)
             print(f"  warp {v}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
