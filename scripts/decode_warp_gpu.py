@@ -52,6 +52,8 @@ CASES = [
     (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"stages": 1}),
     (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"num_splits": 1}),
     (f16, 128, 128, 4, 3, 1, 4, 2, 40, {"num_splits": 7}),
+    (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"column_halves": True}),  # session 8, not yet on a GPU
+    (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"column_halves": True, "copy": "tma"}),
 ]
 
 

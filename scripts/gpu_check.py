@@ -528,6 +528,24 @@ def main() -> int:
         (f16, 64, 128, 8, 3, 2, 2, 4, 40, {"warp_launch": {"copy": "tma"}}),
         (bf, 256, 128, 2, 2, 1, 4, 2, 20, {"warp_launch": {"copy": "tma"}}),
         (bf, 128, 128, 4, 3, 4, 4, 2, 40, {"warp_launch": {"copy": "tma", "rows_per_program": 16}}),
+        # (session 8, not yet run on a GPU) column halves: key planes in pairs, two softmax streams
+        (bf, 128, 128, 4, 4, 1, 4, 2, 300, {"warp_launch": {"column_halves": True, "copy": "tma"}}),
+        (bf, 128, 128, 4, 3, 1, 4, 2, 40, {"warp_launch": {"column_halves": True}}),
+        (f16, 128, 128, 2, 3, 2, 2, 4, 40, {"warp_launch": {"column_halves": True, "copy": "tma"}}),
+        (bf, 128, 64, 1, 3, 3, 8, 8, 40, {"warp_launch": {"column_halves": True, "copy": "tma"}}),
+        (f16, 256, 128, 4, 2, 1, 4, 2, 20, {"warp_launch": {"column_halves": True, "stages": 3}}),
+        (
+            bf,
+            128,
+            128,
+            4,
+            4,
+            1,
+            4,
+            2,
+            300,
+            {"splits": 2, "warp_launch": {"column_halves": True, "copy": "tma"}},
+        ),
     ]
     if args.quick:
         compress_cases, decode_cases = compress_cases[:2], decode_cases[2:4]
@@ -566,6 +584,7 @@ def main() -> int:
             check_cuda_graph("warp", {"pipeline": True})
             check_cuda_graph("warp", {"copy": "tma", "stages": 2})
             check_cuda_graph("warp", {"copy": "cp.async"})
+            check_cuda_graph("warp", {"column_halves": True})
     # One verdict line per decode kernel (scripts and dispatch decisions read these).
     for kernel in args.decode_kernels.split(","):
         bad = [f for f in FAILURES if f"[{kernel}]" in f]

@@ -492,3 +492,35 @@ def _default_copy_in_graph_steps(args, cuda, capability):
     assert decode_warp.default_copy(short, 128, 32, 8, 8, cuda, False, "planes")[0] == "tma"
     capability[0] = (8, 0)
     assert decode_warp.default_copy(*args, cuda, False, "planes") == ("cp.async", None, None)
+
+
+@pytest.mark.parametrize(
+    "group,nq,d,g,kb,vb,dtype,splits,launch",
+    [
+        (4, 1, 128, 128, 4, 2, bf16, 2, {}),  # the benchmark format: 2 plane pairs
+        (2, 2, 128, 128, 2, 4, f16, 1, {"stages": 3}),  # K2: 4 pairs; float16 second operands
+        (1, 3, 128, 64, 8, 8, bf16, 3, {"copy": "tma"}),  # K8: 1 pair; 3 of 4 rows; TMA copies
+        (4, 1, 256, 128, 4, 2, f16, 2, {"value_copy": "coalesced"}),  # head_dim 256, one-copy values
+    ],
+)
+def test_decode_warp_column_halves_match_the_default(group, nq, d, g, kb, vb, dtype, splits, launch):
+    """column_halves=True pairs the key planes in the two halves of the MMA columns (two softmax
+    streams per query, merged at the end of each split): the reference's result within the
+    usual bound, and the default launch's to float32 accumulation (the two differ only in the
+    order of the sums), on outliers, odd lengths, an empty row and a full tail."""
+    kw = _storage(group, nq, d, g, kb, vb, dtype, [5, 0, 3], [g, 9, 0], [g - 1, 3, 0], seed=kb * 7 + vb)
+    halves = _check(kw, num_splits=splits, column_halves=True, **launch)
+    default = decode_warp.quantized_decode_attention(**kw, num_splits=splits, **launch)
+    assert relative_error(halves.double(), default.double()) < 2 * _floor(_reference(kw), dtype) + 1e-4
+
+
+def test_decode_warp_column_halves_rejects_what_it_cannot_take():
+    """More than 4 query rows per KV head, 16-row programs and the pipeline are clear errors."""
+    kw = _storage(4, 2, 128, 128, 4, 2, bf16, [1, 1], [3, 3], [1, 1])
+    with pytest.raises(ValueError, match="at most 4 query rows per KV head \\(got 8"):
+        decode_warp.quantized_decode_attention(**kw, column_halves=True)
+    kw = _storage(4, 1, 128, 128, 4, 2, bf16, [1, 1], [3, 3], [1, 1])
+    with pytest.raises(ValueError, match="at most 4 query rows"):
+        decode_warp.quantized_decode_attention(**kw, column_halves=True, rows_per_program=16)
+    with pytest.raises(ValueError, match="no pipeline"):
+        decode_warp.quantized_decode_attention(**kw, column_halves=True, pipeline=True)

@@ -216,6 +216,54 @@ def _value_plane(
 
 
 @jit
+def _value_pair(
+    s, m_new, va, vz, v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7, left,
+    f: tl.constexpr, VB: tl.constexpr, NPV: tl.constexpr, PA_SPLIT: tl.constexpr,
+    INTERPRET: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr, VCOPY: tl.constexpr,
+    HALF3: tl.constexpr, MMA: tl.constexpr,
+):  # fmt: skip
+    """Column halves (``_pair_scores``): softmax weights of key planes f (left half of the columns)
+    and f + 1 (right half), and the value products of both planes' tokens into P0..P(NPV-1); ``va``
+    / ``vz`` the planes' value token scales and zeros as ``[KW, 2]`` (``_pairs``)."""
+    p = gl.exp2(s - m_new[None, :])
+    psum += p
+    pzsum += _by_half(p, vz, HALF3, MMA)
+    pa32 = _by_half(p, va, HALF3, MMA)
+    pa = pa32.to(gl.float16)
+    pa_l, pa_r = _halves(gl.convert_layout(pa, B_OP), left)
+    pa_lo_l = pa_l
+    pa_lo_r = pa_r
+    if PA_SPLIT:
+        pa_lo_l, pa_lo_r = _halves(gl.convert_layout((pa32 - pa.to(gl.float32)).to(gl.float16), B_OP), left)
+    KW: tl.constexpr = s.shape[0]
+    if VCOPY == 1:
+        vw0 = v_stage.index(vbase).slice(f * KW, KW).permute((1, 0)).load(A_OP)
+        vw1 = v_stage.index(vbase).slice((f + 1) * KW, KW).permute((1, 0)).load(A_OP)
+    else:
+        vw0 = v_stage.index(vbase + f).permute((1, 0)).load(A_OP)
+        vw1 = v_stage.index(vbase + f + 1).permute((1, 0)).load(A_OP)
+    P0 = _value_field(vw1, pa_r, pa_lo_r, _value_field(vw0, pa_l, pa_lo_l, P0, 0, VB, PA_SPLIT, INTERPRET),
+                      0, VB, PA_SPLIT, INTERPRET)  # fmt: skip
+    P1 = _value_field(vw1, pa_r, pa_lo_r, _value_field(vw0, pa_l, pa_lo_l, P1, 1, VB, PA_SPLIT, INTERPRET),
+                      1, VB, PA_SPLIT, INTERPRET)  # fmt: skip
+    if NPV >= 4:
+        P2 = _value_field(vw1, pa_r, pa_lo_r, _value_field(vw0, pa_l, pa_lo_l, P2, 2, VB, PA_SPLIT, INTERPRET),
+                          2, VB, PA_SPLIT, INTERPRET)  # fmt: skip
+        P3 = _value_field(vw1, pa_r, pa_lo_r, _value_field(vw0, pa_l, pa_lo_l, P3, 3, VB, PA_SPLIT, INTERPRET),
+                          3, VB, PA_SPLIT, INTERPRET)  # fmt: skip
+    if NPV >= 8:
+        P4 = _value_field(vw1, pa_r, pa_lo_r, _value_field(vw0, pa_l, pa_lo_l, P4, 4, VB, PA_SPLIT, INTERPRET),
+                          4, VB, PA_SPLIT, INTERPRET)  # fmt: skip
+        P5 = _value_field(vw1, pa_r, pa_lo_r, _value_field(vw0, pa_l, pa_lo_l, P5, 5, VB, PA_SPLIT, INTERPRET),
+                          5, VB, PA_SPLIT, INTERPRET)  # fmt: skip
+        P6 = _value_field(vw1, pa_r, pa_lo_r, _value_field(vw0, pa_l, pa_lo_l, P6, 6, VB, PA_SPLIT, INTERPRET),
+                          6, VB, PA_SPLIT, INTERPRET)  # fmt: skip
+        P7 = _value_field(vw1, pa_r, pa_lo_r, _value_field(vw0, pa_l, pa_lo_l, P7, 7, VB, PA_SPLIT, INTERPRET),
+                          7, VB, PA_SPLIT, INTERPRET)  # fmt: skip
+    return psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7
+
+
+@jit
 def _value_field(vwords, pa_b, pa_lo_b, acc, e: tl.constexpr, VB: tl.constexpr, PA_SPLIT: tl.constexpr,
                  INTERPRET: tl.constexpr):  # fmt: skip
     a = _field(vwords, VB, VB * e, INTERPRET)
@@ -235,6 +283,131 @@ def _rescale(acc, P, c, alpha, pz, e: tl.constexpr, VB: tl.constexpr):
 @jit
 def _store_o(acc, po_rows, uu, row_ok, e: tl.constexpr, NPV: tl.constexpr):
     gl.store(po_rows[None, :] + (NPV * uu + e)[:, None], acc, mask=row_ok[None, :])
+
+
+@jit
+def _half_mask(N: tl.constexpr, LAYOUT: tl.constexpr):
+    """``[N]`` float16 in LAYOUT: 1 in the left half of the columns (n < N/2), 0 in the right."""
+    n = gl.arange(0, N, layout=LAYOUT)
+    return gl.where(n < N // 2, 1.0, 0.0).to(gl.float16)
+
+
+@jit
+def _halves(b, left):
+    """B operand ``b [K, N]`` with its right / left half of the columns zeroed: one float16x2
+    multiply per register (a lane's B registers all hold one column)."""
+    right = (1.0 - left.to(gl.float32)).to(gl.float16)
+    return b * left[None, :], b * right[None, :]
+
+
+@jit
+def _pairs(x, HALF3: tl.constexpr):
+    """Token metadata ``x [KW, NPK]`` loaded in ``halves_layouts``' TOK_H layout (lane bit 1 picks
+    column 2p + 1 over 2p) as up to 4 ``[KW, 2]`` tensors, pair p = columns (2p, 2p + 1), each in
+    ``SliceLayout(2, HALF3)``: what ``_by_half`` multiplies into an accumulator's halves. The
+    splits and permutes only rename registers (offline sm_90: no shuffle, no shared memory)."""
+    KW: tl.constexpr = x.shape[0]
+    NPK: tl.constexpr = x.shape[1]
+    LAYOUT: tl.constexpr = gl.SliceLayout(2, HALF3)
+    if NPK == 2:
+        y0 = x
+        y1 = x
+        y2 = x
+        y3 = x
+    elif NPK == 4:
+        y0, y1 = gl.split(gl.permute(gl.reshape(x, [KW, 2, 2]), (0, 2, 1)))  # [KW, half, pair]
+        y2 = y0
+        y3 = y0
+    else:  # pair = 2 * pa + pb
+        a, b = gl.split(gl.permute(gl.reshape(x, [KW, 2, 2, 2]), (0, 3, 1, 2)))  # [KW, half, pa, pb]
+        y0, y2 = gl.split(a)
+        y1, y3 = gl.split(b)
+    return (
+        gl.convert_layout(y0.to(gl.float32), LAYOUT), gl.convert_layout(y1.to(gl.float32), LAYOUT),
+        gl.convert_layout(y2.to(gl.float32), LAYOUT), gl.convert_layout(y3.to(gl.float32), LAYOUT),
+    )  # fmt: skip
+
+
+@jit
+def _by_half(x, y, HALF3: tl.constexpr, MMA: tl.constexpr):
+    """``x [R, N]`` (MMA accumulator layout) times ``y [R, 2]``: column n takes ``y[:, n // (N/2)]``."""
+    R: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    x3 = gl.convert_layout(gl.reshape(x, [R, 2, N // 2]), HALF3)
+    return gl.convert_layout(gl.reshape(x3 * gl.expand_dims(y, 2), [R, N]), MMA)
+
+
+@jit
+def _half_columns(lo, hi, N: tl.constexpr, LAYOUT: tl.constexpr):
+    """``[N]`` in LAYOUT: ``lo`` in the left half of the columns, ``hi`` in the right."""
+    n = gl.arange(0, N, layout=LAYOUT)
+    return gl.where(n < N // 2, lo, hi)
+
+
+@jit
+def _fold_halves(x, N: tl.constexpr, LAYOUT: tl.constexpr):
+    """``[N]`` -> column n holds ``x[n] + x[n ^ N/2]`` (both halves' sum, in both halves)."""
+    x2 = gl.reshape(x, [2, N // 2])
+    folded = gl.expand_dims(gl.sum(x2, axis=0), 0) + gl.zeros_like(x2)
+    return gl.convert_layout(gl.reshape(folded, [N]), LAYOUT)
+
+
+@jit
+def _fold_halves_2d(x, HALF3: tl.constexpr, MMA: tl.constexpr):
+    """``[R, N]`` -> column n holds ``x[:, n] + x[:, n ^ N/2]`` (one butterfly shuffle)."""
+    R: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    x3 = gl.convert_layout(gl.reshape(x, [R, 2, N // 2]), HALF3)
+    folded = gl.expand_dims(gl.sum(x3, axis=1), 1) + gl.zeros_like(x3)
+    return gl.convert_layout(gl.reshape(folded, [R, N]), MMA)
+
+
+@jit
+def _merge_halves(m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, NPV: tl.constexpr, HALF3: tl.constexpr,
+                  MMA: tl.constexpr):  # fmt: skip
+    """Column halves: columns n and n + N/2 hold two online-softmax streams of one query (the even
+    and the odd key planes' tokens); combine them by log-sum-exp, the result in both halves."""
+    N: tl.constexpr = m_i.shape[0]
+    COLS: tl.constexpr = gl.SliceLayout(0, MMA)
+    m2 = gl.reshape(m_i, [2, N // 2])
+    m_both = gl.convert_layout(
+        gl.reshape(gl.expand_dims(gl.max(m2, axis=0), 0) + gl.zeros_like(m2), [N]), COLS
+    )
+    # an empty split has -inf in both halves: its weights come out 0 (exp2(-inf)), not NaN
+    w = gl.exp2(m_i - gl.where(m_both == float("-inf"), 0.0, m_both))
+    l_i = _fold_halves(l_i * w, N, COLS)
+    O0 = _fold_halves_2d(O0 * w[None, :], HALF3, MMA)
+    O1 = _fold_halves_2d(O1 * w[None, :], HALF3, MMA)
+    if NPV >= 4:
+        O2 = _fold_halves_2d(O2 * w[None, :], HALF3, MMA)
+        O3 = _fold_halves_2d(O3 * w[None, :], HALF3, MMA)
+    if NPV >= 8:
+        O4 = _fold_halves_2d(O4 * w[None, :], HALF3, MMA)
+        O5 = _fold_halves_2d(O5 * w[None, :], HALF3, MMA)
+        O6 = _fold_halves_2d(O6 * w[None, :], HALF3, MMA)
+        O7 = _fold_halves_2d(O7 * w[None, :], HALF3, MMA)
+    return m_both, l_i, O0, O1, O2, O3, O4, O5, O6, O7
+
+
+@jit
+def _pair_scores(kwords, qa_l, qa_r, qa_lo_l, qa_lo_r, qz, r, f: tl.constexpr, KB: tl.constexpr,
+                 QA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr, MMA: tl.constexpr,
+                 HALF3: tl.constexpr):  # fmt: skip
+    """Scores ``[KW, N]`` of key planes f (left half of the columns) and f + 1 (right half) in one
+    accumulator; ``r`` their token scales as ``[KW, 2]`` (``_pairs``)."""
+    a0 = _field(kwords, KB, KB * f, INTERPRET)
+    a1 = _field(kwords, KB, KB * (f + 1), INTERPRET)
+    KW: tl.constexpr = kwords.shape[0]
+    N: tl.constexpr = qa_l.shape[1]
+    acc = mma_v2(a0, qa_l, gl.zeros([KW, N], dtype=gl.float32, layout=MMA))
+    acc = mma_v2(a1, qa_r, acc)
+    if QA_SPLIT:
+        acc = mma_v2(a0, qa_lo_l, acc)
+        acc = mma_v2(a1, qa_lo_r, acc)
+    scale = _half_columns(
+        subnormal_field_scale(KB, KB * f), subnormal_field_scale(KB, KB * (f + 1)), N, gl.SliceLayout(0, MMA)
+    )
+    return _by_half(acc * scale[None, :] + qz[None, :], r, HALF3, MMA)
 
 
 @jit
@@ -375,7 +548,7 @@ def _tile_step(
     KB: tl.constexpr, VB: tl.constexpr, STAGES: tl.constexpr, QA_SPLIT: tl.constexpr,
     PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr, MMA: tl.constexpr, A_OP: tl.constexpr,
     B_OP: tl.constexpr, TOK_META: tl.constexpr, CH_META: tl.constexpr, VCOPY: tl.constexpr,
-    TMA: tl.constexpr = None,
+    TMA: tl.constexpr = None, HALVES: tl.constexpr = None,
 ):  # fmt: skip
     """Tile j (the i-th of the program's split): issue the copies of tile j + STAGES - 1, wait for
     tile j's, then one online-softmax step over all its G tokens."""
@@ -391,7 +564,7 @@ def _tile_step(
         phase = (i // STAGES) & 1
         mbarrier.wait(offs[1].index(2 * buf), phase)
         s0, s1, s2, s3, s4, s5, s6, s7 = _key_scores(
-            buf, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META
+            buf, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, HALVES
         )
         gl.thread_barrier()  # every lane has read the key slot
         nxt = j + STAGES
@@ -399,7 +572,7 @@ def _tile_step(
         mbarrier.wait(offs[1].index(2 * buf + 1), phase)
         m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _softmax_values(
             s0, s1, s2, s3, s4, s5, s6, s7, buf, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages,
-            KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
+            KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY, HALVES,
         )  # fmt: skip
         gl.thread_barrier()  # every lane has read the value slot
         _issue_values_tma(nxt, nxt < end, buf, stages, offs, bases, TMA)
@@ -409,11 +582,11 @@ def _tile_step(
         async_copy.wait_group(STAGES - 1)  # tile j's copies have landed
         gl.thread_barrier()
         s0, s1, s2, s3, s4, s5, s6, s7 = _key_scores(
-            buf, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META
+            buf, qT, stages, KB, QA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, HALVES
         )
         m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _softmax_values(
             s0, s1, s2, s3, s4, s5, s6, s7, buf, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages,
-            KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
+            KB, VB, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY, HALVES,
         )  # fmt: skip
         gl.thread_barrier()  # every lane is done with stage `buf` before it is refilled
     return m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7
@@ -460,9 +633,11 @@ def _pipelined_step(
 def _key_scores(
     buf, qT, stages, KB: tl.constexpr, QA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
     MMA: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr, TOK_META: tl.constexpr,
+    HALVES: tl.constexpr = None,
 ):  # fmt: skip
     """Scores (log2 domain) of the tile whose key side is in stage ``buf``, one ``[KW, N]`` tensor
-    per key plane (planes past NPK repeat plane 0)."""
+    per key plane (planes past NPK repeat plane 0); with column halves (``HALVES``: the layouts of
+    ``halves_layouts``) one per pair of planes (``_pair_scores``; pairs past NPK / 2 repeat pair 0)."""
     NPK: tl.constexpr = 16 // KB
     k_stage, v_stage, km_stage, tm_stage, c_stage = stages
     # q * a_k (the key product's B operand) and q . z_k, from this tile's key channel metadata.
@@ -474,6 +649,34 @@ def _key_scores(
     if QA_SPLIT:
         qa_lo = (qa32 - qa.to(gl.float32)).to(gl.float16)
     qz = gl.convert_layout(gl.sum(qT * kz[:, None], axis=0), gl.SliceLayout(0, MMA))
+    if HALVES is not None:
+        HALF3: tl.constexpr = HALVES[1]
+        left = _half_mask(qT.shape[1], gl.SliceLayout(0, B_OP))
+        qa_l, qa_r = _halves(qa, left)
+        qa_lo_l = qa_l
+        qa_lo_r = qa_r
+        if QA_SPLIT:
+            qa_lo_l, qa_lo_r = _halves(qa_lo, left)
+        rp = _pairs(tm_stage.index(3 * buf).load(HALVES[0]), HALF3)  # key token scales per plane pair
+        kw2 = k_stage.index(buf).permute((1, 0)).load(A_OP)
+        t0 = _pair_scores(
+            kw2, qa_l, qa_r, qa_lo_l, qa_lo_r, qz, rp[0], 0, KB, QA_SPLIT, INTERPRET, MMA, HALF3
+        )
+        t1 = t0
+        t2 = t0
+        t3 = t0
+        if NPK >= 4:
+            t1 = _pair_scores(
+                kw2, qa_l, qa_r, qa_lo_l, qa_lo_r, qz, rp[1], 2, KB, QA_SPLIT, INTERPRET, MMA, HALF3
+            )
+        if NPK >= 8:
+            t2 = _pair_scores(
+                kw2, qa_l, qa_r, qa_lo_l, qa_lo_r, qz, rp[2], 4, KB, QA_SPLIT, INTERPRET, MMA, HALF3
+            )
+            t3 = _pair_scores(
+                kw2, qa_l, qa_r, qa_lo_l, qa_lo_r, qz, rp[3], 6, KB, QA_SPLIT, INTERPRET, MMA, HALF3
+            )
+        return t0, t1, t2, t3, t0, t0, t0, t0
     rows: tl.constexpr = gl.SliceLayout(1, MMA)
     r = _columns(tm_stage.index(3 * buf).load(TOK_META), rows)  # key token scales per key plane
     kwords = k_stage.index(buf).permute((1, 0)).load(A_OP)  # [KW, D]: ldmatrix.trans
@@ -501,24 +704,29 @@ def _softmax_values(
     s0, s1, s2, s3, s4, s5, s6, s7, buf, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages,
     KB: tl.constexpr, VB: tl.constexpr, PA_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
     MMA: tl.constexpr, A_OP: tl.constexpr, B_OP: tl.constexpr, TOK_META: tl.constexpr,
-    CH_META: tl.constexpr, VCOPY: tl.constexpr,
+    CH_META: tl.constexpr, VCOPY: tl.constexpr, HALVES: tl.constexpr = None,
 ):  # fmt: skip
-    """One online-softmax step over a tile's scores s0..s(NPK-1), with its value side in stage
-    ``buf``: the new running max, sum and output accumulators."""
+    """One online-softmax step over a tile's scores s0..s(NPK-1) (with ``HALVES``: one per pair of
+    key planes, s0..s(NPK/2-1)), with its value side in stage ``buf``: the new running max, sum
+    and output accumulators."""
     NPK: tl.constexpr = 16 // KB
     NPV: tl.constexpr = 16 // VB
     k_stage, v_stage, km_stage, tm_stage, c_stage = stages
-    mx = gl.maximum(s0, s1)
-    if NPK >= 4:
-        mx = gl.maximum(mx, gl.maximum(s2, s3))
-    if NPK >= 8:
-        mx = gl.maximum(mx, gl.maximum(gl.maximum(s4, s5), gl.maximum(s6, s7)))
+    if HALVES is not None:
+        mx = s0
+        if NPK >= 4:
+            mx = gl.maximum(mx, s1)
+        if NPK >= 8:
+            mx = gl.maximum(mx, gl.maximum(s2, s3))
+    else:
+        mx = gl.maximum(s0, s1)
+        if NPK >= 4:
+            mx = gl.maximum(mx, gl.maximum(s2, s3))
+        if NPK >= 8:
+            mx = gl.maximum(mx, gl.maximum(gl.maximum(s4, s5), gl.maximum(s6, s7)))
     m_new = gl.maximum(m_i, gl.max(mx, axis=0))
     alpha = gl.exp2(m_i - m_new)
 
-    rows: tl.constexpr = gl.SliceLayout(1, MMA)
-    va = _columns(tm_stage.index(3 * buf + 1).load(TOK_META), rows)
-    vz = _columns(tm_stage.index(3 * buf + 2).load(TOK_META), rows)
     vbase = buf if VCOPY == 1 else buf * NPK
     P0 = gl.zeros(O0.shape, dtype=gl.float32, layout=MMA)
     P1 = P0
@@ -530,40 +738,67 @@ def _softmax_values(
     P7 = P0
     psum = gl.zeros(s0.shape, dtype=gl.float32, layout=MMA)
     pzsum = psum
-    psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
-        s0, m_new, va[0], vz[0], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-        0, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
-    )  # fmt: skip
-    psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
-        s1, m_new, va[1], vz[1], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-        1, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
-    )  # fmt: skip
-    if NPK >= 4:
+    if HALVES is not None:
+        HALF3: tl.constexpr = HALVES[1]
+        vap = _pairs(tm_stage.index(3 * buf + 1).load(HALVES[0]), HALF3)
+        vzp = _pairs(tm_stage.index(3 * buf + 2).load(HALVES[0]), HALF3)
+        left = _half_mask(s0.shape[1], gl.SliceLayout(0, B_OP))
+        psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_pair(
+            s0, m_new, vap[0], vzp[0], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7, left,
+            0, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY, HALF3, MMA,
+        )  # fmt: skip
+        if NPK >= 4:
+            psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_pair(
+                s1, m_new, vap[1], vzp[1], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7, left,
+                2, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY, HALF3, MMA,
+            )  # fmt: skip
+        if NPK >= 8:
+            psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_pair(
+                s2, m_new, vap[2], vzp[2], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7, left,
+                4, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY, HALF3, MMA,
+            )  # fmt: skip
+            psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_pair(
+                s3, m_new, vap[3], vzp[3], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7, left,
+                6, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY, HALF3, MMA,
+            )  # fmt: skip
+    else:
+        rows: tl.constexpr = gl.SliceLayout(1, MMA)
+        va = _columns(tm_stage.index(3 * buf + 1).load(TOK_META), rows)
+        vz = _columns(tm_stage.index(3 * buf + 2).load(TOK_META), rows)
         psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
-            s2, m_new, va[2], vz[2], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-            2, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
+            s0, m_new, va[0], vz[0], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+            0, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
         )  # fmt: skip
         psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
-            s3, m_new, va[3], vz[3], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-            3, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
+            s1, m_new, va[1], vz[1], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+            1, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
         )  # fmt: skip
-    if NPK >= 8:
-        psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
-            s4, m_new, va[4], vz[4], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-            4, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
-        )  # fmt: skip
-        psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
-            s5, m_new, va[5], vz[5], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-            5, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
-        )  # fmt: skip
-        psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
-            s6, m_new, va[6], vz[6], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-            6, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
-        )  # fmt: skip
-        psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
-            s7, m_new, va[7], vz[7], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
-            7, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
-        )  # fmt: skip
+        if NPK >= 4:
+            psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+                s2, m_new, va[2], vz[2], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+                2, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
+            )  # fmt: skip
+            psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+                s3, m_new, va[3], vz[3], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+                3, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
+            )  # fmt: skip
+        if NPK >= 8:
+            psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+                s4, m_new, va[4], vz[4], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+                4, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
+            )  # fmt: skip
+            psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+                s5, m_new, va[5], vz[5], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+                5, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
+            )  # fmt: skip
+            psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+                s6, m_new, va[6], vz[6], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+                6, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
+            )  # fmt: skip
+            psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7 = _value_plane(
+                s7, m_new, va[7], vz[7], v_stage, vbase, psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7,
+                7, VB, NPV, PA_SPLIT, INTERPRET, A_OP, B_OP, VCOPY,
+            )  # fmt: skip
     c = _columns(c_stage.index(buf).load(CH_META), gl.SliceLayout(1, MMA))  # value channel scales per field
     l_i = l_i * alpha + gl.sum(psum, axis=0)
     pz = gl.sum(pzsum, axis=0)
@@ -611,7 +846,7 @@ def _decode_warp_kernel(
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
     TOK_META: tl.constexpr, CH_META: tl.constexpr, DENSE_COPY: tl.constexpr, DENSE_SMEM: tl.constexpr,
     PDL_TRIGGER: tl.constexpr = False, VCOPY: tl.constexpr = 0, PIPE: tl.constexpr = False,
-    DENSE_LAST: tl.constexpr = False, TMA_LAYOUTS: tl.constexpr = None,
+    DENSE_LAST: tl.constexpr = False, TMA_LAYOUTS: tl.constexpr = None, HALVES: tl.constexpr = None,
 ):  # fmt: skip
     """Program (KV row bh, column program_id(1), row block program_id(2)) of one warp. Columns
     0 .. ND-1 attend to the 16-bit segments in chunks of TC tokens (``_dense_chunk``: the new
@@ -667,16 +902,20 @@ def _decode_warp_kernel(
             GROUP, L, D, G, KB, VB, N, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP,
             K_COPY, V_COPY, D_COPY, T_COPY, C_COPY, K_SMEM, V_SMEM, META_SMEM_1D, META_SMEM_2D, TOK_META, CH_META,
             VCOPY, PIPE, (kc_desc, vc_desc, ka_desc, kz_desc, kr_desc, va_desc, vz_desc, vs_desc), TMA_LAYOUTS,
+            HALVES,
         )  # fmt: skip
 
 
 @jit
 def _query_block(q_ptr, sq_b, sq_h, sq_l, b64, h, rb, GROUP: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
-                 N: tl.constexpr, B_OP: tl.constexpr):  # fmt: skip
+                 N: tl.constexpr, B_OP: tl.constexpr, HALVES: tl.constexpr = False):  # fmt: skip
     """The program's N query rows (row = head within the group * L + query index; rows past the
-    group's are zero) as the B operand ``[D, N]``, in the query dtype."""
+    group's are zero) as the B operand ``[D, N]``, in the query dtype. ``HALVES``: N / 2 rows, in
+    both halves of the columns."""
     dq = gl.arange(0, D, layout=gl.SliceLayout(1, B_OP))
     rows_q = rb * N + gl.arange(0, N, layout=gl.SliceLayout(0, B_OP))
+    if HALVES:
+        rows_q = rows_q % (N // 2)
     q_off = b64 * sq_b + (h * GROUP + rows_q // L).to(gl.int64) * sq_h + (rows_q % L).to(gl.int64) * sq_l
     return gl.load(q_ptr + q_off[None, :] + dq[:, None], mask=(rows_q < GROUP * L)[None, :], other=0.0)
 
@@ -749,17 +988,24 @@ def _tiles_program(
     V_COPY: tl.constexpr, D_COPY: tl.constexpr, T_COPY: tl.constexpr, C_COPY: tl.constexpr,
     K_SMEM: tl.constexpr, V_SMEM: tl.constexpr, META_SMEM_1D: tl.constexpr, META_SMEM_2D: tl.constexpr,
     TOK_META: tl.constexpr, CH_META: tl.constexpr, VCOPY: tl.constexpr, PIPE: tl.constexpr,
-    descs=None, TMA_LAYOUTS: tl.constexpr = None,
+    descs=None, TMA_LAYOUTS: tl.constexpr = None, HALVES: tl.constexpr = None,
 ):  # fmt: skip
     """Split ``split`` (1-based) of the (row, KV head)'s packed tiles, as one partial at ``slot0``.
-    With ``TMA_LAYOUTS`` (``tma_descriptors``' shared layouts) the tiles come by TMA (``descs``)."""
+    With ``TMA_LAYOUTS`` (``tma_descriptors``' shared layouts) the tiles come by TMA (``descs``).
+    With ``HALVES`` (``halves_layouts``) the query rows fill both halves of the columns and the key
+    planes go in pairs (``_pair_scores``): two softmax streams, merged before the partial is written."""
     NPK: tl.constexpr = 16 // KB
     KW: tl.constexpr = G // NPK  # key words per channel row = tokens per key plane
     NPV: tl.constexpr = 16 // VB
     VW: tl.constexpr = D // NPV  # value words per token row
 
     # The queries as the B operand [D, N], pre-scaled into the log2 domain.
-    qT = _query_block(q_ptr, sq_b, sq_h, sq_l, b64, h, rb, GROUP, L, D, N, B_OP).to(gl.float32) * qk_scale
+    qT = (
+        _query_block(q_ptr, sq_b, sq_h, sq_l, b64, h, rb, GROUP, L, D, N, B_OP, HALVES is not None).to(
+            gl.float32
+        )
+        * qk_scale
+    )
 
     n_tiles = gl.load(ntiles_ptr + b)
     per_split = gl.cdiv(n_tiles, NUM_SPLITS)
@@ -913,7 +1159,7 @@ def _tiles_program(
                 m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _tile_step(
                     j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
                     KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
-                    TMA_LAYOUTS,
+                    TMA_LAYOUTS, HALVES,
                 )  # fmt: skip
                 j += 1
         else:
@@ -921,7 +1167,7 @@ def _tiles_program(
                 m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _tile_step(
                     j, start, end, qT, m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, stages, offs, bases,
                     KB, VB, STAGES, QA_SPLIT, PA_SPLIT, INTERPRET, MMA, A_OP, B_OP, TOK_META, CH_META, VCOPY,
-                    TMA_LAYOUTS,
+                    TMA_LAYOUTS, HALVES,
                 )  # fmt: skip
     # Every copy issued was waited for (tiles past the split's end are not issued).
     if TMA_LAYOUTS is not None:
@@ -930,6 +1176,11 @@ def _tiles_program(
     else:
         async_copy.wait_group(0)  # nothing left in flight when the program ends
 
+    if HALVES is not None:
+        HALF3V: tl.constexpr = HALVES[2]
+        m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7 = _merge_halves(
+            m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, NPV, HALF3V, MMA
+        )
     # Un-normalized partial, running max and sum.
     _, row_ok, slot = _partial_rows(rb, slot0, GROUP, L, N, MMA)
     gl.store(pm_ptr + slot, m_i, mask=row_ok)
@@ -1028,6 +1279,30 @@ def layouts(D: int, G: int, KB: int, VB: int, value_copy: str = "planes") -> dic
     )
 
 
+def _half3(rows: int) -> DistributedLinearLayout:
+    """``[rows, 2, 4]``: an MMA accumulator ``[rows, 8]`` seen as (row, column half, column in the
+    half); the same registers and lanes as ``MMA``, so reshaping between the two moves nothing."""
+    return DistributedLinearLayout(
+        reg_bases=[[0, 0, 1]] + [[8 << i, 0, 0] for i in range(_log2(rows // 8))],
+        lane_bases=[[0, 0, 2], [0, 1, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[], block_bases=[], shape=[rows, 2, 4],
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def halves_layouts(D: int, G: int, KB: int, VB: int) -> tuple:
+    """Layouts of ``column_halves``: token metadata ``[KW, NPK]`` loaded so that a lane holds, for
+    each pair of planes, the column of its half (lane bit 1: the MMA accumulator's column half,
+    registers: the pairs and the row blocks), and ``_half3`` of the key-score and output rows."""
+    kw, vw, npk = G * KB // 16, D * VB // 16, 16 // KB  # both >= 16 (``supports``)
+    tok = DistributedLinearLayout(
+        reg_bases=[[0, 2 << i] for i in range(_log2(npk // 2))] + [[8 << i, 0] for i in range(_log2(kw // 8))],
+        lane_bases=[[0, 0], [0, 1], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[], block_bases=[], shape=[kw, npk],
+    )  # fmt: skip
+    return tok, _half3(kw), _half3(vw)
+
+
 def supports(
     head_dim: int, tile_size: int, key_bits: int, value_bits: int, num_queries: int, dtype
 ) -> str | None:
@@ -1071,7 +1346,7 @@ def quantized_decode_attention(
     num_splits: int | None = None, rows_per_program: int | None = None, stages: int | None = None,
     qa_split: bool | None = None, pa_split: bool | None = None, merge_pdl: bool = False,
     value_copy: str = "planes", max_registers: int | None = None, pipeline: bool = False,
-    dense_last: bool = True, copy: str | None = None,
+    dense_last: bool = True, copy: str | None = None, column_halves: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of ``query [B, Hq, L, D]`` over one layer's KVarN storage (layerstore contract;
     the same as ``decode_tc.quantized_decode_attention``), in one launch of this module's one-warp
@@ -1103,7 +1378,13 @@ def quantized_decode_attention(
     ``copy_policy.graph_step_copies()``, as ``GraphDecoder`` records its steps, on a GPU of
     compute capability 9.0+, no ``pipeline`` or coalesced value copy, storage the descriptors
     take), else "cp.async" (``default_copy``; eager calls keep it for TMA's host cost);
-    ``stages`` then defaults per path (``DEFAULT_STAGES``)."""
+    ``stages`` then defaults per path (``DEFAULT_STAGES``). ``column_halves`` (opt-in, not yet
+    timed on a GPU; session 8): for at most 4 query rows per (row, KV head), the rows fill both
+    halves of the MMA's 8 columns and the key planes go in pairs, plane 2p in the left half and
+    2p + 1 in the right (``_pair_scores``), so each per-element softmax instruction works on two
+    planes' tokens instead of one plane's and 4 padding columns; the two halves are two softmax
+    streams, merged by log-sum-exp at the end of the split (``_merge_halves``). Not with
+    ``pipeline`` or 16 rows per program."""
     storage = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, k_token_scale=k_token_scale,
         v_codes=v_codes, v_scale=v_scale, v_zero=v_zero, v_channel_scale=v_channel_scale,
@@ -1164,6 +1445,14 @@ def quantized_decode_attention(
     )  # fmt: skip
     if pipeline and stages < 2:
         raise ValueError(f"pipeline=True needs stages >= 2, got stages={stages}")
+    halves = None
+    if column_halves:
+        halves = halves_layouts(hd, g, key_bits, value_bits)
+        if n_rows != 8 or mrows > 4 or pipeline:
+            raise ValueError(
+                f"column_halves=True takes at most 4 query rows per KV head (got {mrows}: group {group} x "
+                f"{nq} queries), 8 rows per program and no pipeline"
+            )
     if max_registers is not None and not 24 <= max_registers <= 255:
         raise ValueError(f"max_registers={max_registers!r}: expected 24..255")
     pdl = bool(merge_pdl) and dev.type == "cuda" and not interpreting()
@@ -1177,6 +1466,7 @@ def quantized_decode_attention(
             "PIPE": bool(pipeline),
             "DENSE_LAST": bool(dense_last),
             "TMA_LAYOUTS": tma_layouts,
+            "HALVES": halves,
         },  # fmt: skip
         num_warps=1,
         **options,
