@@ -196,12 +196,7 @@ def _value_plane(
     pa_lo_b = pa_b
     if PA_SPLIT:
         pa_lo_b = gl.convert_layout((pa32 - pa.to(gl.float32)).to(gl.float16), B_OP)
-    if VCOPY == 1:  # stage [G, VW] in plane-major row order: plane f = rows f*KW ..
-        KW: tl.constexpr = s.shape[0]
-        vplane = v_stage.index(vbase).slice(f * KW, KW)
-    else:  # one [KW, VW] slot per plane
-        vplane = v_stage.index(vbase + f)
-    vwords = vplane.permute((1, 0)).load(A_OP)  # [VW, KW]: ldmatrix.trans
+    vwords = _plane_words(v_stage, vbase, f, s.shape[0], VCOPY, A_OP)
     P0 = _value_field(vwords, pa_b, pa_lo_b, P0, 0, VB, PA_SPLIT, INTERPRET)
     P1 = _value_field(vwords, pa_b, pa_lo_b, P1, 1, VB, PA_SPLIT, INTERPRET)
     if NPV >= 4:
@@ -213,6 +208,16 @@ def _value_plane(
         P6 = _value_field(vwords, pa_b, pa_lo_b, P6, 6, VB, PA_SPLIT, INTERPRET)
         P7 = _value_field(vwords, pa_b, pa_lo_b, P7, 7, VB, PA_SPLIT, INTERPRET)
     return psum, pzsum, P0, P1, P2, P3, P4, P5, P6, P7
+
+
+@jit
+def _plane_words(v_stage, vbase, f: tl.constexpr, KW: tl.constexpr, VCOPY: tl.constexpr, A_OP: tl.constexpr):
+    """The value words of key plane f's tokens as the A operand ``[VW, KW]`` (ldmatrix.trans)."""
+    if VCOPY == 1:  # stage [G, VW] in plane-major row order: plane f = rows f*KW ..
+        vplane = v_stage.index(vbase).slice(f * KW, KW)
+    else:  # one [KW, VW] slot per plane
+        vplane = v_stage.index(vbase + f)
+    return vplane.permute((1, 0)).load(A_OP)
 
 
 @jit
@@ -235,13 +240,8 @@ def _value_pair(
     pa_lo_r = pa_r
     if PA_SPLIT:
         pa_lo_l, pa_lo_r = _halves(gl.convert_layout((pa32 - pa.to(gl.float32)).to(gl.float16), B_OP), left)
-    KW: tl.constexpr = s.shape[0]
-    if VCOPY == 1:
-        vw0 = v_stage.index(vbase).slice(f * KW, KW).permute((1, 0)).load(A_OP)
-        vw1 = v_stage.index(vbase).slice((f + 1) * KW, KW).permute((1, 0)).load(A_OP)
-    else:
-        vw0 = v_stage.index(vbase + f).permute((1, 0)).load(A_OP)
-        vw1 = v_stage.index(vbase + f + 1).permute((1, 0)).load(A_OP)
+    vw0 = _plane_words(v_stage, vbase, f, s.shape[0], VCOPY, A_OP)
+    vw1 = _plane_words(v_stage, vbase, f + 1, s.shape[0], VCOPY, A_OP)
     P0 = _value_field(vw1, pa_r, pa_lo_r, _value_field(vw0, pa_l, pa_lo_l, P0, 0, VB, PA_SPLIT, INTERPRET),
                       0, VB, PA_SPLIT, INTERPRET)  # fmt: skip
     P1 = _value_field(vw1, pa_r, pa_lo_r, _value_field(vw0, pa_l, pa_lo_l, P1, 1, VB, PA_SPLIT, INTERPRET),
@@ -288,8 +288,7 @@ def _store_o(acc, po_rows, uu, row_ok, e: tl.constexpr, NPV: tl.constexpr):
 @jit
 def _half_mask(N: tl.constexpr, LAYOUT: tl.constexpr):
     """``[N]`` float16 in LAYOUT: 1 in the left half of the columns (n < N/2), 0 in the right."""
-    n = gl.arange(0, N, layout=LAYOUT)
-    return gl.where(n < N // 2, 1.0, 0.0).to(gl.float16)
+    return _half_columns(1.0, 0.0, N, LAYOUT).to(gl.float16)
 
 
 @jit
@@ -345,11 +344,11 @@ def _half_columns(lo, hi, N: tl.constexpr, LAYOUT: tl.constexpr):
 
 
 @jit
-def _fold_halves(x, N: tl.constexpr, LAYOUT: tl.constexpr):
-    """``[N]`` -> column n holds ``x[n] + x[n ^ N/2]`` (both halves' sum, in both halves)."""
+def _fold_halves(x, N: tl.constexpr, LAYOUT: tl.constexpr, MAX: tl.constexpr = False):
+    """``[N]`` -> column n holds ``x[n] + x[n ^ N/2]`` (``MAX``: their maximum), in both halves."""
     x2 = gl.reshape(x, [2, N // 2])
-    folded = gl.expand_dims(gl.sum(x2, axis=0), 0) + gl.zeros_like(x2)
-    return gl.convert_layout(gl.reshape(folded, [N]), LAYOUT)
+    both = gl.max(x2, axis=0) if MAX else gl.sum(x2, axis=0)
+    return gl.convert_layout(gl.reshape(gl.expand_dims(both, 0) + gl.zeros_like(x2), [N]), LAYOUT)
 
 
 @jit
@@ -369,10 +368,7 @@ def _merge_halves(m_i, l_i, O0, O1, O2, O3, O4, O5, O6, O7, NPV: tl.constexpr, H
     and the odd key planes' tokens); combine them by log-sum-exp, the result in both halves."""
     N: tl.constexpr = m_i.shape[0]
     COLS: tl.constexpr = gl.SliceLayout(0, MMA)
-    m2 = gl.reshape(m_i, [2, N // 2])
-    m_both = gl.convert_layout(
-        gl.reshape(gl.expand_dims(gl.max(m2, axis=0), 0) + gl.zeros_like(m2), [N]), COLS
-    )
+    m_both = _fold_halves(m_i, N, COLS, True)
     # an empty split has -inf in both halves: its weights come out 0 (exp2(-inf)), not NaN
     w = gl.exp2(m_i - gl.where(m_both == float("-inf"), 0.0, m_both))
     l_i = _fold_halves(l_i * w, N, COLS)
@@ -976,6 +972,24 @@ def _dense_chunk(
 
 
 @jit
+def _with_metadata_stages(
+    k_stage, v_stage, md: tl.constexpr, STAGES: tl.constexpr, D: tl.constexpr, KW: tl.constexpr,
+    NPK: tl.constexpr, VW: tl.constexpr, NPV: tl.constexpr, META_SMEM_1D: tl.constexpr,
+    META_SMEM_2D: tl.constexpr,
+):  # fmt: skip
+    """The tile loop's stages: the code stages given and, allocated after them (the same for both
+    copy paths), the metadata stages: per slot the key channel scales and zeros ``[2, D]``, the
+    key / value token vectors ``[3, KW, NPK]`` and the value channel scales ``[VW, NPV]``."""
+    return (
+        k_stage,
+        v_stage,
+        gl.allocate_shared_memory(md, [STAGES * 2, D], META_SMEM_1D),
+        gl.allocate_shared_memory(md, [STAGES * 3, KW, NPK], META_SMEM_2D),
+        gl.allocate_shared_memory(md, [STAGES, VW, NPV], META_SMEM_2D),
+    )
+
+
+@jit
 def _tiles_program(
     q_ptr, sq_b, sq_h, sq_l, kc_ptr, skc_b, skc_h, skc_n, ka_ptr, ska_b, ska_h, ska_n,
     kz_ptr, skz_b, skz_h, skz_n, kr_ptr, skr_b, skr_h, skr_n, vc_ptr, svc_b, svc_h, svc_n,
@@ -1051,19 +1065,18 @@ def _tiles_program(
     md = ka_ptr.dtype.element_ty
     if TMA_LAYOUTS is not None:
         # The code stages in the descriptors' (NVMMA-swizzled) layouts; the metadata stages as in
-        # the cp.async path, each slot written through a 1-D view (``_issue_tile_tma``).
+        # the cp.async path, each slot written through a 1-D view (``_issue_keys_tma``,
+        # ``_issue_values_tma``).
         K_TMA: tl.constexpr = TMA_LAYOUTS[0]
         V_TMA: tl.constexpr = TMA_LAYOUTS[1]
         BAR: tl.constexpr = TMA_LAYOUTS[3]
         # A tile's value planes are one TMA box [NPK, KW, VW]; the tile loop reads them as slots
         # of [STAGES * NPK, KW, VW] (the same bytes).
         v_boxes = gl.allocate_shared_memory(gl.int16, [STAGES, NPK, KW, VW], V_TMA)
-        stages = (
-            gl.allocate_shared_memory(gl.int16, [STAGES, D, KW], K_TMA),
-            v_boxes._reinterpret(gl.int16, [STAGES * NPK, KW, VW], TMA_LAYOUTS[4]),
-            gl.allocate_shared_memory(md, [STAGES * 2, D], META_SMEM_1D),
-            gl.allocate_shared_memory(md, [STAGES * 3, KW, NPK], META_SMEM_2D),
-            gl.allocate_shared_memory(md, [STAGES, VW, NPV], META_SMEM_2D),
+        k_stage = gl.allocate_shared_memory(gl.int16, [STAGES, D, KW], K_TMA)
+        v_stage = v_boxes._reinterpret(gl.int16, [STAGES * NPK, KW, VW], TMA_LAYOUTS[4])
+        stages = _with_metadata_stages(
+            k_stage, v_stage, md, STAGES, D, KW, NPK, VW, NPV, META_SMEM_1D, META_SMEM_2D
         )
         bars = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], BAR)  # (key, value) per slot
         for sl in gl.static_range(2 * STAGES):
@@ -1081,14 +1094,12 @@ def _tiles_program(
             (b64 * svz_b + h64 * svz_h).to(gl.int32), svz_n, (b64 * svs_b + h64 * svs_h).to(gl.int32), svs_n,
         )  # fmt: skip
     else:
-        stages = (
-            gl.allocate_shared_memory(gl.int16, [STAGES, D, KW], K_SMEM),
-            gl.allocate_shared_memory(
-                gl.int16, [STAGES, G, VW] if VCOPY == 1 else [STAGES * NPK, KW, VW], V_SMEM
-            ),
-            gl.allocate_shared_memory(md, [STAGES * 2, D], META_SMEM_1D),
-            gl.allocate_shared_memory(md, [STAGES * 3, KW, NPK], META_SMEM_2D),
-            gl.allocate_shared_memory(md, [STAGES, VW, NPV], META_SMEM_2D),
+        k_stage = gl.allocate_shared_memory(gl.int16, [STAGES, D, KW], K_SMEM)
+        v_stage = gl.allocate_shared_memory(
+            gl.int16, [STAGES, G, VW] if VCOPY == 1 else [STAGES * NPK, KW, VW], V_SMEM
+        )
+        stages = _with_metadata_stages(
+            k_stage, v_stage, md, STAGES, D, KW, NPK, VW, NPV, META_SMEM_1D, META_SMEM_2D
         )
         offs = (k_off, v_off, d_off, t_off, c_off)
         bases = (
@@ -1519,10 +1530,11 @@ def tma_descriptors(storage: dict, head_dim: int, tile_size: int, key_bits: int,
     of the kernel's stages, ``(descs, (key stage, value box, metadata view, barrier, value plane))``.
 
     Each descriptor spans the storage from its first element, whatever the batch, head and tile
-    strides, so the kernel finds tile (b, h, j) by a coordinate (``_issue_tile_tma``): key words
-    as rows of KW words (box ``[D, KW]``); value rows as ``[NPK, rows / NPK, VW]`` with strides
-    ``(VW, NPK * VW, 1)``, so that a ``[NPK, KW, VW]`` box lands plane-major (plane f = the rows
-    ``NPK * w + f``); metadata vectors 1-D (box of one vector). Those coordinates need the
+    strides, so the kernel finds tile (b, h, j) by a coordinate (``_issue_keys_tma``,
+    ``_issue_values_tma``): key words as rows of KW words (box ``[D, KW]``); value rows as
+    ``[NPK, rows / NPK, VW]`` with strides ``(VW, NPK * VW, 1)``, so that a ``[NPK, KW, VW]`` box
+    lands plane-major (plane f = the rows ``NPK * w + f``); metadata vectors 1-D (box of one
+    vector). Those coordinates need the
     leading strides to be whole rows (row groups for values): checked, with an error naming the
     tensor, as is every other TMA limit (16-byte aligned bases, int32 coordinates, metadata
     vectors of a multiple of 128 bytes)."""
