@@ -2,7 +2,7 @@
 
 On Hopper, tiles can reach shared memory by TMA (tensor-memory copies, fewer instructions on the
 GPU) or by per-lane ``cp.async``. TMA costs host time on every launch (its descriptors are built
-and encoded per call: 711 against 314 us per eager call on the H200 machine's host, session 8),
+and encoded per call: 522.9 against 248.5 us per eager call on the H200 machine's host, session 8),
 which an eager decode step, host-bound already, would pay in every layer; a CUDA-graph replay pays
 none of it. So the default launch takes TMA only inside ``graph_step_copies()``: the block in
 which a decode step is warmed up and recorded as a CUDA graph (``GraphDecoder`` opens it). The
